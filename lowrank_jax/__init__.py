@@ -1,1 +1,19 @@
-"""lowrank_jax."""
+"""lowrank_jax: low-rank and decomposition-based adaptation as pure functions on pytrees.
+
+>>> import jax, jax.numpy as jnp, lowrank_jax as lj
+>>> params = {'layer': {'kernel': jnp.ones((8, 8))}}
+>>> adapter = lj.lora(rank=2, targets=r'layer/kernel')
+>>> base, state = adapter.init(jax.random.key(0), params)
+>>> y = lj.ops.dense(jnp.ones((1, 8)), adapter.apply(base, state)['layer']['kernel'])
+"""
+from lowrank_jax import ops
+from lowrank_jax import targeting
+from lowrank_jax.adapters.lora import LoRAFactors, lora, pissa
+from lowrank_jax.base import (Adapter, AdapterState, EmptyState, count_params, identity,
+                              with_trainable)
+from lowrank_jax.combine import chain, partition
+from lowrank_jax.inspect import describe, unmerge
+from lowrank_jax.structured import LowRank, Structured, materialize, merge
+from lowrank_jax.targeting import KernelAxes
+
+__version__ = "0.1.0"

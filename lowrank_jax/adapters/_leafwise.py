@@ -1,0 +1,143 @@
+"""Building block for methods that adapt each targeted leaf independently (most of them).
+
+A leafwise method supplies three small functions; this module does targeting, per-path keys,
+the nested state layout (mirroring the params tree, so adapter files and checkpoints have readable
+names), and the trainable/frozen split.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import base as base_lib
+from lowrank_jax import structured
+from lowrank_jax import targeting
+from lowrank_jax import tree as tree_lib
+
+
+class LeafInfo(NamedTuple):
+  """What a leaf-level init gets to know about its target."""
+  path: str
+  shape: tuple[int, ...]
+  dtype: Any
+  axes: targeting.KernelAxes
+
+  @property
+  def in_shape(self) -> tuple[int, ...]:
+    return self.shape[:self.axes.in_ndim]
+
+  @property
+  def out_shape(self) -> tuple[int, ...]:
+    return self.shape[self.axes.in_ndim:]
+
+  @property
+  def d_in(self) -> int:
+    return math.prod(self.in_shape)
+
+  @property
+  def d_out(self) -> int:
+    return math.prod(self.out_shape)
+
+
+# init_leaf(key, info, w_dense, stats) -> (new_base_leaf or None, trainable_leaf, frozen_leaf or None)
+InitLeaf = Callable[[jax.Array, LeafInfo, jax.Array, Any], tuple[Any, Any, Any]]
+# apply_leaf(info_path, base_leaf, trainable_leaf, frozen_leaf, rng) -> structured weight
+ApplyLeaf = Callable[[str, Any, Any, Any, Optional[jax.Array]], Any]
+
+
+def flat_stats(stats: Any) -> dict[str, Any]:
+  """Accepts stats as {path: s} or a nested dict mirroring params; returns {path: s}."""
+  if stats is None:
+    return {}
+  if isinstance(stats, dict) and any("/" in str(k) for k in stats):
+    return dict(stats)
+  return tree_lib.unnest(stats)
+
+
+def leafwise(name: str, *, targets: targeting.Targets, init_leaf: InitLeaf,
+             apply_leaf: ApplyLeaf, penalty_leaf: Optional[Callable[[Any, Any], jax.Array]] = None,
+             kernel_axes: targeting.AxesSpec = None, needs_stats: bool = False,
+             update: Optional[base_lib.UpdateFn] = None) -> base_lib.Adapter:
+  """Makes an `Adapter` from leaf-level functions.
+
+  Args:
+    name: method name.
+    targets: regex / list of regexes / callable selecting leaves (see `targeting.resolve`).
+    init_leaf: `(key, info, w, stats) -> (new_base_leaf | None, trainable, frozen | None)`; `w` is
+      the dense value of the leaf; returning None as base keeps the original leaf (additive methods
+      keep `params` leaves, so `base` holds no copies).
+    apply_leaf: `(path, base_leaf, trainable, frozen, rng) -> structured weight`.
+    penalty_leaf: optional `(trainable, frozen) -> scalar`; the adapter's penalty is its mean over
+      adapted leaves.
+    kernel_axes: in/out axes for kernels of more than 2 dims (see `targeting.kernel_axes`).
+    needs_stats: if True, `init` requires calibration statistics for every target.
+    update: optional `adapter.update`.
+  """
+
+  def init(key, params, stats=None):
+    paths = targeting.resolve(params, targets)
+    leaves = dict(targeting.named_leaves(params))
+    st = flat_stats(stats)
+    new_base, trainable, frozen = {}, {}, {}
+    for path in paths:
+      leaf = leaves[path]
+      if not jnp.issubdtype(leaf.dtype, jnp.floating):
+        raise ValueError(f"{name}: target {path} has dtype {leaf.dtype}; only float leaves can be "
+                         f"adapted")
+      axes = targeting.kernel_axes(path, tuple(leaf.shape), kernel_axes)
+      info = LeafInfo(path, tuple(leaf.shape), leaf.dtype, axes)
+      if needs_stats and path not in st:
+        raise ValueError(f"{name}: calibration stats missing for target {path}; pass "
+                         f"stats=lowrank_jax.calibrate.collect(...) covering it "
+                         f"(have {sorted(st)[:5]})")
+      b, t, f = init_leaf(tree_lib.derive_key(key, path), info, structured.materialize(leaf),
+                          st.get(path))
+      if b is not None:
+        new_base[path] = b
+      trainable[path] = t
+      if f is not None:
+        frozen[path] = f
+    base = tree_lib.replace_by_name(params, new_base, is_leaf=structured.is_structured) \
+        if new_base else params
+    return base, base_lib.AdapterState(tree_lib.nest(trainable), tree_lib.nest(frozen))
+
+  def apply(base, state, *, rng=None):
+    trainable = tree_lib.unnest(state.trainable)
+    frozen = tree_lib.unnest(state.frozen) if state.frozen else {}
+    leaves = dict(targeting.named_leaves(base))
+    missing = [p for p in trainable if p not in leaves]
+    if missing:
+      raise ValueError(f"{name}: adapter state refers to paths not in the params tree: "
+                       f"{missing[:5]}; mismatched state/params trees (was the state made by "
+                       f"init on these params?)")
+    out = {}
+    for path, t in trainable.items():
+      leaf_rng = None if rng is None else tree_lib.derive_key(rng, path)
+      out[path] = apply_leaf(path, leaves[path], t, frozen.get(path), leaf_rng)
+    return tree_lib.replace_by_name(base, out, is_leaf=structured.is_structured)
+
+  def penalty(state):
+    if penalty_leaf is None:
+      return jnp.zeros((), jnp.float32)
+    trainable = tree_lib.unnest(state.trainable)
+    frozen = tree_lib.unnest(state.frozen) if state.frozen else {}
+    terms = [penalty_leaf(t, frozen.get(p)) for p, t in trainable.items()]
+    return jnp.mean(jnp.stack(terms)) if terms else jnp.zeros((), jnp.float32)
+
+  return base_lib.Adapter(init=init, apply=apply, penalty=penalty, update=update, name=name)
+
+
+def check_shape(info: LeafInfo, leaf: Any, name: str):
+  if tuple(leaf.shape) != info.shape:
+    raise ValueError(f"{name}: {info.path} has shape {tuple(leaf.shape)}, state expects "
+                     f"{info.shape}; mismatched state/params trees")
+
+
+def check_rank(name: str, info: LeafInfo, rank: int):
+  if rank > min(info.d_in, info.d_out):
+    raise ValueError(f"{name}: rank={rank} > min(d_in, d_out)={min(info.d_in, info.d_out)} "
+                     f"for {info.path} (shape {info.shape}, in_axes {info.axes.in_axes}); "
+                     f"valid ranks are 1..{min(info.d_in, info.d_out)}")

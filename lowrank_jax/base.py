@@ -1,0 +1,105 @@
+"""The adapter contract: a NamedTuple of pure functions, like `optax.GradientTransformation`.
+
+>>> import jax, jax.numpy as jnp, lowrank_jax as lj
+>>> params = {'dense': {'kernel': jnp.ones((4, 3)), 'bias': jnp.zeros(3)}}
+>>> adapter = lj.lora(rank=2, alpha=4.0, targets=r'dense/kernel')
+>>> base, state = adapter.init(jax.random.key(0), params)
+>>> p2 = adapter.apply(base, state)            # same tree structure, a LowRank leaf
+>>> bool(jnp.allclose(lj.merge(p2)['dense']['kernel'], params['dense']['kernel']))
+True
+>>> lj.count_params(state)
+14
+"""
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple, Optional, Protocol
+
+import jax
+import jax.numpy as jnp
+
+PyTree = Any
+
+
+class AdapterState(NamedTuple):
+  """An adapter's arrays, split by structure.
+
+  Attributes:
+    trainable: pytree differentiated and updated by the optimizer.
+    frozen: pytree of buffers that are never trained (NOLA seeds, LoLDU pivots, masks, ...).
+  """
+  trainable: PyTree
+  frozen: PyTree
+
+
+EmptyState = AdapterState({}, {})
+
+
+class InitFn(Protocol):
+
+  def __call__(self, key: jax.Array, params: PyTree,
+               stats: Optional[PyTree] = None) -> tuple[PyTree, AdapterState]:
+    """Returns `(base, state)`: the frozen tree to keep instead of `params`, and the adapter state.
+
+    Pure: `params` is not modified. For additive methods `base` shares the leaves of `params`; for
+    residual methods (PiSSA, SORSA, CorDA, LoLDU) targeted leaves are replaced by their residual.
+    """
+
+
+class ApplyFn(Protocol):
+
+  def __call__(self, base: PyTree, state: AdapterState, *,
+               rng: Optional[jax.Array] = None) -> PyTree:
+    """Returns params of the same tree structure as `base`, adapted leaves as structured weights.
+
+    `rng` (optional) drives stochastic parts such as adapter dropout; `None` is deterministic.
+    """
+
+
+class PenaltyFn(Protocol):
+
+  def __call__(self, state: AdapterState) -> jax.Array:
+    """The method's regularizer, added to the task loss (0 for most methods)."""
+
+
+class UpdateFn(Protocol):
+
+  def __call__(self, state: AdapterState, grads: PyTree, step: jax.Array) -> AdapterState:
+    """Changes the state outside the gradient (rank growth/pruning) with static shapes."""
+
+
+def zero_penalty(state: AdapterState) -> jax.Array:
+  del state
+  return jnp.zeros((), jnp.float32)
+
+
+class Adapter(NamedTuple):
+  """A parameter-efficient method as pure functions over parameter pytrees.
+
+  Attributes:
+    init: `(key, params, stats=None) -> (base, state)`.
+    apply: `(base, state, *, rng=None) -> params'`.
+    penalty: `state -> scalar` regularizer.
+    update: optional `(state, grads, step) -> state` for methods that change during training.
+    name: a short method name (used by `describe` and adapter files).
+  """
+  init: InitFn
+  apply: ApplyFn
+  penalty: PenaltyFn = zero_penalty
+  update: Optional[UpdateFn] = None
+  name: str = "adapter"
+
+
+def with_trainable(state: AdapterState, trainable: PyTree) -> AdapterState:
+  return AdapterState(trainable, state.frozen)
+
+
+def count_params(state_or_tree: Any) -> int:
+  """Number of trainable scalars: of `state.trainable` for an AdapterState, else of the tree."""
+  tree = state_or_tree.trainable if isinstance(state_or_tree, AdapterState) else state_or_tree
+  return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
+
+
+def identity() -> Adapter:
+  """The adapter that adapts nothing (useful as a baseline and in `partition`)."""
+  return Adapter(init=lambda key, params, stats=None: (params, AdapterState({}, {})),
+                 apply=lambda base, state, *, rng=None: base, name="identity")

@@ -1,0 +1,128 @@
+"""Shared building blocks of the pure-function models (private).
+
+Every product with a weight goes through `lowrank_jax.ops`, so structured weights (LoRA & co.) run
+factored. Biases and norm parameters are plain arrays.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import ops
+
+Params = dict[str, Any]
+
+
+# ---------------------------------------------------------------------------------------------
+# Initialisers (return nested dicts of arrays).
+# ---------------------------------------------------------------------------------------------
+
+def dense_init(key, d_in: int, d_out: int, *, bias: bool = True, std: float | None = None,
+               dtype=jnp.float32) -> Params:
+  """Kernel (d_in, d_out) ~ N(0, std^2) (default lecun-normal), zero bias."""
+  std = 1.0 / math.sqrt(d_in) if std is None else std
+  p = {"kernel": (std * jax.random.normal(key, (d_in, d_out), jnp.float32)).astype(dtype)}
+  if bias:
+    p["bias"] = jnp.zeros((d_out,), dtype)
+  return p
+
+
+def conv_init(key, kernel_size: tuple[int, ...], c_in: int, c_out: int, *, bias: bool = True,
+              dtype=jnp.float32) -> Params:
+  """Kernel (*kernel_size, c_in, c_out), He-normal; zero bias."""
+  fan_in = math.prod(kernel_size) * c_in
+  shape = (*kernel_size, c_in, c_out)
+  p = {"kernel": (math.sqrt(2.0 / fan_in) * jax.random.normal(key, shape, jnp.float32)).astype(dtype)}
+  if bias:
+    p["bias"] = jnp.zeros((c_out,), dtype)
+  return p
+
+
+def embed_init(key, num: int, dim: int, *, std: float = 0.02, dtype=jnp.float32) -> Params:
+  return {"embedding": (std * jax.random.normal(key, (num, dim), jnp.float32)).astype(dtype)}
+
+
+def layer_norm_init(dim: int, dtype=jnp.float32) -> Params:
+  return {"scale": jnp.ones((dim,), dtype), "bias": jnp.zeros((dim,), dtype)}
+
+
+def rms_norm_init(dim: int, dtype=jnp.float32) -> Params:
+  return {"scale": jnp.ones((dim,), dtype)}
+
+
+# ---------------------------------------------------------------------------------------------
+# Apply functions.
+# ---------------------------------------------------------------------------------------------
+
+def dense(p: Params, x: jax.Array) -> jax.Array:
+  """`x @ kernel (+ bias)` through `ops.dense`."""
+  y = ops.dense(x, p["kernel"])
+  if "bias" in p:
+    y = y + p["bias"]
+  return y
+
+
+def conv(p: Params, x: jax.Array, **kwargs) -> jax.Array:
+  y = ops.conv(x, p["kernel"], **kwargs)
+  if "bias" in p:
+    y = y + p["bias"]
+  return y
+
+
+def layer_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  mean = jnp.mean(xf, axis=-1, keepdims=True)
+  var = jnp.mean(jnp.square(xf - mean), axis=-1, keepdims=True)
+  y = (xf - mean) * jax.lax.rsqrt(var + eps)
+  return (y * p["scale"] + p["bias"]).astype(x.dtype)
+
+
+def rms_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
+  xf = x.astype(jnp.float32)
+  y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
+  return (y * p["scale"]).astype(x.dtype)
+
+
+def dropout(x: jax.Array, rate: float, rng, deterministic: bool) -> jax.Array:
+  """Inverted dropout; identity when `deterministic`, `rate == 0` or `rng is None`."""
+  if deterministic or rate == 0.0:
+    return x
+  if rng is None:
+    raise ValueError("dropout: deterministic=False with dropout_rate > 0 needs an `rng` key")
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
+  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
+
+
+def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
+  """(B, T, H*D) -> (B, T, H, D)."""
+  b, t, d = x.shape
+  return x.reshape(b, t, num_heads, d // num_heads)
+
+
+def merge_heads(x: jax.Array) -> jax.Array:
+  b, t, h, d = x.shape
+  return x.reshape(b, t, h * d)
+
+
+def key_padding_mask(attention_mask: jax.Array | None) -> jax.Array | None:
+  """(B, S) {0,1} -> boolean (B, 1, 1, S) for `jax.nn.dot_product_attention`."""
+  if attention_mask is None:
+    return None
+  return attention_mask.astype(bool)[:, None, None, :]
+
+
+def fold(rng, *data: int):
+  """`fold_in` chain that passes `None` through (deterministic mode)."""
+  if rng is None:
+    return None
+  for d in data:
+    rng = jax.random.fold_in(rng, d)
+  return rng
+
+
+def check_choice(field: str, value: Any, valid) -> None:
+  if value not in valid:
+    raise ValueError(f"{field}={value!r} is not valid; valid values: {sorted(valid)}")
