@@ -1,0 +1,142 @@
+"""Static settings and diagnostics shared by the implicit-differentiation solvers.
+
+Everything here is either a frozen, hashable dataclass (safe to close over or to pass as a
+`nondiff_argnums` entry of `jax.custom_vjp`) or a NamedTuple of arrays (a pytree).
+"""
+from __future__ import annotations
+
+import dataclasses
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+METHODS = ("cg", "gmres", "normal_cg", "neumann", "dense")
+POLICIES = ("ignore", "warn", "raise")
+
+
+@dataclasses.dataclass(frozen=True)
+class AdjointConfig:
+  """How the backward (adjoint) linear system is solved.
+
+  All fields are static Python values: the config is hashable and never traced, so it can be
+  closed over by a `jax.custom_vjp` rule (IMPLICIT.md §2 pitfall 4).
+
+  Attributes:
+    method: one of ``"cg"`` (symmetric positive definite systems, e.g. Hessians), ``"gmres"``
+      (restarted GMRES, general square systems), ``"normal_cg"`` (CG on the normal equations,
+      general but squares the condition number), ``"neumann"`` (Richardson / Neumann series
+      ``u <- u + alpha (b - A u)``; converges when the spectrum of ``alpha A`` lies in the unit disc
+      around 1) and ``"dense"`` (materialises the matrix with ``vmap``; small problems only).
+    tol: relative tolerance on the residual, ``|b - A u| <= max(tol |b|, atol)``. ``None`` picks
+      ``1e-10`` for float64 and ``1e-5`` for lower precision (decided from the right-hand side).
+    atol: absolute tolerance floor.
+    maxiter: maximum number of iterations (matrix-vector products for CG/Neumann, Arnoldi steps
+      for GMRES). Ignored by ``"dense"``.
+    ridge: Tikhonov term ``ridge * I`` added to the operator. Default 0: a positive ridge biases
+      the hypergradient (IMPLICIT.md §2 pitfall 7); use it only to rescue singular systems.
+    neumann_alpha: step size of the Neumann series; needs ``0 < alpha < 2 / lambda_max``.
+    restart: Krylov dimension per GMRES cycle.
+    warm_start: if True, the iterative solve starts from the right-hand side instead of zero
+      (exact when the operator is the identity; the natural start for fixed points of
+      contractions). Explicit warm starts across calls are available in `lowrank_jax.bilevel`.
+    on_nonconvergence: what the backward pass does when the adjoint solve misses its tolerance:
+      ``"ignore"``, ``"warn"`` (a `RuntimeWarning` emitted from inside the computation via
+      `jax.debug.callback`) or ``"raise"`` (a `RuntimeError` raised from the callback; under `jit`
+      it surfaces as a `JaxRuntimeError` carrying the message). In every case the returned
+      cotangent is the last (finite) iterate, never NaN.
+
+  Example:
+    >>> cfg = AdjointConfig(method="cg", tol=1e-12, maxiter=200)
+    >>> hash(cfg) == hash(AdjointConfig(method="cg", tol=1e-12, maxiter=200))
+    True
+  """
+  method: str = "cg"
+  tol: float | None = None
+  atol: float = 0.0
+  maxiter: int = 1000
+  ridge: float = 0.0
+  neumann_alpha: float = 1.0
+  restart: int = 20
+  warm_start: bool = False
+  on_nonconvergence: str = "warn"
+
+  def __post_init__(self):
+    if self.method not in METHODS:
+      raise ValueError(f"AdjointConfig.method={self.method!r}; valid: {METHODS}")
+    if self.on_nonconvergence not in POLICIES:
+      raise ValueError(
+          f"AdjointConfig.on_nonconvergence={self.on_nonconvergence!r}; valid: {POLICIES}")
+    if self.tol is not None and not self.tol >= 0:
+      raise ValueError(f"AdjointConfig.tol must be >= 0 or None, got {self.tol!r}")
+    if not self.atol >= 0:
+      raise ValueError(f"AdjointConfig.atol must be >= 0, got {self.atol!r}")
+    if not isinstance(self.maxiter, int) or self.maxiter < 1:
+      raise ValueError(f"AdjointConfig.maxiter must be a positive int, got {self.maxiter!r}")
+    if not isinstance(self.restart, int) or self.restart < 1:
+      raise ValueError(f"AdjointConfig.restart must be a positive int, got {self.restart!r}")
+    if not self.ridge >= 0:
+      raise ValueError(f"AdjointConfig.ridge must be >= 0, got {self.ridge!r}")
+    if not self.neumann_alpha > 0:
+      raise ValueError(f"AdjointConfig.neumann_alpha must be > 0, got {self.neumann_alpha!r}")
+
+  def replace(self, **changes) -> "AdjointConfig":
+    """Returns a copy with some fields changed (validated again)."""
+    return dataclasses.replace(self, **changes)
+
+  def resolved_tol(self, dtype) -> float:
+    """The relative tolerance used for arrays of `dtype`."""
+    if self.tol is not None:
+      return float(self.tol)
+    return 1e-10 if jnp.finfo(dtype).bits >= 64 else 1e-5
+
+
+class SolveInfo(NamedTuple):
+  """Diagnostics of one linear solve (a pytree of scalars).
+
+  Attributes:
+    residual: relative residual ``|b - A u| / |b|`` of the returned solution (0 when b = 0),
+      computed with one extra matrix-vector product.
+    iterations: number of iterations run (int32).
+    converged: whether ``|b - A u| <= 2 max(tol |b|, atol)`` holds (the factor 2 allows for the
+      drift between recursive and true residuals).
+  """
+  residual: jax.Array
+  iterations: jax.Array
+  converged: jax.Array
+
+
+class AdjointDiagnostics(NamedTuple):
+  """A diagnostics *probe*: pass it in, differentiate with respect to it, read the adjoint solve.
+
+  A `jax.custom_vjp` backward pass cannot return extra outputs, so the implicit functions accept an
+  optional ``diagnostics=`` argument of this type. Its "gradient" is not a derivative: the
+  backward rule writes the adjoint solve's diagnostics into it. Pass
+  `AdjointDiagnostics.zeros()` and include it in the `argnums` of `jax.grad`:
+
+    >>> # g_theta, diag = jax.grad(loss, argnums=(0, 1))(theta, AdjointDiagnostics.zeros())
+    >>> AdjointDiagnostics.zeros().converged
+    Array(0., dtype=float32)
+
+  All fields are floating point (an integer input would get a ``float0`` cotangent). If the
+  implicit function is called several times in one loss (or under `vmap` with an unbatched
+  probe) the values are summed; use one probe per call (batched under `vmap`).
+
+  Attributes:
+    residual: relative residual of the adjoint solve.
+    iterations: iterations the adjoint solve used.
+    converged: 1.0 if the solve met its tolerance (and, for the subspace projector, the gap at the
+      rank cut is above ``gap_tol``), else 0.0.
+    gap: for `kept_subspace_projector`, the relative eigengap at the rank cut; 0 elsewhere.
+  """
+  residual: jax.Array
+  iterations: jax.Array
+  converged: jax.Array
+  gap: jax.Array
+
+  @classmethod
+  def zeros(cls, dtype=None) -> "AdjointDiagnostics":
+    """A fresh probe (scalars of `dtype`, default: the default float dtype)."""
+    dtype = dtype or jnp.zeros(()).dtype
+    z = jnp.zeros((), dtype)
+    return cls(z, z, z, z)
