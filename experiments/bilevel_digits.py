@@ -1,0 +1,159 @@
+"""Bilevel tuning of per-feature weight decay for logistic regression on sklearn digits.
+
+Run: ``python -m experiments.bilevel_digits`` (CPU, float64, about 10-20 s on 2 cores).
+
+Setup (deterministic): `sklearn.datasets.load_digits` (1797 images, 64 pixel features / 16),
+permuted with ``numpy.random.default_rng(seed)``; ``n_train`` training, ``n_val`` validation and
+the rest test examples. Inner problem: multinomial logistic regression ``(W (64, 10), b (10))``
+with ``L_T = mean CE(train) + 0.5 sum_j lam_j |W_j|^2`` (bias unregularised). Outer:
+``L_V = mean CE(val)``.
+
+Baseline: the best *shared* weight decay over a log grid, each point solved to convergence with
+L-BFGS. Tuned: 64 per-feature decays initialised at the grid best, optimised with Adam on
+``log lam`` (`lowrank_jax.bilevel.positive`) using IFT hypergradients (CG adjoint) while the inner
+model is trained with warm-started L-BFGS. The tuned decays are evaluated after re-solving the
+inner problem to convergence. Prints validation and test losses and accuracies of both.
+"""
+from __future__ import annotations
+
+import time
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+from lowrank_jax import bilevel
+from lowrank_jax.implicit import AdjointConfig
+
+
+def load_split(seed: int = 0, n_train: int = 300, n_val: int = 300):
+  """Deterministic train/val/test split of sklearn digits (features scaled to [0, 1])."""
+  from sklearn.datasets import load_digits
+  x, y = load_digits(return_X_y=True)
+  perm = np.random.default_rng(seed).permutation(len(y))
+  x = x[perm] / 16.0
+  y = y[perm]
+  a, b = n_train, n_train + n_val
+  return (x[:a], y[:a]), (x[a:b], y[a:b]), (x[b:], y[b:])
+
+
+def _ce(params, x, y):
+  logits = x @ params["w"] + params["b"]
+  return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y))
+
+
+def inner_loss(params, lam, x, y):
+  """Mean training cross-entropy + 0.5 sum_j lam_j |W_j|^2 (lam: scalar or (64,))."""
+  lam = jnp.broadcast_to(lam, (params["w"].shape[0],))
+  return _ce(params, x, y) + 0.5 * jnp.sum(lam[:, None] * params["w"] ** 2)
+
+
+def outer_loss(params, lam, x, y):
+  """Mean validation cross-entropy (lam enters only through the inner solution)."""
+  del lam
+  return _ce(params, x, y)
+
+
+def accuracy(params, x, y) -> float:
+  return float(jnp.mean(jnp.argmax(x @ params["w"] + params["b"], -1) == y))
+
+
+def solve_inner(params0, lam, x, y, steps: int = 300):
+  """L-BFGS to (near) convergence; jit-compatible, vmappable over lam."""
+  tx = optax.lbfgs()
+  value_fn = lambda p: inner_loss(p, lam, x, y)
+  vg = optax.value_and_grad_from_state(value_fn)
+
+  def step(carry, _):
+    p, s = carry
+    v, g = vg(p, state=s)
+    u, s = tx.update(g, s, p, value=v, grad=g, value_fn=value_fn)
+    return (optax.apply_updates(p, u), s), None
+
+  (p, _), _ = jax.lax.scan(step, (params0, tx.init(params0)), None, length=steps)
+  return p
+
+
+def run(seed: int = 0, n_train: int = 300, n_val: int = 600, grid=None, outer_steps: int = 40,
+        inner_steps: int = 25, outer_lr: float = 0.1, verbose: bool = True) -> dict:
+  """Runs the grid baseline and the per-feature bilevel tuning; returns the figures.
+
+  Returns:
+    dict with ``grid`` (list of (lam, val_loss)), ``grid_best_lam``, ``grid_best_val_loss``,
+    ``grid_best_test_loss``, ``grid_best_val_acc``, ``grid_best_test_acc``,
+    ``tuned_val_loss``, ``tuned_test_loss``, ``tuned_val_acc``, ``tuned_test_acc``,
+    ``tuned_lam`` (64,), ``outer_history`` (validation loss per outer step),
+    ``max_final_inner_grad_norm`` and ``seconds``.
+  """
+  t0 = time.time()
+  with jax.enable_x64(True):
+    (xt, yt), (xv, yv), (xs, ys) = load_split(seed, n_train, n_val)
+    xt, xv, xs = (jnp.asarray(a, jnp.float64) for a in (xt, xv, xs))
+    yt, yv, ys = (jnp.asarray(a) for a in (yt, yv, ys))
+    d, k = xt.shape[1], 10
+    p0 = {"w": jnp.zeros((d, k)), "b": jnp.zeros((k,))}
+    grid = np.logspace(-5, 0, 16) if grid is None else np.asarray(grid, np.float64)
+
+    solve_grid = jax.jit(jax.vmap(lambda lam: solve_inner(p0, lam, xt, yt)))
+    ps = solve_grid(jnp.asarray(grid))
+    val_losses = np.asarray(jax.vmap(lambda p: _ce(p, xv, yv))(ps))
+    i = int(np.argmin(val_losses))
+    best_lam = float(grid[i])
+    p_best = jax.tree.map(lambda a: a[i], ps)
+    out = {
+        "grid": list(zip(grid.tolist(), val_losses.tolist())),
+        "grid_best_lam": best_lam,
+        "grid_best_val_loss": float(val_losses[i]),
+        "grid_best_test_loss": float(_ce(p_best, xs, ys)),
+        "grid_best_val_acc": accuracy(p_best, xv, yv),
+        "grid_best_test_acc": accuracy(p_best, xs, ys),
+    }
+    if verbose:
+      print(f"grid of shared weight decay ({len(grid)} points):")
+      for lam, vl in out["grid"]:
+        print(f"  lam={lam:.3e}  val_loss={vl:.5f}")
+      print(f"grid best: lam={best_lam:.3e} val_loss={out['grid_best_val_loss']:.5f} "
+            f"test_loss={out['grid_best_test_loss']:.5f} val_acc={out['grid_best_val_acc']:.4f} "
+            f"test_acc={out['grid_best_test_acc']:.4f}")
+
+    lam0 = jnp.full((d,), best_lam)
+    res = bilevel.tune_hyperparameters(
+        inner_loss, outer_loss, p_best, lam0,
+        inner_optimizer=optax.lbfgs(), outer_optimizer=optax.adam(outer_lr),
+        inner_steps=inner_steps, outer_steps=outer_steps, constraints=bilevel.positive(),
+        inner_args=(xt, yt), outer_args=(xv, yv),
+        config=AdjointConfig(method="cg", tol=1e-8, maxiter=500, on_nonconvergence="ignore"),
+        reset_inner_optimizer=True)
+    lam_t = res.hyperparams
+    p_t = jax.jit(lambda lam: solve_inner(res.params, lam, xt, yt))(lam_t)
+    g_inner = jax.grad(inner_loss)(p_t, lam_t, xt, yt)
+    out.update({
+        "tuned_val_loss": float(_ce(p_t, xv, yv)),
+        "tuned_test_loss": float(_ce(p_t, xs, ys)),
+        "tuned_val_acc": accuracy(p_t, xv, yv),
+        "tuned_test_acc": accuracy(p_t, xs, ys),
+        "tuned_lam": np.asarray(lam_t),
+        "outer_history": res.history["outer_loss"],
+        "max_adjoint_residual": float(np.max(res.history["adjoint_residual"])),
+        "max_final_inner_grad_norm": float(bilevel._tree_norm(g_inner)),
+    })
+  out["seconds"] = time.time() - t0
+  if verbose:
+    h = out["outer_history"]
+    print(f"per-feature tuning: {outer_steps} outer steps x {inner_steps} L-BFGS inner steps; "
+          f"val loss along the run {h[0]:.5f} -> {h[-1]:.5f}; max adjoint residual "
+          f"{out['max_adjoint_residual']:.2e}")
+    lt = out["tuned_lam"]
+    print(f"tuned per-feature lam: min {lt.min():.3e} median {np.median(lt):.3e} "
+          f"max {lt.max():.3e}")
+    print(f"tuned (re-solved, |grad L_T|={out['max_final_inner_grad_norm']:.1e}): "
+          f"val_loss={out['tuned_val_loss']:.5f} test_loss={out['tuned_test_loss']:.5f} "
+          f"val_acc={out['tuned_val_acc']:.4f} test_acc={out['tuned_test_acc']:.4f}")
+    print(f"validation loss: grid-best shared {out['grid_best_val_loss']:.5f} vs per-feature "
+          f"{out['tuned_val_loss']:.5f} ({out['seconds']:.1f} s)")
+  return out
+
+
+if __name__ == "__main__":
+  run()
