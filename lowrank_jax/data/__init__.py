@@ -1,0 +1,18 @@
+"""Offline datasets (tfds builders writing array_record, read by `tfds.data_source`) and grain
+pipelines. No TensorFlow.
+
+>>> from lowrank_jax import data
+>>> data.list_datasets()
+['digits', 'fashion_mnist', 'wordnet_supersense']
+"""
+from lowrank_jax.data._catalog import (DATA_DIR_ENV, DATASETS, builder, default_data_dir,
+                                       list_datasets, load, num_classes)
+from lowrank_jax.data._pipeline import ArraySource, image_transform, make_pipeline, text_transform
+from lowrank_jax.data._sources import MissingDataError, SUPERSENSES
+from lowrank_jax.data.wordnet import probe_pairs, semantic_probe_score
+
+__all__ = [
+    "ArraySource", "DATA_DIR_ENV", "DATASETS", "MissingDataError", "SUPERSENSES", "builder",
+    "default_data_dir", "image_transform", "list_datasets", "load", "make_pipeline",
+    "num_classes", "probe_pairs", "semantic_probe_score", "text_transform",
+]
