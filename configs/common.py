@@ -1,0 +1,128 @@
+"""Helpers shared by the configs: strict typed config args and adapter sub-configs.
+
+`parse_arg` follows big_vision's `configs/common.py::parse_arg`: the string after `:` in
+`--config configs/x.py:method=lora,rank=4,runlocal` is parsed against typed defaults; a bare name
+means True for a bool, bools parse strictly, and unknown keys raise ValueError.
+
+>>> from configs import common
+>>> a = common.parse_arg('rank=4,runlocal', rank=8, runlocal=False, method='lora')
+>>> a.rank, a.runlocal, a.method
+(4, True, 'lora')
+>>> common.arg(method='lora', rank=4)
+{'arg': 'method=lora,rank=4'}
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import ml_collections
+
+_TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
+
+
+def _parse_value(key: str, text: str, default: Any) -> Any:
+  if isinstance(default, bool):
+    low = text.lower()
+    if low in _TRUE:
+      return True
+    if low in _FALSE:
+      return False
+    raise ValueError(f"config arg {key}={text!r}: not a bool (use true/false)")
+  if isinstance(default, int):
+    try:
+      return int(text)
+    except ValueError:
+      raise ValueError(f"config arg {key}={text!r}: not an int") from None
+  if isinstance(default, float):
+    try:
+      return float(text)
+    except ValueError:
+      raise ValueError(f"config arg {key}={text!r}: not a float") from None
+  if isinstance(default, (tuple, list)):
+    return tuple(t for t in text.split("+") if t)   # lists are written a+b+c
+  return text
+
+
+def parse_arg(arg: Optional[str], **typed_defaults) -> ml_collections.ConfigDict:
+  """Parses `"k=v,flag,..."` against `typed_defaults` (types come from the defaults).
+
+  Args:
+    arg: the config arg string (None or "" gives the defaults).
+    **typed_defaults: allowed keys and their defaults.
+
+  Returns:
+    A ConfigDict with every key of `typed_defaults`.
+
+  Raises:
+    ValueError: an unknown key (the message lists the valid ones) or a value of the wrong type.
+  """
+  out = dict(typed_defaults)
+  for item in (arg or "").split(","):
+    item = item.strip()
+    if not item:
+      continue
+    key, eq, value = item.partition("=")
+    key = key.strip()
+    if key not in typed_defaults:
+      raise ValueError(f"Unhandled config arg {key!r}; valid args: {sorted(typed_defaults)}")
+    if not eq:
+      if not isinstance(typed_defaults[key], bool):
+        raise ValueError(f"config arg {key!r} needs a value ({key}=...)")
+      out[key] = True
+    else:
+      out[key] = _parse_value(key, value.strip(), typed_defaults[key])
+  return ml_collections.ConfigDict(out)
+
+
+def arg(**kw) -> dict:
+  """`{'arg': 'k=v,...'}` for a sweep's `add(...)`: a point given by config args."""
+  def fmt(v):
+    return "+".join(map(str, v)) if isinstance(v, (tuple, list)) else str(v)
+  return {"arg": ",".join(f"{k}={fmt(v)}" for k, v in kw.items())}
+
+
+def adapter_config(method: str, *, rank: int, targets, alpha: Optional[float] = None,
+                   **extra) -> ml_collections.ConfigDict:
+  """The `config.adapter` sub-config of `method`: its name and factory keyword arguments.
+
+  Rank-like arguments are given per method as their factories expect them; `extra` overrides.
+  """
+  targets = list(targets) if isinstance(targets, (tuple, list)) else targets
+  if method == "none":
+    kw: dict = {}
+  elif method in ("lora", "pissa"):
+    kw = dict(rank=rank, alpha=float(alpha if alpha is not None else 2 * rank), targets=targets,
+              dropout=0.0)
+  else:
+    kw = dict(rank=rank, targets=targets)
+  kw.update(extra)
+  return ml_collections.ConfigDict({"method": method, **kw})
+
+
+def base_config() -> ml_collections.ConfigDict:
+  """Fields every run config has (the values here are placeholders the configs overwrite)."""
+  c = ml_collections.ConfigDict()
+  c.seed = 0
+  c.total_steps = 100
+  c.batch_size = 32
+  c.eval_batch_size = 256
+  c.eval_every = 0
+  c.log_every = 10
+  c.ckpt_every = 50
+  c.keep_ckpts = 2
+  c.model = ml_collections.ConfigDict({"name": "mlp_digits", "pretrained": False})
+  c.head = ""
+  c.dataset = ml_collections.ConfigDict({
+      "name": "digits", "train_split": "train", "eval_split": "test", "max_train_examples": 0,
+      "max_eval_examples": 0, "seq_len": 0, "shuffle_seed": 0})
+  c.adapter = adapter_config("lora", rank=4, targets=[".*kernel"])
+  c.optimizer = ml_collections.ConfigDict({
+      "name": "adamw", "lr": 1e-3, "head_lr": 1e-3, "wd": 0.0, "b1": 0.9, "b2": 0.999,
+      "schedule": "cosine", "warmup_steps": 0, "grad_clip": 1.0})
+  c.calib_batches = 8
+  c.baseline = False
+  c.save_adapter = True
+  c.export_peft = False
+  c.progress = True
+  c.overwrite = False
+  return c

@@ -1,0 +1,596 @@
+"""The trainer: `train_and_evaluate(config, workdir)` fine-tunes a model with an adapter.
+
+One flat function split by banner comments (big_vision `train.py`, flax examples), called by
+`experiments/run.py` and by colabs alike. What happens, in order:
+
+  config check -> workdir (refuse a different config) -> mesh -> data (grain, checkpointable
+  iterator) -> model (+ head) -> adapter init (calibration stats if the method needs them) ->
+  optimizer -> train state {adapter, head, opt, step, rng} -> jit(update_fn, donate) ->
+  restore latest checkpoint -> loop (eval, metrics, checkpoints, progress) -> adapter file, results.
+
+Gradients are taken with respect to the adapter's trainable state and the classification head
+only; the base params are a separate jit argument that is neither donated nor differentiated. The
+train state is donated. The step's rng is `fold_in(rng, step)`, so a resumed run sees the same keys.
+
+Config fields (all numbers that change a result live in the config; see `configs/`):
+
+  seed, total_steps, batch_size, eval_batch_size, eval_every, log_every, ckpt_every, keep_ckpts,
+  model.{name, pretrained}, head (regex of params trained fully),
+  dataset.{name, train_split, eval_split, max_train_examples, max_eval_examples, seq_len,
+  shuffle_seed}, adapter.{method, **factory kwargs}, optimizer.{name, lr, head_lr, wd, b1, b2,
+  schedule, warmup_steps, grad_clip}, calib_batches, baseline, save_adapter, export_peft,
+  progress, overwrite.
+"""
+from __future__ import annotations
+
+import dataclasses
+import functools
+import inspect as inspect_mod
+import json
+import logging
+import os
+import time
+from typing import Any, Callable, Mapping, Optional
+
+import grain
+import jax
+import jax.numpy as jnp
+import ml_collections
+import numpy as np
+import optax
+
+from lowrank_jax import base as base_lib
+from lowrank_jax import checkpoint as ckpt_lib
+from lowrank_jax import metrics as metrics_lib
+from lowrank_jax import registry
+from lowrank_jax import structured
+from lowrank_jax import targeting
+from lowrank_jax import tree as tree_lib
+
+RESULTS_FILE = "results.json"
+DATASETS = ("digits", "fashion_mnist", "wordnet_supersense")
+OPTIMIZERS = ("adamw", "sgd")
+SCHEDULES = ("constant", "cosine", "linear")
+REQUIRED_FIELDS = ("seed", "total_steps", "batch_size", "model", "dataset", "adapter",
+                   "optimizer", "head")
+# Fields of earlier versions of the config schema; a config still holding one is an error.
+DEPRECATED_FIELDS = ("num_train_steps", "learning_rate", "lr")
+
+
+# =============================================================================================
+# Data: numpy arrays -> grain pipelines (train: shuffled, repeated, checkpointable iterator;
+# eval: fixed-shape batches whose last one is padded and masked).
+# =============================================================================================
+
+class ArraySource:
+  """A grain random-access source over a dict of equally long numpy arrays."""
+
+  def __init__(self, arrays: Mapping[str, np.ndarray]):
+    lengths = {k: len(v) for k, v in arrays.items()}
+    if len(set(lengths.values())) != 1:
+      raise ValueError(f"arrays of different lengths: {lengths}")
+    self.arrays = dict(arrays)
+    self._n = next(iter(lengths.values()))
+
+  def __len__(self) -> int:
+    return self._n
+
+  def __getitem__(self, i):
+    return {k: v[i] for k, v in self.arrays.items()}
+
+
+def _raw_split(name: str, split: str) -> tuple[Any, np.ndarray]:
+  """(inputs, labels) of a dataset split: images float32 (N, H, W, C) or a list of texts."""
+  from lowrank_jax.data import _sources  # pylint: disable=g-import-not-at-top
+  if name == "digits":
+    if split not in ("train", "test"):
+      raise ValueError(f"dataset digits has splits ['train', 'test'], not {split!r}")
+    images, labels = _sources.sklearn_digits()
+    keep = np.array([_sources.digits_split(i) == split for i in range(len(labels))])
+    return (images[keep].astype(np.float32) / 16.0)[..., None], labels[keep].astype(np.int32)
+  if name == "fashion_mnist":
+    if split not in ("train", "test"):
+      raise ValueError(f"dataset fashion_mnist has splits ['train', 'test'], not {split!r}")
+    images, labels = _sources.fashion_mnist(split)
+    return (images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int32)
+  if name == "wordnet_supersense":
+    if split not in ("train", "validation", "test"):
+      raise ValueError(f"dataset wordnet_supersense has splits ['train', 'validation', 'test'], "
+                       f"not {split!r}")
+    texts, labels = [], []
+    for s in _sources.iter_wordnet():
+      if _sources.wordnet_split(s.synset_id) == split:
+        texts.append(s.gloss)
+        labels.append(s.label)
+    return texts, np.asarray(labels, np.int32)
+  raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASETS)}")
+
+
+def num_classes_of(name: str) -> int:
+  if name == "wordnet_supersense":
+    from lowrank_jax.data import _sources  # pylint: disable=g-import-not-at-top
+    return len(_sources.SUPERSENSES)
+  if name in ("digits", "fashion_mnist"):
+    return 10
+  raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASETS)}")
+
+
+def load_arrays(dcfg, split: str, max_examples: int, tokenizer=None) -> dict[str, np.ndarray]:
+  """A split as a dict of numpy arrays: `image` or (`input_ids`, `attention_mask`), and `label`.
+
+  The first `max_examples` examples (0: all) of the split's deterministic order are kept.
+  """
+  inputs, labels = _raw_split(dcfg.name, split)
+  n = len(labels) if max_examples <= 0 else min(max_examples, len(labels))
+  if isinstance(inputs, list):
+    if tokenizer is None:
+      raise ValueError(f"dataset {dcfg.name} is text; the model needs a tokenizer "
+                       f"(use a text model such as 'minilm')")
+    enc = tokenizer.encode_batch(inputs[:n])
+    return {"input_ids": np.asarray([e.ids for e in enc], np.int32),
+            "attention_mask": np.asarray([e.attention_mask for e in enc], np.int32),
+            "label": labels[:n]}
+  return {"image": inputs[:n], "label": labels[:n]}
+
+
+def train_iterator(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int):
+  """Infinite shuffled batches; `get_state()`/`set_state()` make it checkpointable."""
+  if len(arrays["label"]) < batch_size:
+    raise ValueError(f"batch_size={batch_size} exceeds the {len(arrays['label'])} train examples")
+  ds = (grain.MapDataset.source(ArraySource(arrays)).shuffle(seed=seed).repeat(None)
+        .batch(batch_size, drop_remainder=True))
+  return iter(ds.to_iter_dataset())
+
+
+def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
+  """Fixed-shape batches with a `mask` (0 on the padding of the last batch): no recompilation."""
+  n = len(arrays["label"])
+  for start in range(0, n, batch_size):
+    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
+    m = len(batch["label"])
+    batch["mask"] = np.ones((m,), np.float32)
+    if m < batch_size:
+      batch = {k: np.concatenate([v, np.zeros((batch_size - m,) + v.shape[1:], v.dtype)])
+               for k, v in batch.items()}
+    yield batch
+
+
+# =============================================================================================
+# Model: (params, apply_fn, tokenizer) from the registry in `lowrank_jax.models`.
+# =============================================================================================
+
+@dataclasses.dataclass
+class Model:
+  params: Any
+  apply: Callable[..., jax.Array]    # apply(params, batch, *, train, rng) -> logits
+  tokenizer: Any = None
+  hf_cfg: Any = None                 # the model module's config (for hf_name_map / PEFT export)
+  family: str = ""
+
+
+def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Model:
+  """Builds the model named `mcfg.name` with a `num_classes` output.
+
+  Raises:
+    ValueError: unknown model (lists the valid names) or one that cannot classify.
+  """
+  from lowrank_jax import models  # pylint: disable=g-import-not-at-top
+  spec = models.get_model(mcfg.name)
+  mod, cfg = spec.module, spec.config
+  k_init, k_head = jax.random.split(key)
+  if mod is models.minilm:
+    if mcfg.get("pretrained", False):
+      if mcfg.name != "minilm":
+        raise ValueError(f"model.pretrained=True needs model.name='minilm', not {mcfg.name!r}")
+      params, cfg = models.minilm.load_pretrained()
+    else:
+      params = spec.init(k_init)
+    params = models.minilm.add_classifier_head(k_head, params, num_classes)
+    tok = models.minilm.load_tokenizer(seq_len if seq_len > 0 else 128)
+
+    def apply(p, batch, *, train, rng):
+      return models.minilm.classify(p, cfg, batch, deterministic=not train, rng=rng)
+    return Model(params, apply, tok, cfg, "minilm")
+  if mod in (models.mlp, models.cnn, models.vit):
+    if mcfg.get("pretrained", False):
+      raise ValueError(f"model {mcfg.name!r} has no pretrained weights; set "
+                       f"model.pretrained=False")
+    params = spec.init(k_init)
+    out = jax.eval_shape(lambda p, x: mod.apply(p, x, cfg), params, _dummy_input(cfg)).shape[-1]
+    if out != num_classes:
+      raise ValueError(f"model {mcfg.name!r} has {out} outputs, the dataset has {num_classes} "
+                       f"classes")
+
+    def apply(p, batch, *, train, rng):
+      return mod.apply(p, batch["image"], cfg, deterministic=not train, rng=rng)
+    return Model(params, apply, None, cfg, mod.__name__.rsplit(".", 1)[-1])
+  raise ValueError(f"model {mcfg.name!r} is not a classifier; valid classifiers: "
+                   f"{[n for n in models.list_models() if not n.startswith(('llama', 'tinyllama'))]}")
+
+
+def _dummy_input(cfg) -> jax.ShapeDtypeStruct:
+  if hasattr(cfg, "features"):                       # MLP
+    return jax.ShapeDtypeStruct((1, cfg.features[0]), jnp.float32)
+  if hasattr(cfg, "image_size"):                     # ViT
+    return jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
+  return jax.ShapeDtypeStruct((1, 8, 8, cfg.in_channels), jnp.float32)   # CNN
+
+
+# =============================================================================================
+# Optimizer: optax from config, separate learning rates for the adapter and the head.
+# =============================================================================================
+
+def make_schedule(ocfg, lr: float, total_steps: int):
+  if ocfg.schedule not in SCHEDULES:
+    raise ValueError(f"Unknown optimizer.schedule {ocfg.schedule!r}; valid: {list(SCHEDULES)}")
+  warm = int(ocfg.get("warmup_steps", 0))
+  if ocfg.schedule == "constant":
+    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)],
+                                [warm]) if warm else optax.constant_schedule(lr)
+  if ocfg.schedule == "cosine":
+    return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(total_steps, warm + 1), 0.0)
+  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm),
+                               optax.linear_schedule(lr, 0.0, max(total_steps - warm, 1))], [warm])
+
+
+def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
+  """`optimizer.name` with schedules for `lr` (adapter) and `head_lr` (head), clipping, decay."""
+  if ocfg.name not in OPTIMIZERS:
+    raise ValueError(f"Unknown optimizer.name {ocfg.name!r}; valid: {list(OPTIMIZERS)}")
+
+  def one(lr):
+    sched = make_schedule(ocfg, lr, total_steps)
+    if ocfg.name == "adamw":
+      tx = optax.adamw(sched, b1=ocfg.b1, b2=ocfg.b2, weight_decay=ocfg.wd)
+    else:
+      tx = optax.chain(optax.add_decayed_weights(ocfg.wd), optax.sgd(sched, momentum=ocfg.b1))
+    return tx
+
+  tx = optax.multi_transform(
+      {"adapter": one(ocfg.lr), "head": one(ocfg.head_lr)},
+      lambda t: {k: jax.tree.map(lambda _: k, v) for k, v in t.items()})
+  if ocfg.get("grad_clip", 0.0) > 0:
+    tx = optax.chain(optax.clip_by_global_norm(ocfg.grad_clip), tx)
+  return tx
+
+
+# =============================================================================================
+# Config checks (before anything is built: one clear message per mistake).
+# =============================================================================================
+
+def check_config(config: ml_collections.ConfigDict):
+  missing = [f for f in REQUIRED_FIELDS if f not in config]
+  if missing:
+    raise ValueError(f"config is missing required fields {missing}")
+  old = [f for f in DEPRECATED_FIELDS if f in config]
+  if old:
+    raise ValueError(f"config has deprecated fields {old}; use total_steps / optimizer.lr")
+  if config.dataset.name not in DATASETS:
+    raise ValueError(f"Unknown dataset {config.dataset.name!r}; valid names: {list(DATASETS)}")
+  registry.get_factory(config.adapter.method)   # unknown/unavailable method -> ValueError
+  from lowrank_jax import models  # pylint: disable=g-import-not-at-top
+  models.get_model(config.model.name)           # unknown model -> ValueError
+  for f in ("total_steps", "batch_size"):
+    if config[f] < 1:
+      raise ValueError(f"config.{f} must be >= 1, got {config[f]}")
+  if config.batch_size % jax.device_count():
+    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
+                     f"{jax.device_count()} devices of the data-parallel mesh")
+
+
+def adapter_kwargs(config) -> dict:
+  kw = {k: v for k, v in config.adapter.to_dict().items() if k != "method"}
+  if "targets" in kw and isinstance(kw["targets"], (list, tuple)):
+    kw["targets"] = list(kw["targets"])
+  fn = registry.get_factory(config.adapter.method)
+  try:
+    sig = inspect_mod.signature(fn)
+    if "total_steps" in sig.parameters and "total_steps" not in kw:
+      kw["total_steps"] = int(config.total_steps)
+  except (TypeError, ValueError):
+    pass
+  return kw
+
+
+def split_head(params, head_regex: str) -> tuple[dict, list[str]]:
+  """({path: leaf} of the fully trained params, their paths); '' trains no params fully."""
+  if not head_regex:
+    return {}, []
+  paths = targeting.resolve(params, head_regex, what="config.head")
+  leaves = dict(targeting.named_leaves(params))
+  return {p: leaves[p] for p in paths}, paths
+
+
+# =============================================================================================
+# train_and_evaluate
+# =============================================================================================
+
+def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """Trains `config.adapter` on `config.model` and `config.dataset`; returns the final results.
+
+  With `config.baseline=True`, first trains the frozen-base baseline (method "none": only the
+  head trains) with the same steps, data and seed into `workdir/baseline`, and prints both
+  accuracies.
+
+  Args:
+    config: a run config (see `configs/`); fields are listed in the module docstring.
+    workdir: run directory (checkpoints, metrics.jsonl, tb/, adapter/, results.json). Reusing it
+      resumes the run; a workdir holding a different config is refused unless
+      `config.overwrite=True`.
+
+  Returns:
+    A dict of results (also written to `workdir/results.json`): `accuracy`, `eval_loss`,
+    `trainable_params`, `steps`, `wall_s`, `adapter_path`, ... and `baseline` if run.
+
+  Raises:
+    ValueError: unknown method/model/dataset/optimizer, bad field values.
+    ckpt_lib.ConfigMismatchError: `workdir` holds a run of a different config.
+    FloatingPointError: the loss became NaN/inf (the message names the step).
+  """
+  t_start = time.perf_counter()
+  check_config(config)
+  baseline = None
+  if config.get("baseline", False) and config.adapter.method != "none":
+    bcfg = ml_collections.ConfigDict(config.to_dict())
+    bcfg.baseline = False
+    bcfg.save_adapter = False
+    bcfg.export_peft = False
+    bcfg.adapter = ml_collections.ConfigDict({"method": "none"})
+    logging.info("Training the frozen-base baseline (method 'none') into %s/baseline", workdir)
+    baseline = train_and_evaluate(bcfg, os.path.join(workdir, "baseline"))
+
+  # -------------------------------------------------------------------------------------------
+  # Workdir: a different config is refused; the same one resumes.
+  # -------------------------------------------------------------------------------------------
+  config_dict = config.to_dict()
+  ckpt_lib.check_workdir_config(workdir, config_dict, overwrite=config.get("overwrite", False))
+  results_path = os.path.join(workdir, RESULTS_FILE)
+
+  # -------------------------------------------------------------------------------------------
+  # Mesh: data parallel over all devices ('data' axis); state replicated, batch sharded.
+  # -------------------------------------------------------------------------------------------
+  # Auto axes: the compiler propagates shardings (explicit axes would put sharding in the types).
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
+  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
+
+  # -------------------------------------------------------------------------------------------
+  # Model and data.
+  # -------------------------------------------------------------------------------------------
+  dcfg = config.dataset
+  rng = jax.random.key(config.seed)
+  k_model, k_adapter, rng_loop = jax.random.split(rng, 3)
+  del rng
+  model = make_model(config.model, num_classes_of(dcfg.name), k_model, dcfg.get("seq_len", 0))
+  train_arrays = load_arrays(dcfg, dcfg.train_split, dcfg.max_train_examples, model.tokenizer)
+  eval_arrays = load_arrays(dcfg, dcfg.eval_split, dcfg.max_eval_examples, model.tokenizer)
+  train_iter = train_iterator(train_arrays, config.batch_size, dcfg.shuffle_seed)
+  logging.info("data: %d train / %d eval examples of %s", len(train_arrays["label"]),
+               len(eval_arrays["label"]), dcfg.name)
+
+  # -------------------------------------------------------------------------------------------
+  # Adapter (+ calibration stats) and head. `base` is frozen; the head trains fully.
+  # -------------------------------------------------------------------------------------------
+  method = config.adapter.method
+  adapter = registry.make_adapter(method, **adapter_kwargs(config))
+  head_flat, head_paths = split_head(model.params, config.head)
+  stats = None
+  if method in registry.NEEDS_STATS:
+    stats = _calibrate(config, model, train_arrays, adapter_kwargs(config).get("targets"))
+  base, ad_state = adapter.init(k_adapter, model.params, stats)
+  del k_adapter
+  adapted_paths = set(tree_lib.unnest(ad_state.trainable)) if isinstance(ad_state.trainable,
+                                                                         dict) else set()
+  clash = sorted(adapted_paths & set(head_paths))
+  if clash:
+    raise ValueError(f"config.head={config.head!r} selects params the adapter also targets: "
+                     f"{clash[:5]}; make the adapter targets exclude the head")
+
+  def full_params(base, ad_state, head, rng=None):
+    p = adapter.apply(base, ad_state, rng=rng)
+    return tree_lib.replace_by_name(p, tree_lib.unnest(head), is_leaf=structured.is_structured) \
+        if head else p
+
+  tx = make_optimizer(config.optimizer, config.total_steps)
+
+  def init_state():
+    trainable = {"adapter": ad_state.trainable, "head": tree_lib.nest(head_flat)}
+    return {"adapter": ad_state.trainable, "frozen": ad_state.frozen,
+            "head": tree_lib.nest(head_flat), "opt": tx.init(trainable),
+            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_loop)}
+
+  abstract = jax.eval_shape(init_state)
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
+                          abstract)
+  n_adapter = base_lib.count_params(ad_state)
+  n_head = tree_lib.tree_size(head_flat)
+  n_trainable = n_adapter + n_head
+  logging.info("method %s: %d adapter + %d head = %d trainable params", method, n_adapter, n_head,
+               n_trainable)
+  const = jax.device_put(base, repl)
+  del base
+  model.params = None
+
+  # -------------------------------------------------------------------------------------------
+  # Update step: grads w.r.t. {adapter trainable, head}; base is const; state donated.
+  # -------------------------------------------------------------------------------------------
+  def loss_fn(trainable, frozen, base, batch, rng):
+    k_ad, k_model = jax.random.split(rng)
+    st = base_lib.AdapterState(trainable["adapter"], frozen)
+    params = full_params(base, st, trainable["head"], rng=k_ad)
+    logits = model.apply(params, batch, train=True, rng=k_model)
+    ce = optax.softmax_cross_entropy_with_integer_labels(
+        logits.astype(jnp.float32), batch["label"]).mean()
+    penalty = adapter.penalty(st)
+    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
+    return ce + penalty, {"ce": ce, "penalty": penalty, "train_accuracy": acc}
+
+  def update_fn(state, base, batch):
+    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
+    trainable = {"adapter": state["adapter"], "head": state["head"]}
+    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
+        trainable, state["frozen"], base, batch, rng)
+    updates, opt = tx.update(grads, state["opt"], trainable)
+    trainable = optax.apply_updates(trainable, updates)
+    new_adapter, new_frozen = trainable["adapter"], state["frozen"]
+    if adapter.update is not None:   # rank growth / pruning, outside the gradient
+      st = adapter.update(base_lib.AdapterState(new_adapter, new_frozen), grads["adapter"],
+                          state["step"])
+      new_adapter, new_frozen = st.trainable, st.frozen
+    new_state = {"adapter": new_adapter, "frozen": new_frozen, "head": trainable["head"],
+                 "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
+    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
+
+  update_fn = jax.jit(update_fn, donate_argnums=(0,))
+
+  @jax.jit
+  def eval_fn(state, base, batch):
+    st = base_lib.AdapterState(state["adapter"], state["frozen"])
+    logits = model.apply(full_params(base, st, state["head"]), batch, train=False, rng=None)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         batch["label"])
+    m = batch["mask"]
+    return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * m),
+            "loss": jnp.sum(ce * m), "count": jnp.sum(m)}
+
+  def evaluate(state):
+    tot = {"correct": 0.0, "loss": 0.0, "count": 0.0}
+    for batch in eval_batches(eval_arrays, config.eval_batch_size):
+      out = jax.device_get(eval_fn(state, const, jax.device_put(batch, data_sharding)))
+      for k in tot:
+        tot[k] += float(out[k])
+    return {"accuracy": tot["correct"] / tot["count"], "eval_loss": tot["loss"] / tot["count"]}
+
+  # -------------------------------------------------------------------------------------------
+  # Checkpoint: restore the latest (train state + iterator state), else start fresh.
+  # -------------------------------------------------------------------------------------------
+  ckpt = ckpt_lib.Checkpointer(workdir, config.get("ckpt_every", 0), config.get("keep_ckpts", 2))
+  start = 0
+  if ckpt.latest_step() is not None:
+    state, data_state, start = ckpt.restore(abstract)
+    train_iter.set_state(data_state)
+    logging.info("Resumed from the checkpoint at step %d", start)
+  else:
+    state = jax.device_put(init_state(), repl)
+  del ad_state, head_flat
+  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  if start == 0:
+    writer.write(0, {"trainable_params": n_trainable})
+
+  # -------------------------------------------------------------------------------------------
+  # Loop.
+  # -------------------------------------------------------------------------------------------
+  total = config.total_steps
+  progress = metrics_lib.Progress(total, start, config.batch_size,
+                                  enabled=config.get("progress", True),
+                                  log_every=config.get("log_every", 50), desc=method)
+  log_every = max(1, config.get("log_every", 50))
+  eval_every = config.get("eval_every", 0)
+  ev = None
+  t_loop = time.perf_counter()
+  for step in range(start + 1, total + 1):
+    batch = jax.device_put(next(train_iter), data_sharding)
+    with jax.transfer_guard("disallow"):   # no hidden host<->device copies in the step
+      state, m = update_fn(state, const, batch)
+    m = jax.device_get(m)
+    loss = float(m["loss"])
+    if not np.isfinite(loss):
+      raise FloatingPointError(
+          f"loss is {loss} at step {step} (method {method}, lr {config.optimizer.lr}); "
+          f"lower optimizer.lr or check the data")
+    progress.update(step, loss)
+    if step % log_every == 0 or step == total:
+      writer.write(step, {**m, "lr": float(make_schedule(config.optimizer, config.optimizer.lr,
+                                                         total)(step - 1))})
+    if eval_every and (step % eval_every == 0) and step != total:
+      writer.write(step, evaluate(state))
+    if ckpt.maybe_save(step, state, train_iter.get_state()):
+      logging.info("checkpoint at step %d", step)
+  train_s = time.perf_counter() - t_loop
+  ckpt.maybe_save(total, state, train_iter.get_state(), force=True)
+  ev = evaluate(state)
+  writer.write(total, ev)
+  writer.close()
+  ckpt.close()
+
+  # -------------------------------------------------------------------------------------------
+  # Outputs: adapter file (+ PEFT export), results.json, summary.
+  # -------------------------------------------------------------------------------------------
+  host = jax.device_get(state)
+  adapter_path = None
+  if config.get("save_adapter", True) and method != "none":
+    from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
+    adapter_path = os.path.join(workdir, "adapter")
+    adapter_io.save_adapter(adapter_path,
+                            base_lib.AdapterState(host["adapter"], host["frozen"]),
+                            {"method": method, "adapter": config.adapter.to_dict(),
+                             "model": config.model.to_dict(), "head": config.head,
+                             "dataset": dcfg.name, "step": total},
+                            head=host["head"])
+    if config.get("export_peft", False):
+      _export_peft(config, model, host, os.path.join(workdir, "peft"))
+  results = {"method": method, "accuracy": ev["accuracy"], "eval_loss": ev["eval_loss"],
+             "trainable_params": n_trainable, "adapter_params": n_adapter, "head_params": n_head,
+             "steps": total, "resumed_from": start, "train_s": train_s,
+             "wall_s": time.perf_counter() - t_start, "adapter_path": adapter_path,
+             "adapter_bytes": _dir_bytes(adapter_path), "workdir": workdir,
+             "config": config_dict}
+  if baseline is not None:
+    results["baseline"] = {k: baseline[k] for k in ("accuracy", "eval_loss", "trainable_params",
+                                                    "wall_s")}
+  with open(results_path, "w") as f:
+    json.dump(results, f, indent=2, default=str)
+  _print_summary(results)
+  return results
+
+
+def _dir_bytes(path: Optional[str]) -> int:
+  if not path or not os.path.isdir(path):
+    return 0
+  return sum(os.path.getsize(os.path.join(path, f)) for f in os.listdir(path))
+
+
+def _print_summary(r: dict):
+  lines = [f"[{r['method']}] eval accuracy {r['accuracy']:.4f} (loss {r['eval_loss']:.4f}) after "
+           f"{r['steps']} steps; trainable params {r['trainable_params']:,} (adapter "
+           f"{r['adapter_params']:,} + head {r['head_params']:,}); wall {r['wall_s']:.1f}s"]
+  if "baseline" in r:
+    b = r["baseline"]
+    lines.insert(0, f"[baseline: frozen base + trained head] eval accuracy {b['accuracy']:.4f} "
+                    f"(trainable params {b['trainable_params']:,})")
+    lines.append(f"{r['method']} vs baseline: {r['accuracy']:.4f} vs {b['accuracy']:.4f} "
+                 f"({'+' if r['accuracy'] >= b['accuracy'] else ''}"
+                 f"{100 * (r['accuracy'] - b['accuracy']):.2f} points)")
+  if r.get("adapter_path"):
+    lines.append(f"adapter saved to {r['adapter_path']} ({r['adapter_bytes'] / 1e6:.2f} MB)")
+  print("\n".join(lines), flush=True)
+
+
+def _calibrate(config, model: Model, train_arrays, targets):
+  """Calibration statistics for methods such as CorDA (`lowrank_jax.calibrate.collect`)."""
+  try:
+    from lowrank_jax import calibrate  # pylint: disable=g-import-not-at-top
+  except ImportError as e:
+    raise ValueError(f"method {config.adapter.method!r} needs calibration statistics, but "
+                     f"lowrank_jax.calibrate is not available ({e})") from None
+  n = int(config.get("calib_batches", 8))
+  batches = [b for _, b in zip(range(n), eval_batches(train_arrays, config.batch_size))]
+  apply_fn = lambda p, b: model.apply(p, b, train=False, rng=None)
+  return calibrate.collect(apply_fn, model.params, batches, targets)
+
+
+def _export_peft(config, model: Model, host: dict, path: str):
+  from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
+  if config.adapter.method not in ("lora", "pissa") or model.family != "minilm":
+    raise ValueError(f"export_peft supports LoRA-family adapters on MiniLM/Llama, not "
+                     f"{config.adapter.method!r} on {config.model.name!r}")
+  if config.adapter.method == "pissa":
+    raise ValueError("export_peft of PiSSA needs the initial factors; call "
+                     "adapter_io.export_peft(..., initial=...) from Python")
+  kw = config.adapter
+  adapter_io.export_peft(
+      path, base_lib.AdapterState(host["adapter"], host["frozen"]), model="minilm",
+      cfg=model.hf_cfg, rank=kw.rank, alpha=kw.get("alpha", kw.rank),
+      use_rslora=kw.get("use_rslora", False),
+      base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
