@@ -1,0 +1,194 @@
+"""KronA (Edalati et al. 2022, https://arxiv.org/abs/2212.10650) and DiffuseKronA (Marjit et al.,
+WACV 2025, https://arxiv.org/abs/2402.17412), repo IBM/DiffuseKronA.
+
+KronA replaces LoRA's product B·A by a Kronecker product of two small factors, ΔW = s·(A ⊗ B), which
+has full rank up to rank(A)·rank(B) with a1·a2 + b1·b2 parameters. It is applied with the vec trick
+(A ⊗ B)·vec(X) = vec(B X Aᵀ): reshape the input and apply the two small factors, never forming ΔW.
+
+Convention (one, tested against `jnp.kron`). In our (d_in, d_out) kernel layout (y = x @ W),
+    ΔW2 = s · jnp.kron(a, b),   a (a2, a1),  b (d_in / a2, d_out / a1),
+so the input index is i·b_in + j and the output index p·b_out + q (row-major). In the card's
+PyTorch layout this is ΔW_pt = s·(A ⊗ B) with A = aᵀ ∈ R^{a1×a2} and B = bᵀ, i.e. the paper's
+formula with a1 | d_out and a2 | d_in (DiffuseKronA's shapes). The official DiffuseKronA code
+computes a column-shuffled variant (B ⊗ Âᵀ)·Π; its checkpoints are not interchangeable with this
+convention (card pitfall 3). The factored product is
+    y = x @ W + s · einsum('tij,ip,jq->tpq', x.reshape(T, a2, b_in), a, b).reshape(T, d_out)
+computed as two small matmuls. Trainable parameters: a1·a2 + (d_out/a1)(d_in/a2).
+
+Factor shapes: explicit (`a1`, `a2`), or automatic: for each of d_out and d_in the most balanced
+divisor pair (f, dim/f) with f the largest divisor <= √dim (peft LoKr's `factorization(dim, -1)`).
+`diffusekrona()` fixes the DiffuseKronA defaults a1 = 64, a2 = 8.
+
+Init (KronA's is UNCONFIRMED; we use DiffuseKronA's): a ~ N(0, (1/a1)²), b = 0, so ΔW = 0; the
+scale s (`scale`) defaults to 1 (DiffuseKronA has no α). Embedding tables get a factored lookup; conv
+kernels (matricized (kh·kw·c_in, c_out)) use the dense fallback for the conv product.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import structured
+from lowrank_jax import targeting
+from lowrank_jax.adapters import _leafwise
+
+INITS = ("diffusekrona", "lokr")
+
+
+class KronAState(NamedTuple):
+  """Trainable per-leaf state: a (a2, a1), b (d_in/a2, d_out/a1); ΔW2 = s·kron(a, b)."""
+  a: jax.Array
+  b: jax.Array
+
+
+def balanced_factor(dim: int) -> int:
+  """Largest divisor f of dim with f <= √dim (so (f, dim/f) is the most balanced pair)."""
+  f = int(math.isqrt(dim))
+  while dim % f:
+    f -= 1
+  return f
+
+
+def _divisors(n: int) -> list[int]:
+  return [k for k in range(1, n + 1) if n % k == 0]
+
+
+def kron_matmul(x2: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
+  """`x2 @ kron(a, b)` for x2 (T, a_in·b_in) with the vec trick: two small matmuls."""
+  t = x2.shape[0]
+  a_in, a_out = a.shape
+  b_in, b_out = b.shape
+  h = (x2.reshape(t * a_in, b_in) @ b).reshape(t, a_in, b_out)       # contract j with b
+  y = jnp.einsum("tiq,ip->tpq", h, a)                                 # contract i with a
+  return y.reshape(t, a_out * b_out)
+
+
+@flax.struct.dataclass
+class Kron(structured.Structured):
+  """`base + scale · kron(a, b)` on the matricized kernel (first `in_ndim` axes are inputs)."""
+  base: Any
+  a: jax.Array
+  b: jax.Array
+  scale: float = flax.struct.field(pytree_node=False, default=1.0)
+  in_ndim: int = flax.struct.field(pytree_node=False, default=1)
+
+  @property
+  def shape(self):
+    return tuple(self.base.shape)
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  def delta(self) -> jax.Array:
+    d = jnp.kron(self.a.astype(jnp.float32), self.b.astype(jnp.float32)) * self.scale
+    return d.reshape(self.shape)
+
+  def materialize(self):
+    base = structured.materialize(self.base)
+    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
+
+  def matmul(self, x, in_ndim: int = 1):
+    if in_ndim != self.in_ndim:
+      return super().matmul(x, in_ndim)
+    y = structured.dense(x, self.base, in_ndim=in_ndim)
+    in_shape, out_shape = self.shape[:in_ndim], self.shape[in_ndim:]
+    lead = x.shape[:x.ndim - in_ndim]
+    x2 = x.reshape(-1, math.prod(in_shape))
+    a = self.a.astype(x.dtype)
+    b = (self.b * self.scale).astype(x.dtype)
+    d = kron_matmul(x2, a, b).reshape(lead + tuple(out_shape))
+    return y + d.astype(y.dtype)
+
+  def embed(self, ids):
+    if self.in_ndim != 1:
+      return super().embed(ids)
+    y = structured.embed(ids, self.base)
+    b_in = self.b.shape[0]
+    ra = jnp.take(self.a, ids // b_in, axis=0)                       # (..., a1)
+    rb = jnp.take(self.b, ids % b_in, axis=0) * self.scale           # (..., b_out)
+    d = (ra[..., :, None] * rb[..., None, :]).reshape(ids.shape + (-1,))
+    return y + d.astype(y.dtype)
+
+
+def krona(a1: Optional[int] = None, a2: Optional[int] = None,
+          targets: targeting.Targets = r".*kernel", *, scale: float = 1.0,
+          init: str = "diffusekrona", kernel_axes: targeting.AxesSpec = None,
+          dtype=jnp.float32):
+  """KronA / DiffuseKronA on the targeted kernels (see the module docstring for the convention).
+
+  Args:
+    a1: output factor of a (a1 must divide d_out of every target); None picks the balanced
+      divisor of d_out per target.
+    a2: input factor of a (a2 must divide d_in); None picks the balanced divisor of d_in.
+    targets: regex(es) over `/`-joined paths, or a callable `(path, leaf) -> bool`.
+    scale: s in ΔW = s·kron(a, b).
+    init: "diffusekrona" (a ~ N(0, 1/a1²), b = 0) or "lokr" (a = 0, b kaiming-uniform, peft LoKr).
+    kernel_axes: in/out axes for targets with more than 2 dims (see `targeting.kernel_axes`).
+    dtype: adapter parameter dtype.
+
+  Returns:
+    An `Adapter`; trainable parameters a1·a2 + (d_out/a1)(d_in/a2) per target.
+
+  Raises:
+    ValueError: bad a1 / a2 / scale / init (here); a1 ∤ d_out or a2 ∤ d_in (at init, naming the
+      path and the valid divisors).
+
+  >>> import jax, jax.numpy as jnp, lowrank_jax as lj
+  >>> from lowrank_jax.adapters.krona import krona
+  >>> p = {'w': {'kernel': jnp.zeros((640, 640))}}
+  >>> _, state = krona(64, 8, 'w/kernel').init(jax.random.key(0), p)
+  >>> lj.count_params(state)
+  1312
+  """
+  for nm, v in (("a1", a1), ("a2", a2)):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      raise ValueError(f"krona: {nm} must be None or an int >= 1, got {v!r}")
+  if not isinstance(scale, (int, float)):
+    raise ValueError(f"krona: scale must be a float, got {scale!r}")
+  if init not in INITS:
+    raise ValueError(f"krona: unknown init {init!r}; valid: {INITS}")
+
+  def init_leaf(key, info, w, stats):
+    del w, stats
+    f1 = balanced_factor(info.d_out) if a1 is None else a1
+    f2 = balanced_factor(info.d_in) if a2 is None else a2
+    if info.d_out % f1:
+      raise ValueError(f"krona: a1={f1} does not divide d_out={info.d_out} of {info.path} "
+                       f"(shape {info.shape}); valid a1: {_divisors(info.d_out)}")
+    if info.d_in % f2:
+      raise ValueError(f"krona: a2={f2} does not divide d_in={info.d_in} of {info.path} "
+                       f"(shape {info.shape}); valid a2: {_divisors(info.d_in)}")
+    b_shape = (info.d_in // f2, info.d_out // f1)
+    ka, kb = jax.random.split(key)
+    if init == "diffusekrona":
+      a = jax.random.normal(ka, (f2, f1), dtype) / f1
+      b = jnp.zeros(b_shape, dtype)
+    else:
+      a = jnp.zeros((f2, f1), dtype)
+      bound = 1.0 / math.sqrt(b_shape[0])
+      b = jax.random.uniform(kb, b_shape, dtype, -bound, bound)
+    return None, KronAState(a, b), None
+
+  def apply_leaf(path, base_leaf, t, f, rng):
+    del f, rng
+    axes = targeting.kernel_axes(path, tuple(base_leaf.shape), kernel_axes)
+    n_in = axes.in_ndim
+    d_in = math.prod(base_leaf.shape[:n_in])
+    d_out = math.prod(base_leaf.shape[n_in:])
+    if t.a.shape[0] * t.b.shape[0] != d_in or t.a.shape[1] * t.b.shape[1] != d_out:
+      raise ValueError(f"krona: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
+                       f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
+    return Kron(base_leaf, t.a, t.b, float(scale), n_in)
+
+  return _leafwise.leafwise("krona", targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
+                            kernel_axes=kernel_axes)
+
+
+def diffusekrona(a1: int = 64, a2: int = 8, targets: targeting.Targets = r".*kernel", **kwargs):
+  """DiffuseKronA: `krona` with the official defaults a1 = 64, a2 = 8 and its init."""
+  return krona(a1, a2, targets, init="diffusekrona", **kwargs)

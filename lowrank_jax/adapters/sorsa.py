@@ -1,0 +1,236 @@
+"""SORSA (Cao et al. 2024, https://arxiv.org/abs/2409.00055), repo Gunale0926/SORSA.
+
+SORSA is a PiSSA-style principal-SVD adapter kept in explicit U, Σ, V form. The SVD of the
+pretrained weight (fp32) splits it into a trainable principal part W_p = U_p diag(S_p) V_pᵀ (top r
+triplets) and a frozen residual W_r = W − s·W_p; the effective weight is W' = W_r + s·U_p diag(S_p)
+V_pᵀ, so W' = W at init. An orthonormality regularizer ‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F (Frobenius
+norms, *not* squared), averaged over adapted matrices, keeps the singular vectors orthonormal so
+that scaling moves into S_p. PiSSA (`lowrank_jax.pissa`) is its comparator.
+
+Layout. Our kernels are stored (d_in, d_out) (y = x @ W), i.e. Wᵀ in the card's PyTorch layout.
+With the card's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
+  a = V_p          (*in_shape, r)   (the official `sorsa_A`ᵀ)
+  s = S_p          (r,)
+  b = U_pᵀ         (r, *out_shape)  (the official `sorsa_B`ᵀ)
+and ΔW = scale · a diag(s) b. The factored product is x@W_r + scale·((x@a)·s)@b with a
+hand-written backward of skinny contractions (`diag_branch`), never a d_in×d_out array.
+
+How γ enters (a choice; the card's pitfall 1): `adapter.penalty(state)` returns γ·L_reg, so the
+loss is task + γ·L_reg and its gradient adds γ∇L_reg. The official code back-propagates
+(γ/η_base)·L_reg after clipping the task gradient; pass `base_lr=η_base` to get that scaling
+((γ/η_base)·L_reg, which matches the paper's SGD update θ ← θ − η∇L − γ∇L_reg). Gradient clipping
+order is the trainer's business. The norm uses a safe square root: its gradient is 0 (not NaN)
+where U_pᵀU_p = I exactly.
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import flax.struct
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import structured
+from lowrank_jax import targeting
+from lowrank_jax.adapters import _leafwise
+
+DEFAULT_GAMMA = 4e-4
+
+
+# ----------------------------------------------------------------------------------------------
+# The diagonal-scaled rank-r branch ((x @ a) * d) @ b with a hand-written backward.
+# Shared with LoLDU (where a, b are frozen: their cotangents are dead code that XLA drops).
+# ----------------------------------------------------------------------------------------------
+
+@jax.custom_vjp
+def _diag_branch2d(x, a, d, b):
+  return ((x @ a) * d) @ b
+
+
+def _diag_fwd(x, a, d, b):
+  h = x @ a
+  return (h * d) @ b, (x, h, a, d, b)
+
+
+def _diag_bwd(res, g):
+  x, h, a, d, b = res
+  gb = g @ b.T                       # (T, r)
+  gbd = gb * d
+  da = x.T @ gbd                     # (d_in, r)
+  db = (h * d).T @ g                 # (r, d_out)
+  dx = gbd @ a.T                     # (T, d_in)
+  dd = jnp.sum(h.astype(jnp.float32) * gb.astype(jnp.float32), axis=0).astype(d.dtype)
+  return dx, da, dd, db
+
+
+_diag_branch2d.defvjp(_diag_fwd, _diag_bwd)
+
+
+def diag_branch(x, a, d, b):
+  """`((x @ a) * d) @ b` with x (..., *in), a (*in, r), d (r,), b (r, *out) -> (..., *out)."""
+  in_shape, r, out_shape = a.shape[:-1], a.shape[-1], b.shape[1:]
+  lead = x.shape[:x.ndim - len(in_shape)]
+  x2 = x.reshape(-1, math.prod(in_shape))
+  y2 = _diag_branch2d(x2, a.reshape(-1, r).astype(x.dtype), d.astype(x.dtype),
+                      b.reshape(r, -1).astype(x.dtype))
+  return y2.reshape(lead + tuple(out_shape))
+
+
+class DiagLowRankMixin:
+  """Factored products for `base + a diag(d) b` structured weights (SORSA, LoLDU).
+
+  Subclasses provide `base` and `_factors() -> (a (*in, r), d (r,), b (r, *out))` in the adapter
+  dtype; the rank-r branch never forms a d_in×d_out array.
+  """
+
+  def _factors(self):
+    raise NotImplementedError
+
+  @property
+  def shape(self):
+    return tuple(self.base.shape)
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  def delta(self) -> jax.Array:
+    a, d, b = self._factors()
+    return jnp.tensordot(a.astype(jnp.float32) * d.astype(jnp.float32), b.astype(jnp.float32),
+                         axes=1)
+
+  def materialize(self):
+    base = structured.materialize(self.base)
+    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
+
+  def matmul(self, x, in_ndim: int = 1):
+    a, d, b = self._factors()
+    if in_ndim != a.ndim - 1:
+      return structured.dense(x, self.materialize(), in_ndim=in_ndim)
+    y = structured.dense(x, self.base, in_ndim=in_ndim)
+    return y + diag_branch(x, a, d, b).astype(y.dtype)
+
+  def conv(self, x, *, strides=1, padding="SAME", dilation=1, feature_group_count=1):
+    a, d, b = self._factors()
+    if feature_group_count != 1 or a.ndim - 1 != len(self.shape) - 1:
+      return structured.conv(x, self.materialize(), strides=strides, padding=padding,
+                             dilation=dilation, feature_group_count=feature_group_count)
+    # A conv with the base's geometry and r output channels, scaled, then a 1x1 conv (matmul).
+    y = structured.conv(x, self.base, strides=strides, padding=padding, dilation=dilation)
+    h = structured.conv(x, a.astype(x.dtype), strides=strides, padding=padding, dilation=dilation)
+    return y + ((h * d.astype(x.dtype)) @ b.astype(x.dtype)).astype(y.dtype)
+
+  def embed(self, ids):
+    a, d, b = self._factors()
+    if a.ndim != 2:
+      return jnp.take(self.materialize(), ids, axis=0)
+    y = structured.embed(ids, self.base)
+    h = jnp.take(a, ids, axis=0) * d
+    return y + (h @ b).astype(y.dtype)
+
+
+# ----------------------------------------------------------------------------------------------
+# SORSA.
+# ----------------------------------------------------------------------------------------------
+
+class SORSAState(NamedTuple):
+  """Trainable per-leaf state: a = V_p (*in_shape, r), s = S_p (r,), b = U_pᵀ (r, *out_shape)."""
+  a: jax.Array
+  s: jax.Array
+  b: jax.Array
+
+
+@flax.struct.dataclass
+class SORSAWeight(DiagLowRankMixin, structured.Structured):
+  """`base + scale · a diag(s) b` (base is the frozen residual W_r)."""
+  base: Any
+  a: jax.Array
+  s: jax.Array
+  b: jax.Array
+  scale: float = flax.struct.field(pytree_node=False, default=1.0)
+
+  def _factors(self):
+    return self.a, self.s * self.scale, self.b
+
+
+def _safe_fro(m: jax.Array) -> jax.Array:
+  """Frobenius norm whose gradient is 0 (not NaN) at m = 0."""
+  sq = jnp.sum(jnp.square(m.astype(jnp.float32)))
+  pos = sq > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
+
+
+def orthonormal_regularizer(a: jax.Array, b: jax.Array) -> jax.Array:
+  """‖aᵀa − I‖_F + ‖b bᵀ − I‖_F for a (*in, r) = V_p and b (r, *out) = U_pᵀ (not squared)."""
+  r = a.shape[-1]
+  a2 = a.reshape(-1, r).astype(jnp.float32)
+  b2 = b.reshape(r, -1).astype(jnp.float32)
+  eye = jnp.eye(r, dtype=jnp.float32)
+  return _safe_fro(a2.T @ a2 - eye) + _safe_fro(b2 @ b2.T - eye)
+
+
+def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targets = r".*kernel",
+          *, gamma: float = DEFAULT_GAMMA, base_lr: Optional[float] = None,
+          kernel_axes: targeting.AxesSpec = None, dtype=jnp.float32):
+  """SORSA on the targeted kernels (see the module docstring for layout and γ).
+
+  Args:
+    rank: number r of principal singular triplets made trainable (1 <= r <= min(d_in, d_out)).
+    alpha: if given, scale s = alpha / r; None gives s = 1 (the official scripts).
+    targets: regex(es) over `/`-joined paths, or a callable `(path, leaf) -> bool`.
+    gamma: orthonormal-regularizer weight γ >= 0 (card default 4e-4).
+    base_lr: if given, `penalty` returns (γ / base_lr)·L_reg (the official code's scaling) instead
+      of γ·L_reg.
+    kernel_axes: in/out axes for targets with more than 2 dims (see `targeting.kernel_axes`).
+    dtype: adapter parameter dtype (fp32 by default).
+
+  Returns:
+    An `Adapter` whose `penalty` is the weighted orthonormal regularizer averaged over targets.
+    Trainable parameters: r·(d_in + d_out + 1) per target.
+
+  Raises:
+    ValueError: bad rank / alpha / gamma / base_lr (here) or targets / rank too large (at init).
+
+  >>> import jax, jax.numpy as jnp, lowrank_jax as lj
+  >>> from lowrank_jax.adapters.sorsa import sorsa
+  >>> p = {'w': {'kernel': jax.random.normal(jax.random.key(0), (6, 4))}}
+  >>> base, state = sorsa(2, targets='w/kernel').init(jax.random.key(1), p)
+  >>> lj.count_params(state)
+  22
+  """
+  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
+    raise ValueError(f"sorsa: rank must be an int >= 1, got {rank!r}")
+  if alpha is not None and not alpha > 0:
+    raise ValueError(f"sorsa: alpha must be > 0 or None, got {alpha!r}")
+  if not (isinstance(gamma, (int, float)) and gamma >= 0):
+    raise ValueError(f"sorsa: gamma must be a float >= 0, got {gamma!r}")
+  if base_lr is not None and not base_lr > 0:
+    raise ValueError(f"sorsa: base_lr must be > 0 or None, got {base_lr!r}")
+  scale = 1.0 if alpha is None else float(alpha) / rank
+  weight = float(gamma) / (float(base_lr) if base_lr is not None else 1.0)
+
+  def init_leaf(key, info, w, stats):
+    del key, stats
+    _leafwise.check_rank("sorsa", info, rank)
+    w2 = w.reshape(info.d_in, info.d_out).astype(jnp.float32)
+    u, sv, vt = jnp.linalg.svd(w2, full_matrices=False)   # w2 = u diag(sv) vt
+    a, s, b = u[:, :rank], sv[:rank], vt[:rank]
+    resid = (w2 - scale * ((a * s) @ b)).reshape(info.shape).astype(info.dtype)
+    return resid, SORSAState(a.reshape(info.in_shape + (rank,)).astype(dtype), s.astype(dtype),
+                             b.reshape((rank,) + info.out_shape).astype(dtype)), None
+
+  def apply_leaf(path, base_leaf, t, f, rng):
+    del f, rng
+    if tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:]) != tuple(base_leaf.shape):
+      raise ValueError(f"sorsa: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
+                       f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
+    return SORSAWeight(base_leaf, t.a, t.s, t.b, scale)
+
+  def penalty_leaf(t, f):
+    del f
+    return weight * orthonormal_regularizer(t.a, t.b)
+
+  return _leafwise.leafwise("sorsa", targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
+                            penalty_leaf=penalty_leaf if weight > 0 else None,
+                            kernel_axes=kernel_axes)
