@@ -335,9 +335,10 @@ class TuneResult(NamedTuple):
 
 
 def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyTree,
-                         hyperparams: PyTree, *, inner_optimizer: optax.GradientTransformation,
-                         outer_optimizer: optax.GradientTransformation, inner_steps: int,
-                         outer_steps: int, constraints=None, inner_args: Sequence = (),
+                         hyperparams: PyTree, *, outer_optimizer: optax.GradientTransformation,
+                         outer_steps: int, inner_optimizer: optax.GradientTransformation | None = None,
+                         inner_steps: int = 0, inner_solver: Callable | None = None,
+                         constraints=None, inner_args: Sequence = (),
                          outer_args: Sequence = (), hypergradient: str = "ift",
                          config: AdjointConfig | None = None, warm_start: bool = True,
                          reset_inner_optimizer: bool = False, final_inner_steps: int = 0,
@@ -345,7 +346,8 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
   """Alternates inner training and hypergradient steps on continuous hyperparameters.
 
   Each outer step: (1) run ``inner_steps`` of ``inner_optimizer`` on ``L_T(., lam)`` starting
-  from the previous parameters (warm start); (2) compute the hypergradient at the result, either
+  from the previous parameters (warm start), or call ``inner_solver(params, lam, *inner_args)``;
+  (2) compute the hypergradient at the result, either
   by the IFT (`ift_hypergradient`, adjoint warm-started from the previous step) or by
   differentiating the ``inner_steps`` just run (``hypergradient="unrolled"``, truncated to this
   phase); (3) chain it through ``lam = constraint(phi)`` and apply ``outer_optimizer`` to
@@ -356,11 +358,14 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
     outer_loss: ``L_V(params, lam, *outer_args)``.
     params: initial inner parameters.
     hyperparams: initial hyperparameters (inside their ranges).
+    outer_optimizer: optax transformation over ``phi`` (e.g. ``optax.adam(0.05)``).
+    outer_steps: number of outer steps.
     inner_optimizer: optax transformation (plain or with extra args such as `optax.lbfgs`; it
       receives ``value``, ``grad`` and ``value_fn``).
-    outer_optimizer: optax transformation over ``phi`` (e.g. ``optax.adam(0.05)``).
     inner_steps: inner steps per outer step (static).
-    outer_steps: number of outer steps.
+    inner_solver: alternative to ``inner_optimizer``: ``inner_solver(params, lam, *inner_args)
+      -> params`` (called as is: jit it yourself; one compiled solver can then serve a grid
+      search, the tuning and the final re-solve). IFT hypergradients only.
     constraints: a `Constraint` or a pytree of them matching ``hyperparams``; default `real`.
     inner_args: extra arguments of ``inner_loss`` (e.g. the training set).
     outer_args: extra arguments of ``outer_loss`` (e.g. the validation set).
@@ -369,7 +374,8 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
     warm_start: reuse the previous adjoint as the initial guess.
     reset_inner_optimizer: re-initialise the inner optimizer state every outer step (useful for
       L-BFGS, whose memory goes stale when ``lam`` changes).
-    final_inner_steps: extra inner steps at the final hyperparameters before returning.
+    final_inner_steps: extra inner steps at the final hyperparameters before returning (with
+      ``inner_solver``: any positive value calls it once more).
     callback: ``callback(step, lam, info_dict)`` called on the host after each outer step.
 
   Returns:
@@ -380,6 +386,10 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
   """
   if hypergradient not in ("ift", "unrolled"):
     raise ValueError(f"hypergradient={hypergradient!r}; valid: 'ift', 'unrolled'")
+  if (inner_optimizer is None) == (inner_solver is None):
+    raise ValueError("give exactly one of inner_optimizer and inner_solver")
+  if inner_solver is not None and hypergradient != "ift":
+    raise ValueError("inner_solver is a black box: use hypergradient='ift'")
   for name, v in (("inner_steps", inner_steps), ("outer_steps", outer_steps),
                   ("final_inner_steps", final_inner_steps)):
     if not isinstance(v, int) or v < 0:
@@ -389,7 +399,7 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
   inner_args, outer_args = tuple(inner_args), tuple(outer_args)
   constraints = _check_constraints(constraints, hyperparams)
   phi = unconstrain(constraints, hyperparams)
-  tx = optax.with_extra_args_support(inner_optimizer)
+  tx = optax.with_extra_args_support(inner_optimizer or optax.identity())
 
   def inner_step(state, lam, *args):
     p, s = state
@@ -445,8 +455,11 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
   for t in range(outer_steps):
     if reset_inner_optimizer:
       state = (state[0], tx.init(state[0]))
-    if hypergradient == "ift":
+    if inner_solver is not None:
+      state = (inner_solver(state[0], constrain(constraints, phi), *inner_args), state[1])
+    elif hypergradient == "ift":
       state = train(state, phi, inner_args)
+    if hypergradient == "ift":
       u0 = u if warm_start else None
       if u0 is None:
         u0 = jax.tree.map(jnp.zeros_like, state[0])
@@ -464,7 +477,9 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
     history["hyperparams"].append(jax.tree.map(np.asarray, lam_now))
     if callback is not None:
       callback(t, lam_now, {k: v[-1] for k, v in history.items() if v})
-  if final_inner_steps:
+  if final_inner_steps and inner_solver is not None:
+    state = (inner_solver(state[0], constrain(constraints, phi), *inner_args), state[1])
+  elif final_inner_steps:
     if reset_inner_optimizer:
       state = (state[0], tx.init(state[0]))
     state = final_train(state, phi, inner_args)

@@ -49,7 +49,8 @@ def check_implicit_grad(fn: Callable[[PyTree], jax.Array], theta: PyTree, *,
                         against: Sequence[str] = ("fd",), reference: Callable | PyTree | None = None,
                         eps: float = 1e-6, rtol: float = 1e-6, atol: float = 1e-8,
                         num_directions: int = 3, coordinates: bool = False, seed: int = 0,
-                        x64: bool = True, raise_on_failure: bool = True) -> GradCheckResult:
+                        x64: bool = True, jit: bool = True,
+                        raise_on_failure: bool = True) -> GradCheckResult:
   """Checks the reverse-mode gradient of a scalar function built on implicit differentiation.
 
   Args:
@@ -66,6 +67,7 @@ def check_implicit_grad(fn: Callable[[PyTree], jax.Array], theta: PyTree, *,
     coordinates: also check every coordinate direction (small problems only).
     seed: numpy seed for the directions.
     x64: run in float64 (via the `jax.enable_x64` context manager; the global flag is restored).
+    jit: compile ``fn`` and its gradient once (all finite-difference points share shapes).
     raise_on_failure: raise `AssertionError` (with the measured errors) on failure.
 
   Returns:
@@ -90,7 +92,8 @@ def check_implicit_grad(fn: Callable[[PyTree], jax.Array], theta: PyTree, *,
   with ctx:
     theta = _to_x64(theta) if x64 else theta
     flat, unravel = ravel_pytree(theta)
-    grad = jax.grad(fn)(theta)
+    f_eval = jax.jit(fn) if jit else fn
+    grad = (jax.jit(jax.grad(fn)) if jit else jax.grad(fn))(theta)
     gflat = np.asarray(ravel_pytree(grad)[0])
     rng = np.random.default_rng(seed)
     dirs = []
@@ -105,8 +108,8 @@ def check_implicit_grad(fn: Callable[[PyTree], jax.Array], theta: PyTree, *,
     fd_err = 0.0
     for v in dirs:
       vj = jnp.asarray(v, flat.dtype)
-      fp = float(fn(unravel(flat + eps * vj)))
-      fm = float(fn(unravel(flat - eps * vj)))
+      fp = float(f_eval(unravel(flat + eps * vj)))
+      fm = float(f_eval(unravel(flat - eps * vj)))
       fd = (fp - fm) / (2 * eps)
       ad = float(np.dot(gflat, v))
       pairs.append((ad, fd))
