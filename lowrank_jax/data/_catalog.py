@@ -7,6 +7,7 @@ import pathlib
 from typing import Any, Callable, NamedTuple
 
 from lowrank_jax.data import _sources
+from lowrank_jax.data._sources import MissingDataError
 
 DATA_DIR_ENV = "LOWRANK_JAX_DATA_DIR"
 _TFDS_PREFIX = "tfds:"
@@ -46,12 +47,28 @@ def _resolve_data_dir(data_dir) -> pathlib.Path:
   return default_data_dir() if data_dir is None else pathlib.Path(data_dir).expanduser()
 
 
+def _check_writable(path: pathlib.Path) -> None:
+  """One clear error when the data dir cannot be created or written."""
+  try:
+    path.mkdir(parents=True, exist_ok=True)
+    ok = os.access(path, os.W_OK)
+  except OSError as e:
+    ok, why = False, e.strerror
+  else:
+    why = "not writable"
+  if not ok:
+    raise MissingDataError(
+        f"tfds data_dir {os.fspath(path)!r} cannot be used ({why}). Pass data_dir=... or set "
+        f"{DATA_DIR_ENV} to a writable directory.")
+
+
 def builder(name: str, data_dir: str | os.PathLike | None = None, *, prepare: bool = True):
   """The tfds builder of one of our datasets, prepared (array_record) into `data_dir` on first use.
 
   Raises:
     ValueError: `name` is not one of `list_datasets()`.
-    MissingDataError: the raw data (Debian package, scikit-learn) is not installed.
+    MissingDataError: the raw data (Debian package, scikit-learn) is not installed, or the
+      data dir cannot be written.
   """
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; valid names: {list_datasets()}")
@@ -59,6 +76,7 @@ def builder(name: str, data_dir: str | os.PathLike | None = None, *, prepare: bo
   mod = importlib.import_module(f"lowrank_jax.data.builders.{entry.builder_name}")
   b = mod.Builder(data_dir=os.fspath(_resolve_data_dir(data_dir)), file_format="array_record")
   if prepare and not b.is_prepared():
+    _check_writable(_resolve_data_dir(data_dir))
     entry.check()   # one clear error (what to install) instead of a deep traceback
     b.download_and_prepare(file_format="array_record")
   return b

@@ -11,7 +11,7 @@ class ArraySource:
   """Random-access source over equal-length numpy arrays: item i is {k: v[i]}.
 
   >>> src = ArraySource({"x": np.arange(6).reshape(3, 2), "label": np.arange(3)})
-  >>> len(src), src[1]["label"]
+  >>> len(src), int(src[1]["label"])
   (3, 1)
   """
 

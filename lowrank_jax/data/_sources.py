@@ -121,7 +121,8 @@ def fashion_mnist_dir() -> pathlib.Path:
         f"Fashion-MNIST files {missing} not found in {path}. Install them with "
         f"`apt-get install -y dataset-fashion-mnist` (without root: `apt-get download "
         f"dataset-fashion-mnist && dpkg -x dataset-fashion-mnist_*.deb DIR`, then set "
-        f"{FASHION_MNIST_ENV}=DIR/usr/share/datasets/fashion-mnist).")
+        f"{FASHION_MNIST_ENV}=DIR/usr/share/datasets/fashion-mnist). With network access, "
+        f"load('tfds:fashion_mnist', ...) reads the standard tfds copy instead.")
   return path
 
 

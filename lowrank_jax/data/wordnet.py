@@ -11,6 +11,7 @@ cosine. Pairs come from the `wordnet_supersense` dataset (its `lemmas` feature),
 """
 from __future__ import annotations
 
+import functools
 from typing import Callable, Sequence
 
 import numpy as np
@@ -22,6 +23,24 @@ Pair = tuple[str, str]
 
 def _lemmas(ex) -> list[str]:
   return [x.decode("utf-8") if isinstance(x, bytes) else str(x) for x in ex["lemmas"]]
+
+
+@functools.lru_cache(maxsize=8)
+def _synset_words(split: str, data_dir: str, single_word: bool) -> dict[str, list[str]]:
+  """{synset_id: distinct lemmas} of a split (read once per process)."""
+  src = _catalog.load("wordnet_supersense", split, data_dir)
+  groups: dict[str, list[str]] = {}
+  for ex in src.__getitems__(list(range(len(src)))):
+    words = []
+    for w in _lemmas(ex):
+      if single_word and " " in w:
+        continue
+      w = w.lower() if single_word else w
+      if w not in words:
+        words.append(w)
+    sid = ex["synset_id"]
+    groups[sid.decode() if isinstance(sid, bytes) else str(sid)] = words
+  return groups
 
 
 def probe_pairs(split: str = "test", num_pairs: int = 500, seed: int = 0, data_dir=None,
@@ -40,19 +59,7 @@ def probe_pairs(split: str = "test", num_pairs: int = 500, seed: int = 0, data_d
   """
   if num_pairs < 1:
     raise ValueError(f"num_pairs must be >= 1, got {num_pairs}")
-  src = _catalog.load("wordnet_supersense", split, data_dir)
-  groups: dict[str, list[str]] = {}
-  for i in range(len(src)):
-    ex = src[i]
-    words = []
-    for w in _lemmas(ex):
-      if single_word and " " in w:
-        continue
-      w = w.lower() if single_word else w
-      if w not in words:
-        words.append(w)
-    sid = ex["synset_id"]
-    groups[sid.decode() if isinstance(sid, bytes) else str(sid)] = words
+  groups = _synset_words(split, str(_catalog._resolve_data_dir(data_dir)), single_word)
   ids = sorted(groups)                                  # independent of storage order
   rng = np.random.default_rng(seed)
   syn_ids = [s for s in ids if len(groups[s]) >= 2]

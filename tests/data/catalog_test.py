@@ -1,6 +1,7 @@
 """Offline tfds datasets: round trips against the raw files, deterministic splits, shapes/dtypes,
 clear errors, and pass-through of standard tfds names."""
 import collections
+import traceback
 
 import numpy as np
 import pytest
@@ -74,6 +75,13 @@ def test_missing_debian_package_is_one_clear_error(monkeypatch, tmp_path, name, 
   with pytest.raises(data.MissingDataError, match=hint) as info:
     data.load(name, "train", tmp_path / "tfds")
   assert info.value.__cause__ is None and info.value.__context__ is None
+  assert len(traceback.extract_tb(info.tb)) <= 5   # a shallow traceback, not tfds internals
+
+
+def test_unusable_data_dir_is_one_clear_error(tmp_path):
+  (tmp_path / "a_file").write_text("")
+  with pytest.raises(data.MissingDataError, match="LOWRANK_JAX_DATA_DIR"):
+    data.load("digits", "train", tmp_path / "a_file" / "tfds")
 
 
 def test_unknown_names_and_splits(data_dir):
