@@ -48,7 +48,6 @@ from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
 
 RESULTS_FILE = "results.json"
-DATASETS = ("digits", "fashion_mnist", "wordnet_supersense")
 OPTIMIZERS = ("adamw", "sgd")
 SCHEDULES = ("constant", "cosine", "linear")
 REQUIRED_FIELDS = ("seed", "total_steps", "batch_size", "model", "dataset", "adapter",
@@ -58,101 +57,67 @@ DEPRECATED_FIELDS = ("num_train_steps", "learning_rate", "lr")
 
 
 # =============================================================================================
-# Data: numpy arrays -> grain pipelines (train: shuffled, repeated, checkpointable iterator;
+# Data: `lowrank_jax.data` sources -> grain pipelines (train: shuffled, repeated, checkpointable iterator;
 # eval: fixed-shape batches whose last one is padded and masked).
 # =============================================================================================
 
-class ArraySource:
-  """A grain random-access source over a dict of equally long numpy arrays."""
-
-  def __init__(self, arrays: Mapping[str, np.ndarray]):
-    lengths = {k: len(v) for k, v in arrays.items()}
-    if len(set(lengths.values())) != 1:
-      raise ValueError(f"arrays of different lengths: {lengths}")
-    self.arrays = dict(arrays)
-    self._n = next(iter(lengths.values()))
-
-  def __len__(self) -> int:
-    return self._n
-
-  def __getitem__(self, i):
-    return {k: v[i] for k, v in self.arrays.items()}
+IMAGE_SCALE = {"digits": 1.0 / 16.0, "fashion_mnist": 1.0 / 255.0}
 
 
-def _raw_split(name: str, split: str) -> tuple[Any, np.ndarray]:
-  """(inputs, labels) of a dataset split: images float32 (N, H, W, C) or a list of texts."""
-  from lowrank_jax.data import _sources  # pylint: disable=g-import-not-at-top
-  if name == "digits":
-    if split not in ("train", "test"):
-      raise ValueError(f"dataset digits has splits ['train', 'test'], not {split!r}")
-    images, labels = _sources.sklearn_digits()
-    keep = np.array([_sources.digits_split(i) == split for i in range(len(labels))])
-    return (images[keep].astype(np.float32) / 16.0)[..., None], labels[keep].astype(np.int32)
-  if name == "fashion_mnist":
-    if split not in ("train", "test"):
-      raise ValueError(f"dataset fashion_mnist has splits ['train', 'test'], not {split!r}")
-    images, labels = _sources.fashion_mnist(split)
-    return (images.astype(np.float32) / 255.0)[..., None], labels.astype(np.int32)
-  if name == "wordnet_supersense":
-    if split not in ("train", "validation", "test"):
-      raise ValueError(f"dataset wordnet_supersense has splits ['train', 'validation', 'test'], "
-                       f"not {split!r}")
-    texts, labels = [], []
-    for s in _sources.iter_wordnet():
-      if _sources.wordnet_split(s.synset_id) == split:
-        texts.append(s.gloss)
-        labels.append(s.label)
-    return texts, np.asarray(labels, np.int32)
-  raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASETS)}")
+def load_split(dcfg, split: str, max_examples: int):
+  """A random-access source of a split (`lowrank_jax.data.load`); the first `max_examples` (0:
+  all) examples of its stored (shuffled) order."""
+  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+  return data.load(dcfg.name, f"{split}[:{max_examples}]" if max_examples > 0 else split)
+
+
+def make_transform(dcfg, tokenizer):
+  """Per-example transform to model inputs: tokenized text or scaled float images + label."""
+  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+  if dcfg.name == "wordnet_supersense":
+    if tokenizer is None:
+      raise ValueError(f"dataset {dcfg.name} is text; use a text model (e.g. model.name='minilm')")
+    return data.text_transform(tokenizer, text_key="gloss")
+  if tokenizer is not None:
+    raise ValueError(f"dataset {dcfg.name} is images; model is a text model")
+  return data.image_transform(scale=IMAGE_SCALE.get(dcfg.name, 1.0 / 255.0))
 
 
 def num_classes_of(name: str) -> int:
-  if name == "wordnet_supersense":
-    from lowrank_jax.data import _sources  # pylint: disable=g-import-not-at-top
-    return len(_sources.SUPERSENSES)
-  if name in ("digits", "fashion_mnist"):
-    return 10
-  raise ValueError(f"Unknown dataset {name!r}; valid names: {list(DATASETS)}")
+  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+  return data.num_classes(name)
 
 
-def load_arrays(dcfg, split: str, max_examples: int, tokenizer=None) -> dict[str, np.ndarray]:
-  """A split as a dict of numpy arrays: `image` or (`input_ids`, `attention_mask`), and `label`.
+def train_iterator(source, transform, batch_size: int, seed: int):
+  """Infinite shuffled batches (reshuffled each epoch); `get_state()`/`set_state()` checkpoint it."""
+  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+  if len(source) < batch_size:
+    raise ValueError(f"batch_size={batch_size} exceeds the {len(source)} train examples")
+  return data.make_pipeline(source, batch_size=batch_size, seed=seed, num_epochs=None,
+                            transform=transform, shard_index=0, shard_count=1)
 
-  The first `max_examples` examples (0: all) of the split's deterministic order are kept.
+
+def eval_batches(source, transform, batch_size: int, limit: int = 0) -> list[dict]:
+  """Fixed-shape batches with a `mask` (0 on the padding of the last batch): no recompilation.
+
+  Args:
+    source: random-access examples.
+    transform: per-example transform.
+    batch_size: examples per batch.
+    limit: at most this many examples (0: all).
   """
-  inputs, labels = _raw_split(dcfg.name, split)
-  n = len(labels) if max_examples <= 0 else min(max_examples, len(labels))
-  if isinstance(inputs, list):
-    if tokenizer is None:
-      raise ValueError(f"dataset {dcfg.name} is text; the model needs a tokenizer "
-                       f"(use a text model such as 'minilm')")
-    enc = tokenizer.encode_batch(inputs[:n])
-    return {"input_ids": np.asarray([e.ids for e in enc], np.int32),
-            "attention_mask": np.asarray([e.attention_mask for e in enc], np.int32),
-            "label": labels[:n]}
-  return {"image": inputs[:n], "label": labels[:n]}
-
-
-def train_iterator(arrays: Mapping[str, np.ndarray], batch_size: int, seed: int):
-  """Infinite shuffled batches; `get_state()`/`set_state()` make it checkpointable."""
-  if len(arrays["label"]) < batch_size:
-    raise ValueError(f"batch_size={batch_size} exceeds the {len(arrays['label'])} train examples")
-  ds = (grain.MapDataset.source(ArraySource(arrays)).shuffle(seed=seed).repeat(None)
-        .batch(batch_size, drop_remainder=True))
-  return iter(ds.to_iter_dataset())
-
-
-def eval_batches(arrays: Mapping[str, np.ndarray], batch_size: int):
-  """Fixed-shape batches with a `mask` (0 on the padding of the last batch): no recompilation."""
-  n = len(arrays["label"])
+  n = len(source) if limit <= 0 else min(limit, len(source))
+  out = []
   for start in range(0, n, batch_size):
-    batch = {k: v[start:start + batch_size] for k, v in arrays.items()}
-    m = len(batch["label"])
+    exs = [transform(source[i]) for i in range(start, min(n, start + batch_size))]
+    batch = {k: np.stack([e[k] for e in exs]) for k in exs[0]}
+    m = len(exs)
     batch["mask"] = np.ones((m,), np.float32)
     if m < batch_size:
       batch = {k: np.concatenate([v, np.zeros((batch_size - m,) + v.shape[1:], v.dtype)])
                for k, v in batch.items()}
-    yield batch
+    out.append(batch)
+  return out
 
 
 # =============================================================================================
@@ -178,6 +143,7 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
   spec = models.get_model(mcfg.name)
   mod, cfg = spec.module, spec.config
   k_init, k_head = jax.random.split(key)
+  override = {"dropout_rate": mcfg.dropout_rate} if "dropout_rate" in mcfg else {}
   if mod is models.minilm:
     if mcfg.get("pretrained", False):
       if mcfg.name != "minilm":
@@ -185,6 +151,7 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
       params, cfg = models.minilm.load_pretrained()
     else:
       params = spec.init(k_init)
+    cfg = dataclasses.replace(cfg, **override)
     params = models.minilm.add_classifier_head(k_head, params, num_classes)
     tok = models.minilm.load_tokenizer(seq_len if seq_len > 0 else 128)
 
@@ -196,6 +163,7 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
       raise ValueError(f"model {mcfg.name!r} has no pretrained weights; set "
                        f"model.pretrained=False")
     params = spec.init(k_init)
+    cfg = dataclasses.replace(cfg, **override)
     out = jax.eval_shape(lambda p, x: mod.apply(p, x, cfg), params, _dummy_input(cfg)).shape[-1]
     if out != num_classes:
       raise ValueError(f"model {mcfg.name!r} has {out} outputs, the dataset has {num_classes} "
@@ -265,8 +233,10 @@ def check_config(config: ml_collections.ConfigDict):
   old = [f for f in DEPRECATED_FIELDS if f in config]
   if old:
     raise ValueError(f"config has deprecated fields {old}; use total_steps / optimizer.lr")
-  if config.dataset.name not in DATASETS:
-    raise ValueError(f"Unknown dataset {config.dataset.name!r}; valid names: {list(DATASETS)}")
+  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+  if config.dataset.name not in data.list_datasets():
+    raise ValueError(f"Unknown dataset {config.dataset.name!r}; valid names: "
+                     f"{data.list_datasets()}")
   registry.get_factory(config.adapter.method)   # unknown/unavailable method -> ValueError
   from lowrank_jax import models  # pylint: disable=g-import-not-at-top
   models.get_model(config.model.name)           # unknown model -> ValueError
@@ -363,11 +333,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   k_model, k_adapter, rng_loop = jax.random.split(rng, 3)
   del rng
   model = make_model(config.model, num_classes_of(dcfg.name), k_model, dcfg.get("seq_len", 0))
-  train_arrays = load_arrays(dcfg, dcfg.train_split, dcfg.max_train_examples, model.tokenizer)
-  eval_arrays = load_arrays(dcfg, dcfg.eval_split, dcfg.max_eval_examples, model.tokenizer)
-  train_iter = train_iterator(train_arrays, config.batch_size, dcfg.shuffle_seed)
-  logging.info("data: %d train / %d eval examples of %s", len(train_arrays["label"]),
-               len(eval_arrays["label"]), dcfg.name)
+  transform = make_transform(dcfg, model.tokenizer)
+  train_source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
+  eval_source = load_split(dcfg, dcfg.eval_split, dcfg.max_eval_examples)
+  train_iter = train_iterator(train_source, transform, config.batch_size, dcfg.shuffle_seed)
+  logging.info("data: %d train / %d eval examples of %s", len(train_source), len(eval_source),
+               dcfg.name)
+  eval_data = None   # built at the first evaluation, then reused
 
   # -------------------------------------------------------------------------------------------
   # Adapter (+ calibration stats) and head. `base` is frozen; the head trains fully.
@@ -377,7 +349,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   head_flat, head_paths = split_head(model.params, config.head)
   stats = None
   if method in registry.NEEDS_STATS:
-    stats = _calibrate(config, model, train_arrays, adapter_kwargs(config).get("targets"))
+    stats = _calibrate(config, model, train_source, transform,
+                       adapter_kwargs(config).get("targets"))
   base, ad_state = adapter.init(k_adapter, model.params, stats)
   del k_adapter
   adapted_paths = set(tree_lib.unnest(ad_state.trainable)) if isinstance(ad_state.trainable,
@@ -455,8 +428,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
             "loss": jnp.sum(ce * m), "count": jnp.sum(m)}
 
   def evaluate(state):
+    nonlocal eval_data
+    if eval_data is None:
+      eval_data = eval_batches(eval_source, transform, config.eval_batch_size)
     tot = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in eval_batches(eval_arrays, config.eval_batch_size):
+    for batch in eval_data:
       out = jax.device_get(eval_fn(state, const, jax.device_put(batch, data_sharding)))
       for k in tot:
         tot[k] += float(out[k])
@@ -567,7 +543,7 @@ def _print_summary(r: dict):
   print("\n".join(lines), flush=True)
 
 
-def _calibrate(config, model: Model, train_arrays, targets):
+def _calibrate(config, model: Model, train_source, transform, targets):
   """Calibration statistics for methods such as CorDA (`lowrank_jax.calibrate.collect`)."""
   try:
     from lowrank_jax import calibrate  # pylint: disable=g-import-not-at-top
@@ -575,7 +551,7 @@ def _calibrate(config, model: Model, train_arrays, targets):
     raise ValueError(f"method {config.adapter.method!r} needs calibration statistics, but "
                      f"lowrank_jax.calibrate is not available ({e})") from None
   n = int(config.get("calib_batches", 8))
-  batches = [b for _, b in zip(range(n), eval_batches(train_arrays, config.batch_size))]
+  batches = eval_batches(train_source, transform, config.batch_size, limit=n * config.batch_size)
   apply_fn = lambda p, b: model.apply(p, b, train=False, rng=None)
   return calibrate.collect(apply_fn, model.params, batches, targets)
 

