@@ -1,0 +1,204 @@
+"""AdaLoRA: adaptive budget allocation (Zhang et al., ICLR 2023, arXiv 2303.10512; PEFT `adalora`),
+the comparator of IncreLoRA (`increlora.py`).
+
+SVD-form update, our flax layout (W_k (d_in, d_out)):
+
+    ΔW_k = α/(r + 1e-5) · Σ_i m_i λ_i · a_i b_iᵀ = s·(a·diag(m ⊙ λ))·b,   a (d_in, r), b (r, d_out)
+
+= PEFT's `lora_B (lora_A ⊙ lora_E)` transposed (P = lora_B = bᵀ, Q = lora_A = aᵀ, Λ = lora_E = λ).
+r = `init_r` slots per module; PEFT keeps `ranknum` = r fixed, so the scale does not change when
+triplets are pruned. Init (PEFT): a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0). The mask m (frozen buffer)
+replaces PEFT's in-place `masked_fill` of E; pruned λ's are also set to 0.
+
+`adapter.update(state, grads, step)` (every step, in the jitted step, gradients of
+`state.trainable`):
+
+* while `step < total_step − tfinal`: element-wise sensitivity |θ·∇θ| of a, b, λ, smoothed
+  Ī ← β1·Ī + (1−β1)·|θ∇θ|, Ū ← β2·Ū + (1−β2)·|θ∇θ − Ī| (β1 = β2 = 0.85); per triplet
+  score_i = Ī_λi·Ū_λi + mean_j(Ī·Ū)_{a, ji} + mean_k(Ī·Ū)_{b, ik} (λ_i with the mean scores of its
+  P column and Q row, as PEFT's `_combine_ipt`).
+* cubic budget (PEFT `budget_schedule`), over all modules, B_init = init_r·n, B_target = target_r·n:
+  t <= tinit: no pruning; tinit < t < T − tfinal: every deltaT steps keep the top
+  ⌊(B_init − B_target)·(1 − (t − tinit)/(T − tfinal − tinit))³ + B_target⌋ triplets;
+  t >= T − tfinal: the mask is fixed at exactly B_target triplets (ties broken by slot order, so the
+  count is exact; PEFT's `<= kthvalue` threshold can prune more on ties).
+
+Penalty (PEFT `orth_reg_weight` 0.5): mean over the 2·n matrices of ‖QQᵀ − I‖_F and ‖PᵀP − I‖_F
+(unsquared, all r slots), in our layout ‖aᵀa − I‖ and ‖b bᵀ − I‖.
+
+>>> import jax
+>>> from lowrank_jax import testing
+>>> from lowrank_jax.adapters.adalora import adalora
+>>> from lowrank_jax.adapters.increlora import rank_allocation
+>>> ad = adalora(init_r=4, target_r=2, targets=["dense_0/kernel"], total_step=10)
+>>> _, state = ad.init(jax.random.key(0), testing.tiny_params())
+>>> rank_allocation(state)
+{'dense_0/kernel': 4}
+"""
+from __future__ import annotations
+
+from typing import NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import base as base_lib
+from lowrank_jax import structured
+from lowrank_jax import targeting
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters import _leafwise
+from lowrank_jax.adapters.increlora import TripletFactors, orth_residuals
+
+
+class AdaLoRABuffers(NamedTuple):
+  """Frozen per-module buffers (changed only by `adapter.update`).
+
+  mask (r,) fp32 in {0, 1}; ipt/unc: EMAs of the element sensitivity of a, b and λ.
+  """
+  mask: jax.Array
+  ipt: TripletFactors
+  unc: TripletFactors
+
+  def active_rank(self):
+    return jnp.sum(self.mask > 0).astype(jnp.int32)
+
+
+def budget_schedule(step, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int,
+                    total_step: int):
+  """(budget, prune_now_without_deltaT, final) for a (traced) step; see the module docstring."""
+  step = jnp.asarray(step)
+  span = max(total_step - tfinal - tinit, 1)
+  mul = 1.0 - (step.astype(jnp.float32) - tinit) / span
+  cubic = jnp.floor((init_bgt - target_bgt) * jnp.clip(mul, 0.0, 1.0) ** 3 + target_bgt)
+  final = step >= total_step - tfinal
+  budget = jnp.where(final, target_bgt, jnp.where(step <= tinit, init_bgt, cubic))
+  return budget.astype(jnp.int32), (step > tinit) & ~final, final
+
+
+def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
+            targets: targeting.Targets = r".*kernel", *, total_step: int, tinit: int = 0,
+            tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
+            orth_reg: float = 0.5, init_std: float = 0.02, dropout: float = 0.0,
+            kernel_axes: targeting.AxesSpec = None, dtype=jnp.float32,
+            impl: str = "custom_vjp") -> base_lib.Adapter:
+  """AdaLoRA on the targeted kernels (see the module docstring).
+
+  Args:
+    init_r: initial rank (slots) per module (PEFT 12).
+    target_r: average final rank per module (PEFT 8); the final budget is target_r·#modules.
+    alpha: scale numerator (s = α/(init_r + 1e-5)); defaults to init_r.
+    targets: regex(es) or callable selecting the kernels.
+    total_step: number of training steps T (required, as in PEFT).
+    tinit: no pruning at steps <= tinit.
+    tfinal: the mask is fixed at the target for the last tfinal steps (t >= T − tfinal).
+    deltaT: prune every deltaT steps during the cubic phase.
+    beta1, beta2: EMA factors (0.85).
+    orth_reg: weight of the orthogonality penalty (0.5).
+    init_std: a, b ~ N(0, init_std²).
+    dropout: adapter-branch input dropout rate.
+    kernel_axes: in/out axes for targets with more than 2 dims.
+    dtype: adapter parameter dtype.
+    impl: factored product ("custom_vjp" or "autodiff").
+
+  Returns:
+    An `Adapter` with `update`; state `AdapterState(TripletFactors, AdaLoRABuffers)`.
+
+  Raises:
+    ValueError: bad ranks or schedule (here), init_r > min(d_in, d_out) of a target (at init).
+  """
+  for nm, v, lo in (("init_r", init_r, 1), ("target_r", target_r, 1), ("deltaT", deltaT, 1),
+                    ("total_step", total_step, 1), ("tinit", tinit, 0), ("tfinal", tfinal, 0)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+      raise ValueError(f"adalora: {nm} must be an int >= {lo}, got {v!r}")
+  if target_r > init_r:
+    raise ValueError(f"adalora: target_r={target_r} > init_r={init_r}; AdaLoRA only prunes")
+  if not tinit < total_step - tfinal:
+    raise ValueError(f"adalora: need tinit < total_step - tfinal (got tinit={tinit}, "
+                     f"total_step={total_step}, tfinal={tfinal}); the budgeting phase is empty")
+  if alpha is not None and not alpha > 0:
+    raise ValueError(f"adalora: alpha must be > 0, got {alpha!r}")
+  if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+    raise ValueError(f"adalora: beta1={beta1!r}, beta2={beta2!r} must be in [0, 1)")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"adalora: dropout must be in [0, 1), got {dropout!r}")
+  if orth_reg < 0 or not init_std > 0:
+    raise ValueError(f"adalora: orth_reg={orth_reg!r} must be >= 0, init_std={init_std!r} > 0")
+  if impl not in ("custom_vjp", "autodiff"):
+    raise ValueError(f"adalora: impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
+  scale = (float(init_r) if alpha is None else float(alpha)) / (init_r + 1e-5)
+
+  def init_leaf(key, info, w, stats):
+    del w, stats
+    _leafwise.check_rank("adalora", info, init_r)
+    ka, kb = jax.random.split(key)
+    a = (init_std * jax.random.normal(ka, info.in_shape + (init_r,), jnp.float32)).astype(dtype)
+    b = (init_std * jax.random.normal(kb, (init_r,) + info.out_shape, jnp.float32)).astype(dtype)
+    lam = jnp.zeros((init_r,), dtype)
+    zeros = TripletFactors(jnp.zeros(a.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32),
+                           jnp.zeros((init_r,), jnp.float32))
+    return None, TripletFactors(a, b, lam), AdaLoRABuffers(jnp.ones((init_r,), jnp.float32),
+                                                            zeros, zeros)
+
+  def apply_leaf(path, base_leaf, t, f, rng):
+    shape = tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:])
+    if shape != tuple(base_leaf.shape):
+      raise ValueError(f"adalora: state for {path} has factors {t.a.shape} x {t.b.shape}, "
+                       f"params leaf has shape {tuple(base_leaf.shape)}; mismatched trees")
+    c = t.lam * f.mask.astype(t.lam.dtype)
+    return structured.LowRank(base_leaf, t.a * c, t.b, scale,
+                              dropout_key=rng if dropout > 0 else None,
+                              dropout_rate=dropout, impl=impl)
+
+  def penalty_leaf(t, f):
+    ra, rb = orth_residuals(t.a, t.b, jnp.ones(t.lam.shape, jnp.float32))
+    return orth_reg * 0.5 * (ra + rb)   # mean over the module's two matrices
+
+  def update(state, grads, step):
+    t = tree_lib.unnest(state.trainable)
+    f = tree_lib.unnest(state.frozen)
+    g = tree_lib.unnest(grads)
+    paths = sorted(t)
+    if sorted(g) != paths or sorted(f) != paths:
+      raise ValueError(f"adalora.update: grads/state paths differ ({sorted(g)[:3]} vs "
+                       f"{paths[:3]}); pass the gradients of state.trainable")
+    n = len(paths)
+    step = jnp.asarray(step)
+    budget, cubic_phase, final = budget_schedule(
+        step, init_bgt=init_r * n, target_bgt=target_r * n, tinit=tinit, tfinal=tfinal,
+        total_step=total_step)
+    learning = ~final
+    ipts, uncs, scores = {}, {}, []
+    for p in paths:
+      tp, gp, fp = t[p], g[p], f[p]
+      new_i, new_u = [], []
+      for x, gx, i0, u0 in zip(tp, gp, fp.ipt, fp.unc):
+        sens = jnp.abs(x.astype(jnp.float32) * gx.astype(jnp.float32))
+        i1 = beta1 * i0 + (1 - beta1) * sens
+        u1 = beta2 * u0 + (1 - beta2) * jnp.abs(sens - i1)
+        new_i.append(jnp.where(learning, i1, i0).astype(i0.dtype))
+        new_u.append(jnp.where(learning, u1, u0).astype(u0.dtype))
+      ipts[p], uncs[p] = TripletFactors(*new_i), TripletFactors(*new_u)
+      sa = ipts[p].a * uncs[p].a
+      sb = ipts[p].b * uncs[p].b
+      s_a = jnp.mean(sa.reshape(-1, init_r), axis=0)
+      s_b = jnp.mean(sb.reshape(init_r, -1), axis=1)
+      scores.append(ipts[p].lam * uncs[p].lam + s_a + s_b)
+    score = jnp.concatenate(scores)                        # (n·r,)
+    masks0 = jnp.concatenate([f[p].mask for p in paths])
+    order = jnp.argsort(-score, stable=True)
+    pos = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
+    keep = (pos < budget).astype(jnp.float32)
+    prune_now = (cubic_phase & (step % deltaT == 0)) | (final & (jnp.sum(masks0) != budget))
+    masks = jnp.where(prune_now, keep, masks0)
+    new_t, new_f = {}, {}
+    for k, p in enumerate(paths):
+      m = masks[k * init_r:(k + 1) * init_r].astype(f[p].mask.dtype)
+      tp = t[p]
+      new_t[p] = TripletFactors(tp.a, tp.b, jnp.where(m > 0, tp.lam, jnp.zeros_like(tp.lam)))
+      new_f[p] = AdaLoRABuffers(m, ipts[p], uncs[p])
+    return base_lib.AdapterState(tree_lib.nest(new_t), tree_lib.nest(new_f))
+
+  inner = _leafwise.leafwise("adalora", targets=targets, init_leaf=init_leaf,
+                             apply_leaf=apply_leaf, penalty_leaf=penalty_leaf,
+                             kernel_axes=kernel_axes, update=update)
+  return inner

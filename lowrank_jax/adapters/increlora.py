@@ -1,0 +1,335 @@
+"""IncreLoRA: incremental parameter allocation (Zhang et al. 2023, arXiv 2308.12043; repo
+FeiyuZhang98/IncreLoRA).
+
+Each module starts at a small rank and, on a schedule, rank-1 components are *added* to the
+modules with the highest importance until a total rank budget is reached (AdaLoRA run in reverse;
+see `adalora.py` for the comparator).
+
+Parameterization (our flax layout, W_k (d_in, d_out)): per module
+
+    ΔW_k = α/(ρ + 1e-5) · Σ_i c_i · a_i b_iᵀ  = s · (a·diag(c))·b,    a (d_in, R), b (R, d_out)
+
+i.e. IncreLoRA's `B (A ⊙ E)` transposed (a = Aᵀ, b = Bᵀ, c = E). ρ is the number of *active*
+components (the official `ranknum`), so the scale is α/ρ, not α/r. JAX needs static shapes, so R =
+`max_rank` slots are preallocated per module and a frozen counter ρ says which are live:
+
+* slots [0, ρ) are active: c_i = λ_i, trainable;
+* slots [ρ, ρ + add_r) are the reserve ("advance learning"): their a, b train already, c_i is
+  fixed at 1e-5 (0 with `advance_learn=False`, and 0 for everyone once the budget is reached —
+  the official code zeroes the trailing reserve λ's);
+* the other slots are dormant: c_i = 0, so they get zero gradients (with Adam and no weight decay
+  their N(0, 0.02²) init stays untouched, i.e. they are "created" fresh when reached).
+
+When a module is selected, its reserve becomes active with λ = 1e-5 (continuous with the reserve's
+fixed coefficient) and the next add_r slots become its reserve.
+
+`adapter.update(state, grads, step)` (call it every step, inside the jitted step, with the
+gradients of `state.trainable`) does the bookkeeping with static shapes:
+
+* importance per module, smoothed every step until the budget is reached:
+  Ī ← β1·Ī + (1−β1)·s;  Ū ← β2·Ū + (1−β2)·|s − Ī|;  score = Ī·Ū  (β1 = β2 = 0.85);
+* at step t > init_warmup with t % incre_interval == 0, while the active total is below the budget,
+  the `top_h` highest-scoring modules (with free slots) gain `add_r` rank each, clipped so that the
+  total lands exactly on the budget (the official `>=` threshold can select more than top_h modules
+  on ties and overshoot; METHODS.md §4(j)).
+
+Importance (UNCONFIRMED substitution). The official hook scores a module by
+s = Σ|ΔW ⊙ ∂L/∂ΔW| / √(d_out·d_in), which needs the dense ΔW and its dense gradient (the full
+weight gradient, i.e. the cost of full fine-tuning). We never form them: we use the per-component
+inner products ⟨ΔW_i, ∂L/∂ΔW⟩ = Σ_j a_ji·(∂L/∂a)_ji = c_i·∂L/∂c_i, which are exact and come free
+from the factor gradients, and score s = Σ_i |⟨ΔW_i, ∂L/∂ΔW⟩| / √(d_out·d_in). This is the
+Taylor-sensitivity of each rank-1 piece rather than of each entry (cost O(R·(d_in + d_out)) per
+module per step).
+
+Penalty (official trainer, `lora_type="svd"`): mean over modules of
+‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (norms not squared) over all existing components (active + reserve), in
+our layout ‖aᵀa − I‖ + ‖b bᵀ − I‖, times `orth_reg` (0.1).
+
+Not done here: IncreLoRA's per-group restart warmup of the learning rate (`multi_lr`): it belongs
+to the optimizer; with preallocated slots use `optax.multi_transform` keyed on activation steps.
+
+>>> import jax, lowrank_jax as lj
+>>> from lowrank_jax import testing
+>>> from lowrank_jax.adapters.increlora import increlora, rank_allocation
+>>> ad = increlora(target_rank=2, targets=["dense_0/kernel", "dense_1/kernel"])
+>>> base, state = ad.init(jax.random.key(0), testing.tiny_params())
+>>> rank_allocation(state)
+{'dense_0/kernel': 1, 'dense_1/kernel': 1}
+"""
+from __future__ import annotations
+
+import math
+from typing import Any, NamedTuple, Optional
+
+import jax
+import jax.numpy as jnp
+
+from lowrank_jax import base as base_lib
+from lowrank_jax import structured
+from lowrank_jax import targeting
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters import _leafwise
+
+# Official add_r map from target_rank (IncreLoRA NLU scripts): {2: 1, 4: 2, 6: 3, 8: 4}.
+_ADD_R = {2: 1, 4: 2, 6: 3, 8: 4}
+
+
+class TripletFactors(NamedTuple):
+  """Trainable per-module state of SVD-form adapters (IncreLoRA, AdaLoRA).
+
+  a (*in_shape, R) = Aᵀ (PyTorch lora_A transposed), b (R, *out_shape) = Bᵀ, lam (R,) = E.
+  """
+  a: jax.Array
+  b: jax.Array
+  lam: jax.Array
+
+
+class IncreLoRABuffers(NamedTuple):
+  """Frozen per-module buffers (changed only by `adapter.update`).
+
+  rank: int32 scalar ρ, number of active components (slots [0, ρ)).
+  reserve_on: fp32 scalar, 1 while reserves carry their fixed coefficient, 0 afterwards.
+  ipt, unc: fp32 scalars, the smoothed importance Ī and uncertainty Ū.
+  """
+  rank: jax.Array
+  reserve_on: jax.Array
+  ipt: jax.Array
+  unc: jax.Array
+
+  def active_rank(self):
+    return self.rank
+
+
+def _safe_norm(x):
+  """Unsquared Frobenius norm with a finite gradient at 0."""
+  ss = jnp.sum(jnp.square(x))
+  pos = ss > 0
+  return jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)
+
+
+def orth_residuals(a, b, live):
+  """(‖aᵀa − I‖_F, ‖b bᵀ − I‖_F) restricted to the slots where `live` (R,) is 1."""
+  r = a.shape[-1]
+  dt = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
+  a2 = a.reshape(-1, r).astype(dt)
+  b2 = b.reshape(r, -1).astype(dt)
+  live = live.astype(dt)
+  m = live[:, None] * live[None, :]
+  eye = jnp.eye(r, dtype=dt)
+  ga = jnp.matmul(a2.T, a2, precision=jax.lax.Precision.HIGHEST)
+  gb = jnp.matmul(b2, b2.T, precision=jax.lax.Precision.HIGHEST)
+  return _safe_norm((ga - eye) * m), _safe_norm((gb - eye) * m)
+
+
+def component_inner(a, grad_a):
+  """c_i·∂L/∂c_i = ⟨ΔW_i, ∂L/∂ΔW⟩ per slot, from the a-factor and its gradient: (R,)."""
+  axes = tuple(range(a.ndim - 1))
+  return jnp.sum(a.astype(jnp.float32) * grad_a.astype(jnp.float32), axis=axes)
+
+
+def rank_allocation(state: base_lib.AdapterState) -> dict[str, int]:
+  """`{path: active rank}` of an IncreLoRA or AdaLoRA state (for logging and plots).
+
+  Works on a concrete state (outside jit); under jit use `rank_allocation_arrays`.
+  """
+  return {p: int(v) for p, v in rank_allocation_arrays(state).items()}
+
+
+def rank_allocation_arrays(state: base_lib.AdapterState) -> dict[str, jax.Array]:
+  """`{path: active rank as an int32 array}`; jittable."""
+  frozen = tree_lib.unnest(state.frozen) if isinstance(state.frozen, dict) else {}
+  out = {}
+  for p, f in frozen.items():
+    if not hasattr(f, "active_rank"):
+      raise ValueError(f"rank_allocation: frozen state at {p} ({type(f).__name__}) is not from "
+                       f"increlora or adalora")
+    out[p] = jnp.asarray(f.active_rank(), jnp.int32)
+  if not out:
+    raise ValueError("rank_allocation: the state has no IncreLoRA/AdaLoRA buffers")
+  return out
+
+
+def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] = None,
+              targets: targeting.Targets = r".*kernel", *, total_rank: Optional[int] = None,
+              add_r: Optional[int] = None, max_rank: Optional[int] = None, top_h: int = 2,
+              init_warmup: int = 100, incre_interval: int = 100, advance_learn: bool = True,
+              reserve_lambda: float = 1e-5, beta1: float = 0.85, beta2: float = 0.85,
+              orth_reg: float = 0.1, init_std: float = 0.02, dropout: float = 0.0,
+              kernel_axes: targeting.AxesSpec = None, dtype=jnp.float32,
+              impl: str = "custom_vjp") -> base_lib.Adapter:
+  """IncreLoRA on the targeted kernels (see the module docstring).
+
+  Args:
+    target_rank: average final rank per module; the budget is `target_rank × #modules`.
+    init_rank: active rank of every module at init (official lora_r, 1 in the scripts).
+    alpha: scale numerator (s = α/ρ); defaults to `init_rank` (official: α if > 0 else r).
+    targets: regex(es) or callable selecting the kernels.
+    total_rank: the budget as a total instead (overrides `target_rank × #modules`).
+    add_r: rank gained per selection and reserve size; default from the official map
+      {2: 1, 4: 2, 6: 3, 8: 4} of target_rank, else max(1, target_rank // 2).
+    max_rank: preallocated slots per module (capped at min(d_in, d_out)); default
+      `2·target_rank + add_r`. The budget must fit: Σ slots ≥ total budget.
+    top_h: modules selected per growth step (official 1–3).
+    init_warmup: no growth at steps <= init_warmup.
+    incre_interval: growth at steps that are multiples of it.
+    advance_learn: reserves train before selection (coefficient `reserve_lambda`); else 0.
+    reserve_lambda: the reserves' fixed coefficient and the initial λ of activated slots (1e-5).
+    beta1, beta2: EMA factors of importance and uncertainty (0.85).
+    orth_reg: weight of the orthogonality penalty (0.1, official `reg_orth_coef`).
+    init_std: a, b ~ N(0, init_std²) (0.02).
+    dropout: adapter-branch input dropout rate.
+    kernel_axes: in/out axes for targets with more than 2 dims.
+    dtype: adapter parameter dtype.
+    impl: factored product ("custom_vjp" or "autodiff").
+
+  Returns:
+    An `Adapter` with `update`; state `AdapterState(TripletFactors, IncreLoRABuffers)`.
+
+  Raises:
+    ValueError: bad arguments here; at `init`, a budget that does not fit the preallocated slots
+      or is below `init_rank × #modules`.
+  """
+  for nm, v, lo in (("target_rank", target_rank, 1), ("init_rank", init_rank, 1),
+                    ("top_h", top_h, 1), ("incre_interval", incre_interval, 1),
+                    ("init_warmup", init_warmup, 0)):
+    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+      raise ValueError(f"increlora: {nm} must be an int >= {lo}, got {v!r}")
+  for nm, v in (("total_rank", total_rank), ("add_r", add_r), ("max_rank", max_rank)):
+    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
+      raise ValueError(f"increlora: {nm} must be None or an int >= 1, got {v!r}")
+  if alpha is not None and not alpha > 0:
+    raise ValueError(f"increlora: alpha must be > 0, got {alpha!r}")
+  if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
+    raise ValueError(f"increlora: beta1={beta1!r}, beta2={beta2!r} must be in [0, 1)")
+  if not 0.0 <= dropout < 1.0:
+    raise ValueError(f"increlora: dropout must be in [0, 1), got {dropout!r}")
+  if orth_reg < 0 or reserve_lambda < 0 or not init_std > 0:
+    raise ValueError(f"increlora: orth_reg={orth_reg!r}, reserve_lambda={reserve_lambda!r} must "
+                     f"be >= 0 and init_std={init_std!r} > 0")
+  if impl not in ("custom_vjp", "autodiff"):
+    raise ValueError(f"increlora: impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
+  add = add_r if add_r is not None else _ADD_R.get(target_rank, max(1, target_rank // 2))
+  slots = max_rank if max_rank is not None else 2 * target_rank + add
+  if slots < init_rank:
+    raise ValueError(f"increlora: max_rank={slots} < init_rank={init_rank}")
+  alpha_ = float(init_rank) if alpha is None else float(alpha)
+  res_coef = reserve_lambda if advance_learn else 0.0
+
+  def slots_for(info) -> int:
+    return min(slots, min(info.d_in, info.d_out))
+
+  def coefficients(t, f):
+    r = t.lam.shape[0]
+    i = jnp.arange(r)
+    active = i < f.rank
+    reserve = (i >= f.rank) & (i < f.rank + add)
+    coef = jnp.asarray(res_coef, t.lam.dtype) * f.reserve_on.astype(t.lam.dtype)
+    return jnp.where(active, t.lam, jnp.where(reserve, coef, jnp.zeros_like(t.lam)))
+
+  def scale_of(f):
+    return alpha_ / (f.rank.astype(jnp.float32) + 1e-5)
+
+  def init_leaf(key, info, w, stats):
+    del w, stats
+    r = slots_for(info)
+    if init_rank > r:
+      raise ValueError(f"increlora: init_rank={init_rank} > min(d_in, d_out)={r} for "
+                       f"{info.path} (shape {info.shape})")
+    ka, kb = jax.random.split(key)
+    a = init_std * jax.random.normal(ka, info.in_shape + (r,), jnp.float32)
+    b = init_std * jax.random.normal(kb, (r,) + info.out_shape, jnp.float32)
+    # First component(s): λ = 0 (ΔW = 0 at init); later slots start at the reserve value.
+    lam = jnp.where(jnp.arange(r) < init_rank, 0.0, reserve_lambda).astype(jnp.float32)
+    frozen = IncreLoRABuffers(jnp.asarray(init_rank, jnp.int32), jnp.ones((), jnp.float32),
+                              jnp.zeros((), jnp.float32), jnp.zeros((), jnp.float32))
+    return None, TripletFactors(a.astype(dtype), b.astype(dtype), lam.astype(dtype)), frozen
+
+  def apply_leaf(path, base_leaf, t, f, rng):
+    shape = tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:])
+    if shape != tuple(base_leaf.shape):
+      raise ValueError(f"increlora: state for {path} has factors {t.a.shape} x {t.b.shape}, "
+                       f"params leaf has shape {tuple(base_leaf.shape)}; mismatched trees")
+    c = coefficients(t, f)
+    return structured.LowRank(base_leaf, t.a * c, t.b, scale_of(f),
+                              dropout_key=rng if dropout > 0 else None,
+                              dropout_rate=dropout, impl=impl)
+
+  def penalty_leaf(t, f):
+    i = jnp.arange(t.lam.shape[0])
+    live = i < f.rank + add      # active + reserve: the components that exist
+    ra, rb = orth_residuals(t.a, t.b, live)
+    return orth_reg * (ra + rb)
+
+  def update(state, grads, step):
+    t = tree_lib.unnest(state.trainable)
+    f = tree_lib.unnest(state.frozen)
+    g = tree_lib.unnest(grads)
+    paths = sorted(t)
+    if sorted(g) != paths or sorted(f) != paths:
+      raise ValueError(f"increlora.update: grads/state paths differ ({sorted(g)[:3]} vs "
+                       f"{paths[:3]}); pass the gradients of state.trainable")
+    n = len(paths)
+    target = total_rank if total_rank is not None else target_rank * n
+    step = jnp.asarray(step)
+    ranks = jnp.stack([f[p].rank for p in paths]).astype(jnp.int32)
+    room = jnp.asarray([t[p].lam.shape[0] for p in paths], jnp.int32) - ranks
+    sizes = [math.sqrt(math.prod(t[p].a.shape[:-1]) * math.prod(t[p].b.shape[1:]))
+             for p in paths]
+    s = jnp.stack([jnp.sum(jnp.abs(component_inner(t[p].a, g[p].a))) / sz
+                   for p, sz in zip(paths, sizes)])
+    ipt0 = jnp.stack([f[p].ipt for p in paths]).astype(jnp.float32)
+    unc0 = jnp.stack([f[p].unc for p in paths]).astype(jnp.float32)
+    total = jnp.sum(ranks)
+    growing = total < target
+    ipt = beta1 * ipt0 + (1 - beta1) * s
+    unc = beta2 * unc0 + (1 - beta2) * jnp.abs(s - ipt)
+    ipt = jnp.where(growing, ipt, ipt0)
+    unc = jnp.where(growing, unc, unc0)
+    score = ipt * unc
+    do = growing & (step > init_warmup) & (step % incre_interval == 0)
+    eligible = room > 0
+    key = jnp.where(eligible, score, -jnp.inf)
+    order = jnp.argsort(-key, stable=True)
+    j = jnp.arange(n)
+    g_sorted = jnp.where((j < top_h) & eligible[order], jnp.minimum(add, room[order]), 0)
+    before = jnp.cumsum(g_sorted) - g_sorted
+    g_sorted = jnp.clip(target - total - before, 0, g_sorted)
+    gain = jnp.zeros((n,), jnp.int32).at[order].set(g_sorted.astype(jnp.int32))
+    gain = jnp.where(do, gain, 0)
+    new_ranks = ranks + gain
+    done = jnp.sum(new_ranks) >= target
+    new_t, new_f = {}, {}
+    for k, p in enumerate(paths):
+      tp, fp = t[p], f[p]
+      i = jnp.arange(tp.lam.shape[0])
+      newly = (i >= ranks[k]) & (i < new_ranks[k])
+      lam = jnp.where(newly, jnp.asarray(reserve_lambda, tp.lam.dtype), tp.lam)
+      new_t[p] = TripletFactors(tp.a, tp.b, lam)
+      new_f[p] = IncreLoRABuffers(new_ranks[k].astype(fp.rank.dtype),
+                                  jnp.where(done, 0.0, fp.reserve_on).astype(fp.reserve_on.dtype),
+                                  ipt[k].astype(fp.ipt.dtype), unc[k].astype(fp.unc.dtype))
+    return base_lib.AdapterState(tree_lib.nest(new_t), tree_lib.nest(new_f))
+
+  inner = _leafwise.leafwise("increlora", targets=targets, init_leaf=init_leaf,
+                             apply_leaf=apply_leaf, penalty_leaf=penalty_leaf,
+                             kernel_axes=kernel_axes, update=update)
+
+  def init(key, params, stats=None):
+    base, state = inner.init(key, params, stats)
+    f = tree_lib.unnest(state.frozen)
+    t = tree_lib.unnest(state.trainable)
+    n = len(f)
+    target = total_rank if total_rank is not None else target_rank * n
+    capacity = sum(int(t[p].lam.shape[0]) for p in t)
+    if target < init_rank * n:
+      raise ValueError(f"increlora: total budget {target} < init_rank × #modules = "
+                       f"{init_rank} × {n}")
+    if capacity < target:
+      raise ValueError(f"increlora: budget {target} does not fit the preallocated slots "
+                       f"({capacity} over {n} modules; per module min(max_rank={slots}, "
+                       f"min(d_in, d_out))); raise max_rank or lower target_rank/total_rank")
+    return base, state
+
+  return base_lib.Adapter(init=init, apply=inner.apply, penalty=inner.penalty, update=update,
+                          name="increlora")
+

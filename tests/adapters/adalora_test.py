@@ -1,0 +1,159 @@
+"""AdaLoRA tests: pruning to the budget in the jitted step (compiles once), the cubic schedule,
+triplet scores, penalty, errors. `dense_ref` is used by the contract table."""
+from __future__ import annotations
+
+import chex
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import lowrank_jax as lj
+from lowrank_jax import testing
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters.adalora import adalora, budget_schedule
+from lowrank_jax.adapters.increlora import rank_allocation
+
+DENSE = ["dense_0/kernel", "dense_1/kernel"]
+
+
+@pytest.fixture(autouse=True)
+def _fast_compile():
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)
+
+
+def dense_ref(alpha, init_r):
+  """W + α/(r + 1e-5)·Σ_i m_i λ_i a_i b_iᵀ written from the formula (numpy)."""
+  def ref(base, state):
+    frozen = tree_lib.unnest(state.frozen)
+    out = {}
+    for path, t in tree_lib.unnest(state.trainable).items():
+      m = np.asarray(frozen[path].mask, np.float64)
+      w = np.asarray(lj.merge(dict(tree_lib.flatten_with_names(base)[0])[path]), np.float64)
+      a = np.asarray(t.a, np.float64).reshape(-1, init_r)
+      b = np.asarray(t.b, np.float64).reshape(init_r, -1)
+      lam = np.asarray(t.lam, np.float64)
+      delta = sum(m[i] * lam[i] * np.outer(a[:, i], b[i]) for i in range(init_r))
+      out[path] = w + alpha / (init_r + 1e-5) * delta.reshape(w.shape)
+    return out
+  return ref
+
+
+def _peft_budget(step, init_bgt, target_bgt, tinit, tfinal, total_step):
+  """PEFT's budget_schedule, re-written from its description (int truncation)."""
+  if step <= tinit:
+    return init_bgt
+  if step > total_step - tfinal:
+    return target_bgt
+  mul = 1 - (step - tinit) / (total_step - tfinal - tinit)
+  return int((init_bgt - target_bgt) * mul ** 3 + target_bgt)
+
+
+def test_budget_schedule_matches_cubic():
+  kw = dict(init_bgt=24, target_bgt=16, tinit=10, tfinal=20, total_step=100)
+  for step in range(0, 100):
+    b, _, _ = budget_schedule(step, **kw)
+    if step == 100 - 20:     # we fix the final mask at T - tfinal (PEFT: the cubic hits target)
+      assert int(b) == 16
+      continue
+    assert int(b) == _peft_budget(step, 24, 16, 10, 20, 100), step
+
+
+def _train(adapter, steps, lr=1e-2):
+  params = testing.tiny_params()
+  batch = testing.tiny_batch()
+  base, state = adapter.init(jax.random.key(0), params)
+  opt = optax.adam(lr)
+
+  def loss_fn(trainable, frozen):
+    s = lj.AdapterState(trainable, frozen)
+    return testing.tiny_loss(adapter.apply(base, s), batch) + adapter.penalty(s)
+
+  def train_step(state, opt_state, step):
+    loss, grads = jax.value_and_grad(loss_fn)(state.trainable, state.frozen)
+    updates, opt_state = opt.update(grads, opt_state, state.trainable)
+    state = lj.AdapterState(optax.apply_updates(state.trainable, updates), state.frozen)
+    state = adapter.update(state, grads, step)
+    return state, opt_state, loss
+
+  chex.clear_trace_counter()
+  jitted = jax.jit(chex.assert_max_traces(train_step, n=1))
+  opt_state = opt.init(state.trainable)
+  s0, s, history = state, state, []
+  for i in range(1, steps + 1):
+    s, opt_state, loss = jitted(s, opt_state, jnp.asarray(i, jnp.int32))
+    history.append(rank_allocation(s))
+  chex.assert_trees_all_equal_shapes_and_dtypes(s, s0)
+  assert np.isfinite(float(loss))
+  return s0, s, history
+
+
+def test_prunes_to_budget_and_compiles_once():
+  total, tinit, tfinal = 16, 2, 4
+  ad = adalora(init_r=4, target_r=2, alpha=4.0, targets=DENSE, total_step=total, tinit=tinit,
+               tfinal=tfinal, deltaT=2)
+  s0, s, history = _train(ad, total)
+  assert sum(rank_allocation(s0).values()) == 8
+  totals = [sum(h.values()) for h in history]
+  assert totals[-1] == 4                                  # target_r × 2 modules
+  assert totals == sorted(totals, reverse=True)           # only prunes
+  for i, tot in enumerate(totals):
+    step = i + 1
+    if step <= tinit:
+      assert tot == 8
+    elif step >= total - tfinal:
+      assert tot == 4
+    elif step % 2 == 0:
+      assert tot == _peft_budget(step, 8, 4, tinit, tfinal, total), (step, totals)
+  # Pruned triplets have λ = 0 and no effect; the mask is the logged allocation.
+  for p, f in tree_lib.unnest(s.frozen).items():
+    lam = np.asarray(tree_lib.unnest(s.trainable)[p].lam)
+    assert np.all(lam[np.asarray(f.mask) == 0] == 0)
+
+
+def test_triplet_scores_prune_least_important():
+  """A module whose loss does not depend on it (zero gradients) loses its triplets first."""
+  ad = adalora(init_r=3, target_r=2, targets=DENSE, total_step=4, tinit=0, tfinal=0)
+  params = testing.tiny_params()
+  base, state = ad.init(jax.random.key(0), params)
+  state = testing.perturb(state, jax.random.key(1))
+  grads = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+  grads["dense_1"]["kernel"] = jax.tree_util.tree_map(jnp.ones_like, grads["dense_1"]["kernel"])
+  # step 1 of 4 (tinit=0): scores learn from these grads; cubic budget ⌊2·0.75³ + 4⌋ = 4 of 6.
+  new = jax.jit(ad.update)(state, grads, jnp.asarray(1))
+  alloc = rank_allocation(new)
+  assert alloc == {"dense_0/kernel": 1, "dense_1/kernel": 3}
+
+
+def test_penalty_formula():
+  ad = adalora(init_r=3, target_r=2, targets=DENSE, total_step=10, orth_reg=0.5)
+  base, state = ad.init(jax.random.key(0), testing.tiny_params())
+  state = testing.perturb(state, jax.random.key(1))
+  terms = []
+  for t in tree_lib.unnest(state.trainable).values():
+    a, b = np.asarray(t.a, np.float64), np.asarray(t.b, np.float64)
+    terms += [np.linalg.norm(a.T @ a - np.eye(3)), np.linalg.norm(b @ b.T - np.eye(3))]
+  np.testing.assert_allclose(float(ad.penalty(state)), 0.5 * np.mean(terms), rtol=1e-5)
+
+
+@pytest.mark.parametrize("kwargs, match", [
+    (dict(init_r=2, target_r=3), "target_r"),
+    (dict(total_step=0), "total_step"),
+    (dict(tinit=5, tfinal=5, total_step=10), "tinit < total_step - tfinal"),
+    (dict(deltaT=0), "deltaT"),
+])
+def test_factory_errors(kwargs, match):
+  args = dict(init_r=4, target_r=2, targets=DENSE, total_step=10)
+  args.update(kwargs)
+  with pytest.raises(ValueError, match=match):
+    adalora(**args)
+
+
+def test_rank_too_large_at_init():
+  with pytest.raises(ValueError, match="rank=7"):
+    adalora(init_r=7, target_r=2, targets=DENSE, total_step=10).init(jax.random.key(0),
+                                                                     testing.tiny_params())
