@@ -72,6 +72,23 @@ CASES = [
              **lowrank_ref(1.0)(base, lj.AdapterState(s.trainable["b"], {}))}),
     # --- seed adapters (issue 5) ---
     # --- data-aware / dynamic-rank adapters (issue 6) ---
+    # CorDA's stats come from lowrank_jax.calibrate.collect on the tiny model; the IncreLoRA and
+    # AdaLoRA references are written slot by slot from their formulas in tests/adapters/*_test.py.
+    *[Case(f"corda_{mode}",
+           lambda mode=mode: __import__("lowrank_jax.adapters.corda", fromlist=["corda"]).corda(
+               2, 4.0, DENSE, mode=mode),
+           lowrank_ref(2.0),
+           stats_fn=__import__("tests.adapters.corda_test",
+                               fromlist=["contract_stats"]).contract_stats)
+      for mode in ("ipa", "kpa")],
+    Case("increlora",
+         lambda: __import__("lowrank_jax.adapters.increlora", fromlist=["increlora"]).increlora(
+             target_rank=2, init_rank=1, alpha=2.0, targets=DENSE, add_r=1),
+         __import__("tests.adapters.increlora_test", fromlist=["dense_ref"]).dense_ref(2.0, 1)),
+    Case("adalora",
+         lambda: __import__("lowrank_jax.adapters.adalora", fromlist=["adalora"]).adalora(
+             init_r=3, target_r=2, alpha=3.0, targets=DENSE, total_step=100),
+         __import__("tests.adapters.adalora_test", fromlist=["dense_ref"]).dense_ref(3.0, 3)),
 ]
 
 IDS = [c.name for c in CASES]
