@@ -1,0 +1,123 @@
+"""Smoke tests of `train.train_and_evaluate` (flax examples' train_test style) and its errors."""
+import json
+import os
+import tempfile
+
+from absl.testing import absltest
+import jax
+import ml_collections
+import numpy as np
+
+from configs import digits_lora
+from lowrank_jax import adapter_io
+from lowrank_jax import metrics as metrics_lib
+from lowrank_jax import registry
+from lowrank_jax import train
+
+
+def _config(**overrides):
+  c = digits_lora.get_config("runlocal")
+  c.total_steps = 12
+  c.eval_every = 6
+  c.ckpt_every = 0
+  c.progress = False
+  for k, v in overrides.items():
+    node = c
+    *parents, leaf = k.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = v
+  return c
+
+
+class TrainTest(absltest.TestCase):
+
+  def test_smoke(self):
+    wd = tempfile.mkdtemp()
+    r = train.train_and_evaluate(_config(), wd)
+    self.assertGreater(r["accuracy"], 0.3)   # 10 classes; 12 steps
+    self.assertEqual(r["trainable_params"], 64 * 4 + 4 * 128 + 128 * 10 + 10)
+    recs = metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+    self.assertEqual([m["step"] for m in recs if "loss" in m], [5, 10, 12])
+    self.assertEqual([m["step"] for m in recs if "accuracy" in m], [6, 12])
+    self.assertTrue(any(f.startswith("events.out.tfevents") for f in os.listdir(
+        os.path.join(wd, "tb"))))
+    with open(os.path.join(wd, train.RESULTS_FILE)) as f:
+      self.assertAlmostEqual(json.load(f)["accuracy"], r["accuracy"])
+    state, cfg, head = adapter_io.load_adapter(r["adapter_path"])
+    self.assertEqual(cfg["method"], "lora")
+    self.assertEqual(state.trainable["dense_0"]["kernel"].a.shape, (64, 4))
+    self.assertEqual(head["dense_1"]["kernel"].shape, (128, 10))
+
+  def test_baseline_and_lora_same_data(self):
+    wd = tempfile.mkdtemp()
+    r = train.train_and_evaluate(_config(baseline=True, total_steps=6, eval_every=0), wd)
+    self.assertIn("baseline", r)
+    self.assertEqual(r["baseline"]["trainable_params"], 128 * 10 + 10)
+    self.assertTrue(os.path.exists(os.path.join(wd, "baseline", train.RESULTS_FILE)))
+
+  def test_nan_loss_names_the_step(self):
+    c = _config(**{"optimizer.name": "sgd", "optimizer.lr": 1e30, "optimizer.head_lr": 1e30,
+                   "optimizer.grad_clip": 0.0, "optimizer.schedule": "constant",
+                   "save_adapter": False})
+    with self.assertRaisesRegex(FloatingPointError, r"loss is (nan|inf) at step \d+"):
+      train.train_and_evaluate(c, tempfile.mkdtemp())
+
+  def test_unknown_names_list_valid_ones(self):
+    for field, value, pattern in [
+        ("adapter.method", "loraa", r"Unknown adapter method 'loraa'; valid names: \[.*'lora'"),
+        ("model.name", "resnet", r"Unknown model 'resnet'; valid names: \[.*'mlp_digits'"),
+        ("dataset.name", "mnistt", r"Unknown dataset 'mnistt'; valid names: \[.*'digits'"),
+        ("optimizer.name", "adam9", r"Unknown optimizer.name 'adam9'; valid: \['adamw', 'sgd'\]"),
+    ]:
+      with self.subTest(field):
+        with self.assertRaisesRegex(ValueError, pattern):
+          train.train_and_evaluate(_config(**{field: value}), tempfile.mkdtemp())
+
+  def test_head_and_adapter_clash(self):
+    c = _config(head=r"dense_0/.*")
+    with self.assertRaisesRegex(ValueError, "selects params the adapter also targets"):
+      train.train_and_evaluate(c, tempfile.mkdtemp())
+
+  def test_eval_batches_are_fixed_shape_and_masked(self):
+    src = [{"x": np.full((2,), i, np.float32), "label": np.int32(i)} for i in range(7)]
+    batches = train.eval_batches(src, lambda e: e, 3)
+    self.assertLen(batches, 3)
+    self.assertTrue(all(b["x"].shape == (3, 2) for b in batches))
+    np.testing.assert_array_equal(batches[-1]["mask"], [1, 0, 0])
+
+  def test_optimizer_schedules(self):
+    for sched in train.SCHEDULES:
+      o = ml_collections.ConfigDict(dict(name="adamw", lr=1.0, head_lr=0.5, wd=0.0, b1=0.9,
+                                         b2=0.999, schedule=sched, warmup_steps=2, grad_clip=1.0))
+      s = train.make_schedule(o, 1.0, 10)
+      self.assertAlmostEqual(float(s(0)), 0.0)
+      self.assertAlmostEqual(float(s(2)), 1.0, places=5)
+      train.make_optimizer(o, 10)
+
+
+class RegistryTest(absltest.TestCase):
+
+  def test_registry(self):
+    self.assertIn("lora", registry.list_methods(available_only=True))
+    self.assertIn("none", registry.list_methods(available_only=True))
+    self.assertEqual(registry.make_adapter("pissa", rank=2).name, "pissa")
+    with self.assertRaisesRegex(ValueError, "rejected its arguments"):
+      registry.make_adapter("lora", rnk=2)
+    for name in registry.list_methods():
+      try:
+        registry.get_factory(name)
+      except ValueError as e:
+        self.assertIn("not available", str(e))
+
+  def test_every_existing_adapter_module_is_registered(self):
+    adapters_dir = os.path.join(os.path.dirname(registry.__file__), "adapters")
+    modules = {f[:-3] for f in os.listdir(adapters_dir)
+               if f.endswith(".py") and not f.startswith("_")}
+    registered = {m.rsplit(".", 1)[-1] for m, _ in registry.METHODS.values()}
+    self.assertEmpty(modules - registered - {"__init__"})
+
+
+if __name__ == "__main__":
+  jax.config.update("jax_platforms", "cpu")
+  absltest.main()
