@@ -87,7 +87,7 @@ CASES = [
          __import__("tests.adapters.increlora_test", fromlist=["dense_ref"]).dense_ref(2.0, 1)),
     Case("adalora",
          lambda: __import__("lowrank_jax.adapters.adalora", fromlist=["adalora"]).adalora(
-             init_r=3, target_r=2, alpha=3.0, targets=DENSE, total_step=100),
+             init_r=3, target_r=2, alpha=3.0, targets=DENSE, total_steps=100),
          __import__("tests.adapters.adalora_test", fromlist=["dense_ref"]).dense_ref(3.0, 3)),
 ]
 
