@@ -13,15 +13,17 @@ replaces PEFT's in-place `masked_fill` of E; pruned λ's are also set to 0.
 `adapter.update(state, grads, step)` (every step, in the jitted step, gradients of
 `state.trainable`):
 
-* while `step < total_step − tfinal`: element-wise sensitivity |θ·∇θ| of a, b, λ, smoothed
+* while `step < T − max(tfinal, 1)` (T = total_steps, PEFT's `total_step`): element-wise sensitivity |θ·∇θ| of a, b, λ, smoothed
   Ī ← β1·Ī + (1−β1)·|θ∇θ|, Ū ← β2·Ū + (1−β2)·|θ∇θ − Ī| (β1 = β2 = 0.85); per triplet
   score_i = Ī_λi·Ū_λi + mean_j(Ī·Ū)_{a, ji} + mean_k(Ī·Ū)_{b, ik} (λ_i with the mean scores of its
   P column and Q row, as PEFT's `_combine_ipt`).
 * cubic budget (PEFT `budget_schedule`), over all modules, B_init = init_r·n, B_target = target_r·n:
   t <= tinit: no pruning; tinit < t < T − tfinal: every deltaT steps keep the top
   ⌊(B_init − B_target)·(1 − (t − tinit)/(T − tfinal − tinit))³ + B_target⌋ triplets;
-  t >= T − tfinal: the mask is fixed at exactly B_target triplets (ties broken by slot order, so the
-  count is exact; PEFT's `<= kthvalue` threshold can prune more on ties).
+  t >= T − max(tfinal, 1): the mask is fixed at exactly B_target triplets (ties broken by slot
+  order, so the count is exact; PEFT's `<= kthvalue` threshold can prune more on ties). With
+  `tfinal=0` the last step (t = T − 1, as the runner counts from 0) still fixes the final mask.
+  `step` is the runner's step counter (`lowrank_jax.train` passes the 0-based step).
 
 Penalty (PEFT `orth_reg_weight` 0.5): mean over the 2·n matrices of ‖QQᵀ − I‖_F and ‖PᵀP − I‖_F
 (unsquared, all r slots), in our layout ‖aᵀa − I‖ and ‖b bᵀ − I‖.
@@ -30,7 +32,7 @@ Penalty (PEFT `orth_reg_weight` 0.5): mean over the 2·n matrices of ‖QQᵀ �
 >>> from lowrank_jax import testing
 >>> from lowrank_jax.adapters.adalora import adalora
 >>> from lowrank_jax.adapters.increlora import rank_allocation
->>> ad = adalora(init_r=4, target_r=2, targets=["dense_0/kernel"], total_step=10)
+>>> ad = adalora(init_r=4, target_r=2, targets=["dense_0/kernel"], total_steps=10)
 >>> _, state = ad.init(jax.random.key(0), testing.tiny_params())
 >>> rank_allocation(state)
 {'dense_0/kernel': 4}
@@ -64,19 +66,19 @@ class AdaLoRABuffers(NamedTuple):
 
 
 def budget_schedule(step, *, init_bgt: int, target_bgt: int, tinit: int, tfinal: int,
-                    total_step: int):
+                    total_steps: int):
   """(budget, prune_now_without_deltaT, final) for a (traced) step; see the module docstring."""
   step = jnp.asarray(step)
-  span = max(total_step - tfinal - tinit, 1)
+  span = max(total_steps - tfinal - tinit, 1)
   mul = 1.0 - (step.astype(jnp.float32) - tinit) / span
   cubic = jnp.floor((init_bgt - target_bgt) * jnp.clip(mul, 0.0, 1.0) ** 3 + target_bgt)
-  final = step >= total_step - tfinal
+  final = step >= total_steps - max(tfinal, 1)
   budget = jnp.where(final, target_bgt, jnp.where(step <= tinit, init_bgt, cubic))
   return budget.astype(jnp.int32), (step > tinit) & ~final, final
 
 
 def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
-            targets: targeting.Targets = r".*kernel", *, total_step: int, tinit: int = 0,
+            targets: targeting.Targets = r".*kernel", *, total_steps: int, tinit: int = 0,
             tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
             orth_reg: float = 0.5, init_std: float = 0.02, dropout: float = 0.0,
             kernel_axes: targeting.AxesSpec = None, dtype=jnp.float32,
@@ -88,9 +90,9 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     target_r: average final rank per module (PEFT 8); the final budget is target_r·#modules.
     alpha: scale numerator (s = α/(init_r + 1e-5)); defaults to init_r.
     targets: regex(es) or callable selecting the kernels.
-    total_step: number of training steps T (required, as in PEFT).
+    total_steps: number of training steps T (required, as in PEFT).
     tinit: no pruning at steps <= tinit.
-    tfinal: the mask is fixed at the target for the last tfinal steps (t >= T − tfinal).
+    tfinal: the mask is fixed at the target for the last max(tfinal, 1) steps.
     deltaT: prune every deltaT steps during the cubic phase.
     beta1, beta2: EMA factors (0.85).
     orth_reg: weight of the orthogonality penalty (0.5).
@@ -107,14 +109,14 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     ValueError: bad ranks or schedule (here), init_r > min(d_in, d_out) of a target (at init).
   """
   for nm, v, lo in (("init_r", init_r, 1), ("target_r", target_r, 1), ("deltaT", deltaT, 1),
-                    ("total_step", total_step, 1), ("tinit", tinit, 0), ("tfinal", tfinal, 0)):
+                    ("total_steps", total_steps, 1), ("tinit", tinit, 0), ("tfinal", tfinal, 0)):
     if isinstance(v, bool) or not isinstance(v, int) or v < lo:
       raise ValueError(f"adalora: {nm} must be an int >= {lo}, got {v!r}")
   if target_r > init_r:
     raise ValueError(f"adalora: target_r={target_r} > init_r={init_r}; AdaLoRA only prunes")
-  if not tinit < total_step - tfinal:
-    raise ValueError(f"adalora: need tinit < total_step - tfinal (got tinit={tinit}, "
-                     f"total_step={total_step}, tfinal={tfinal}); the budgeting phase is empty")
+  if not tinit < total_steps - tfinal:
+    raise ValueError(f"adalora: need tinit < total_steps - tfinal (got tinit={tinit}, "
+                     f"total_steps={total_steps}, tfinal={tfinal}); the budgeting phase is empty")
   if alpha is not None and not alpha > 0:
     raise ValueError(f"adalora: alpha must be > 0, got {alpha!r}")
   if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):
@@ -165,7 +167,7 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     step = jnp.asarray(step)
     budget, cubic_phase, final = budget_schedule(
         step, init_bgt=init_r * n, target_bgt=target_r * n, tinit=tinit, tfinal=tfinal,
-        total_step=total_step)
+        total_steps=total_steps)
     learning = ~final
     ipts, uncs, scores = {}, {}, []
     for p in paths:

@@ -43,18 +43,18 @@ def dense_ref(alpha, init_r):
   return ref
 
 
-def _peft_budget(step, init_bgt, target_bgt, tinit, tfinal, total_step):
+def _peft_budget(step, init_bgt, target_bgt, tinit, tfinal, total_steps):
   """PEFT's budget_schedule, re-written from its description (int truncation)."""
   if step <= tinit:
     return init_bgt
-  if step > total_step - tfinal:
+  if step > total_steps - tfinal:
     return target_bgt
-  mul = 1 - (step - tinit) / (total_step - tfinal - tinit)
+  mul = 1 - (step - tinit) / (total_steps - tfinal - tinit)
   return int((init_bgt - target_bgt) * mul ** 3 + target_bgt)
 
 
 def test_budget_schedule_matches_cubic():
-  kw = dict(init_bgt=24, target_bgt=16, tinit=10, tfinal=20, total_step=100)
+  kw = dict(init_bgt=24, target_bgt=16, tinit=10, tfinal=20, total_steps=100)
   for step in range(0, 100):
     b, _, _ = budget_schedule(step, **kw)
     if step == 100 - 20:     # we fix the final mask at T - tfinal (PEFT: the cubic hits target)
@@ -94,7 +94,7 @@ def _train(adapter, steps, lr=1e-2):
 
 def test_prunes_to_budget_and_compiles_once():
   total, tinit, tfinal = 16, 2, 4
-  ad = adalora(init_r=4, target_r=2, alpha=4.0, targets=DENSE, total_step=total, tinit=tinit,
+  ad = adalora(init_r=4, target_r=2, alpha=4.0, targets=DENSE, total_steps=total, tinit=tinit,
                tfinal=tfinal, deltaT=2)
   s0, s, history = _train(ad, total)
   assert sum(rank_allocation(s0).values()) == 8
@@ -117,7 +117,7 @@ def test_prunes_to_budget_and_compiles_once():
 
 def test_triplet_scores_prune_least_important():
   """A module whose loss does not depend on it (zero gradients) loses its triplets first."""
-  ad = adalora(init_r=3, target_r=2, targets=DENSE, total_step=4, tinit=0, tfinal=0)
+  ad = adalora(init_r=3, target_r=2, targets=DENSE, total_steps=4, tinit=0, tfinal=0)
   params = testing.tiny_params()
   base, state = ad.init(jax.random.key(0), params)
   state = testing.perturb(state, jax.random.key(1))
@@ -130,7 +130,7 @@ def test_triplet_scores_prune_least_important():
 
 
 def test_penalty_formula():
-  ad = adalora(init_r=3, target_r=2, targets=DENSE, total_step=10, orth_reg=0.5)
+  ad = adalora(init_r=3, target_r=2, targets=DENSE, total_steps=10, orth_reg=0.5)
   base, state = ad.init(jax.random.key(0), testing.tiny_params())
   state = testing.perturb(state, jax.random.key(1))
   terms = []
@@ -142,12 +142,12 @@ def test_penalty_formula():
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(init_r=2, target_r=3), "target_r"),
-    (dict(total_step=0), "total_step"),
-    (dict(tinit=5, tfinal=5, total_step=10), "tinit < total_step - tfinal"),
+    (dict(total_steps=0), "total_steps"),
+    (dict(tinit=5, tfinal=5, total_steps=10), "tinit < total_steps - tfinal"),
     (dict(deltaT=0), "deltaT"),
 ])
 def test_factory_errors(kwargs, match):
-  args = dict(init_r=4, target_r=2, targets=DENSE, total_step=10)
+  args = dict(init_r=4, target_r=2, targets=DENSE, total_steps=10)
   args.update(kwargs)
   with pytest.raises(ValueError, match=match):
     adalora(**args)
@@ -155,5 +155,5 @@ def test_factory_errors(kwargs, match):
 
 def test_rank_too_large_at_init():
   with pytest.raises(ValueError, match="rank=7"):
-    adalora(init_r=7, target_r=2, targets=DENSE, total_step=10).init(jax.random.key(0),
+    adalora(init_r=7, target_r=2, targets=DENSE, total_steps=10).init(jax.random.key(0),
                                                                      testing.tiny_params())
