@@ -44,6 +44,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import ops
 from lowrank_jax.models import _layers as L
 
 
@@ -141,18 +142,18 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 def _attention(p, x, positions, mask, cfg):
   b, t, _ = x.shape
   hd = cfg.dim_per_head
-  q = L.ops.dense(x, p["q_proj"]["kernel"]).reshape(b, t, cfg.num_heads, hd)
-  k = L.ops.dense(x, p["k_proj"]["kernel"]).reshape(b, t, cfg.num_kv_heads, hd)
-  v = L.ops.dense(x, p["v_proj"]["kernel"]).reshape(b, t, cfg.num_kv_heads, hd)
+  q = ops.dense(x, p["q_proj"]["kernel"]).reshape(b, t, cfg.num_heads, hd)
+  k = ops.dense(x, p["k_proj"]["kernel"]).reshape(b, t, cfg.num_kv_heads, hd)
+  v = ops.dense(x, p["v_proj"]["kernel"]).reshape(b, t, cfg.num_kv_heads, hd)
   q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
   o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)   # GQA built in
-  return L.ops.dense(o.reshape(b, t, cfg.num_heads * hd), p["o_proj"]["kernel"])
+  return ops.dense(o.reshape(b, t, cfg.num_heads * hd), p["o_proj"]["kernel"])
 
 
 def _mlp(p, x):
-  g = L.ops.dense(x, p["gate_proj"]["kernel"])
-  u = L.ops.dense(x, p["up_proj"]["kernel"])
-  return L.ops.dense(jax.nn.silu(g) * u, p["down_proj"]["kernel"])
+  g = ops.dense(x, p["gate_proj"]["kernel"])
+  u = ops.dense(x, p["up_proj"]["kernel"])
+  return ops.dense(jax.nn.silu(g) * u, p["down_proj"]["kernel"])
 
 
 def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
@@ -163,7 +164,7 @@ def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
   if positions is None:
     positions = jnp.broadcast_to(jnp.arange(t), (b, t))
   mask = L.key_padding_mask(attention_mask)
-  x = L.ops.embed(input_ids, params["embed"]["embedding"])
+  x = ops.embed(input_ids, params["embed"]["embedding"])
   for i in range(cfg.num_layers):
     lp = params["layers"][f"layer_{i}"]
     h = _attention(lp["attention"], L.rms_norm(lp["input_norm"], x, cfg.rms_norm_eps),
@@ -190,7 +191,7 @@ def apply(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
   """
   h = hidden_states(params, input_ids, cfg, positions=positions, attention_mask=attention_mask,
                     deterministic=deterministic, rng=rng)
-  return L.ops.dense(h, params["lm_head"]["kernel"])
+  return ops.dense(h, params["lm_head"]["kernel"])
 
 
 def num_params(cfg: LlamaConfig) -> int:

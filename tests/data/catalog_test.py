@@ -33,7 +33,7 @@ def test_digits_split_is_deterministic(tmp_path):
     assert a[i]["label"] == b[i]["label"]
 
 
-def test_wordnet_supersense(data_dir):
+def test_wordnet_supersense(data_dir, wordnet):
   splits = {s: data.load("wordnet_supersense", s, data_dir)
             for s in ("train", "validation", "test")}
   raw = {s.synset_id: s for s in _sources.iter_wordnet()}
@@ -55,7 +55,7 @@ def test_wordnet_supersense(data_dir):
   assert kapok.hypernyms == ("n13109733",)
 
 
-def test_fashion_mnist(data_dir):
+def test_fashion_mnist(data_dir, fashion):
   train, test = data.load("fashion_mnist", "train", data_dir), data.load("fashion_mnist", "test",
                                                                           data_dir)
   assert (len(train), len(test)) == (60_000, 10_000)

@@ -58,7 +58,7 @@ def test_checkpointable_state():
   np.testing.assert_array_equal(_ids(fresh, 5), want)
 
 
-def test_bad_arguments():
+def test_bad_arguments(minilm_wheel):
   with pytest.raises(ValueError, match="batch_size"):
     data.make_pipeline(SRC, batch_size=0)
   with pytest.raises(ValueError, match="shard_index"):
@@ -77,7 +77,7 @@ def _unpadded_tokenizer():
   return tok
 
 
-def test_wordnet_text_pipeline(data_dir):
+def test_wordnet_text_pipeline(data_dir, wordnet, minilm_wheel):
   src = data.load("wordnet_supersense", "validation", data_dir)
   tok = minilm.load_tokenizer(max_length=24)
   it = data.make_pipeline(src, batch_size=16, seed=0, shard_index=0, shard_count=1,

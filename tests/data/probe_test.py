@@ -11,7 +11,7 @@ from lowrank_jax.data import _sources
 from lowrank_jax.models import minilm
 
 
-def test_probe_pairs_are_deterministic_synonyms(data_dir):
+def test_probe_pairs_are_deterministic_synonyms(data_dir, wordnet):
   syn, rnd = data.probe_pairs(split="test", num_pairs=100, seed=0, data_dir=data_dir)
   syn2, rnd2 = data.probe_pairs(split="test", num_pairs=100, seed=0, data_dir=data_dir)
   assert syn == syn2 and rnd == rnd2 and len(syn) == len(rnd) == 100
@@ -36,7 +36,7 @@ def test_semantic_probe_score_on_known_embeddings():
   assert s["auc"] == 0.875   # pairs (1>0, 1>.71, .71>0, .71=.71 tie)
 
 
-def test_pretrained_minilm_separates_synonyms(data_dir):
+def test_pretrained_minilm_separates_synonyms(data_dir, wordnet, minilm_wheel):
   syn, rnd = data.probe_pairs(split="test", num_pairs=64, seed=0, data_dir=data_dir)
   params, cfg = minilm.load_pretrained()
   tok = minilm.load_tokenizer(max_length=8)

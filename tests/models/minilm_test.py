@@ -35,7 +35,7 @@ def _batch(tok, texts):
   return minilm.tokenize(tok, texts)
 
 
-def test_pretrained_similarity_acceptance():
+def test_pretrained_similarity_acceptance(minilm_wheel):
   params, cfg, tok = _pretrained()
   b = _batch(tok, SENTENCES)
   e = np.asarray(jax.jit(minilm.sentence_embedding, static_argnums=1)(
@@ -47,7 +47,7 @@ def test_pretrained_similarity_acceptance():
   assert sim[0, 3] < 0.1 and sim[1, 3] < 0.1, sim
 
 
-def test_pretrained_config_and_param_count():
+def test_pretrained_config_and_param_count(minilm_wheel):
   params, cfg, _ = _pretrained()
   assert cfg == minilm.MiniLMConfig.all_minilm_l6_v2()
   n = sum(x.size for x in jax.tree.leaves(params))
@@ -56,7 +56,7 @@ def test_pretrained_config_and_param_count():
   assert params["encoder"]["layer_5"]["mlp"]["intermediate"]["kernel"].shape == (384, 1536)
 
 
-def test_tokenizer_fixed_length():
+def test_tokenizer_fixed_length(minilm_wheel):
   tok = minilm.load_tokenizer(max_length=12)
   b = _batch(tok, ["short", "a much longer sentence that will certainly be truncated here ok"])
   assert b["input_ids"].shape == (2, 12) and b["input_ids"].dtype == np.int32
