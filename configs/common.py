@@ -82,19 +82,46 @@ def arg(**kw) -> dict:
 
 
 def adapter_config(method: str, *, rank: int, targets, alpha: Optional[float] = None,
-                   **extra) -> ml_collections.ConfigDict:
+                   total_steps: int = 0, **extra) -> ml_collections.ConfigDict:
   """The `config.adapter` sub-config of `method`: its name and factory keyword arguments.
 
-  Rank-like arguments are given per method as their factories expect them; `extra` overrides.
+  `rank` is a size knob mapped to each method's own arguments (LoRA-family rank r; IncreLoRA's
+  target rank; AdaLoRA's target rank with 1.5x initial rank; NOLA basis counts 16·r; intrinsic
+  dimension 64·r; KronA has no rank and ignores it). `extra` overrides or adds arguments.
+
+  Args:
+    method: a `lowrank_jax.registry` name.
+    rank: the size knob.
+    targets: regex(es) of the adapted kernels.
+    alpha: LoRA-style alpha (default 2·rank where the method has one).
+    total_steps: run length, for methods whose schedules depend on it (IncreLoRA).
+    **extra: more factory arguments.
   """
   targets = list(targets) if isinstance(targets, (tuple, list)) else targets
+  alpha = float(alpha if alpha is not None else 2 * rank)
   if method == "none":
     kw: dict = {}
-  elif method in ("lora", "pissa"):
-    kw = dict(rank=rank, alpha=float(alpha if alpha is not None else 2 * rank), targets=targets,
-              dropout=0.0)
-  else:
+  elif method in ("lora", "pissa", "corda"):
+    kw = dict(rank=rank, alpha=alpha, targets=targets, dropout=0.0)
+  elif method in ("sorsa",):
+    kw = dict(rank=rank, alpha=alpha, targets=targets)
+  elif method in ("loldu", "flora"):
     kw = dict(rank=rank, targets=targets)
+  elif method in ("krona", "diffusekrona"):
+    kw = dict(targets=targets)
+  elif method == "nola":
+    kw = dict(k=16 * rank, l=16 * rank, rank=rank, alpha=alpha, targets=targets)
+  elif method == "intrinsic":
+    kw = dict(d=64 * rank, projection="fastfood", targets=targets)
+  elif method == "increlora":
+    interval = max(total_steps // 10, 1)
+    kw = dict(target_rank=rank, init_rank=1, alpha=alpha, targets=targets,
+              init_warmup=interval, incre_interval=interval)
+  elif method == "adalora":
+    kw = dict(init_r=max(rank + rank // 2, rank + 1), target_r=rank, alpha=alpha, targets=targets,
+              tinit=max(total_steps // 10, 1), tfinal=max(total_steps // 5, 1))
+  else:
+    raise ValueError(f"configs.common.adapter_config: no defaults for method {method!r}")
   kw.update(extra)
   return ml_collections.ConfigDict({"method": method, **kw})
 

@@ -74,7 +74,7 @@ def clear_run(workdir: str):
   import shutil  # pylint: disable=g-import-not-at-top
   for name in ("ckpt", "tb", "adapter", "baseline"):
     shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-  for name in (CONFIG_FILE, "metrics.jsonl", "results.json"):
+  for name in (CONFIG_FILE, "metrics.jsonl", "ranks.jsonl", "results.json"):
     p = os.path.join(workdir, name)
     if os.path.exists(p):
       os.remove(p)

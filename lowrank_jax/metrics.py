@@ -20,6 +20,38 @@ def _to_py(v: Any) -> Any:
   return v.item() if v.ndim == 0 else v.tolist()
 
 
+def _truncate_jsonl(path: str, resume_step: int):
+  """Keeps the lines of steps <= resume_step (drops what an interrupted run wrote later)."""
+  if not os.path.exists(path):
+    return
+  kept = []
+  with open(path) as f:
+    for line in f:
+      try:
+        rec = json.loads(line)
+      except json.JSONDecodeError:   # a line cut by a kill
+        continue
+      if rec.get("step", 0) <= resume_step:
+        kept.append(line if line.endswith("\n") else line + "\n")
+  with open(path, "w") as f:
+    f.writelines(kept)
+
+
+class JsonlWriter:
+  """Appends `{"step": s, **record}` lines to a JSONL file (truncated past `resume_step`)."""
+
+  def __init__(self, path: str, resume_step: int = 0):
+    _truncate_jsonl(path, resume_step)
+    self._f = open(path, "a")
+
+  def write(self, step: int, record: Mapping[str, Any]):
+    self._f.write(json.dumps({"step": int(step), **record}) + "\n")
+    self._f.flush()
+
+  def close(self):
+    self._f.close()
+
+
 class MetricWriter:
   """Appends `{"step": s, name: value, ...}` lines to `workdir/metrics.jsonl` and scalars to
   TensorBoard event files in `workdir/tb` (through `tensorboardX`, if installed).
@@ -32,18 +64,7 @@ class MetricWriter:
 
   def __init__(self, workdir: str, resume_step: int = 0):
     self.path = os.path.join(workdir, "metrics.jsonl")
-    if os.path.exists(self.path):
-      kept = []
-      with open(self.path) as f:
-        for line in f:
-          try:
-            rec = json.loads(line)
-          except json.JSONDecodeError:   # a line cut by a kill
-            continue
-          if rec.get("step", 0) <= resume_step:
-            kept.append(line if line.endswith("\n") else line + "\n")
-      with open(self.path, "w") as f:
-        f.writelines(kept)
+    _truncate_jsonl(self.path, resume_step)
     self._f = open(self.path, "a")
     try:
       import tensorboardX  # pylint: disable=g-import-not-at-top

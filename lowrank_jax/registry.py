@@ -27,10 +27,11 @@ METHODS: dict[str, tuple[str, str]] = {
     "pissa": ("lowrank_jax.adapters.lora", "pissa"),
     "loldu": ("lowrank_jax.adapters.loldu", "loldu"),
     "krona": ("lowrank_jax.adapters.krona", "krona"),
+    "diffusekrona": ("lowrank_jax.adapters.krona", "diffusekrona"),
     "nola": ("lowrank_jax.adapters.nola", "nola"),
     "sorsa": ("lowrank_jax.adapters.sorsa", "sorsa"),
     "flora": ("lowrank_jax.adapters.flora", "flora"),
-    "intrinsic": ("lowrank_jax.adapters.intrinsic", "intrinsic"),
+    "intrinsic": ("lowrank_jax.adapters.intrinsic", "intrinsic_dimension"),
     "corda": ("lowrank_jax.adapters.corda", "corda"),
     "increlora": ("lowrank_jax.adapters.increlora", "increlora"),
     "adalora": ("lowrank_jax.adapters.adalora", "adalora"),
@@ -39,8 +40,19 @@ METHODS: dict[str, tuple[str, str]] = {
 # Methods whose `init` needs calibration statistics (`lowrank_jax.calibrate.collect`).
 NEEDS_STATS = frozenset({"corda"})
 
-# Methods whose factory takes `total_steps` (rank schedules of IncreLoRA / AdaLoRA).
-NEEDS_TOTAL_STEPS = frozenset({"increlora", "adalora"})
+# Methods whose rank allocation changes during training: name -> (module, `state -> {path: rank}`).
+RANK_ALLOCATION: dict[str, tuple[str, str]] = {
+    "increlora": ("lowrank_jax.adapters.increlora", "rank_allocation"),
+    "adalora": ("lowrank_jax.adapters.increlora", "rank_allocation"),
+}
+
+
+def rank_allocation_fn(name: str) -> Callable[[base_lib.AdapterState], dict] | None:
+  """`state -> {path: active rank}` for methods that grow/prune ranks, else None."""
+  if name not in RANK_ALLOCATION:
+    return None
+  module_name, attr = RANK_ALLOCATION[name]
+  return getattr(importlib.import_module(module_name), attr)
 
 
 def list_methods(available_only: bool = False) -> list[str]:

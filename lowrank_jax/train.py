@@ -448,9 +448,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     train_iter.set_state(data_state)
     logging.info("Resumed from the checkpoint at step %d", start)
   else:
-    state = jax.device_put(init_state(), repl)
+    # Distinct buffers per leaf (an init may share one array between leaves; donation needs each
+    # donated buffer once).
+    state = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), init_state()), repl)
   del ad_state, head_flat
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  rank_fn = registry.rank_allocation_fn(method)
+  ranks_writer = metrics_lib.JsonlWriter(os.path.join(workdir, "ranks.jsonl"), resume_step=start) \
+      if rank_fn is not None else None
   if start == 0:
     writer.write(0, {"trainable_params": n_trainable})
 
@@ -479,6 +484,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     if step % log_every == 0 or step == total:
       writer.write(step, {**m, "lr": float(make_schedule(config.optimizer, config.optimizer.lr,
                                                          total)(step - 1))})
+      if ranks_writer is not None:
+        ranks_writer.write(step, {"ranks": rank_fn(jax.device_get(
+            base_lib.AdapterState(state["adapter"], state["frozen"])))})
     if eval_every and (step % eval_every == 0) and step != total:
       writer.write(step, evaluate(state))
     if ckpt.maybe_save(step, state, train_iter.get_state()):
@@ -488,6 +496,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ev = evaluate(state)
   writer.write(total, ev)
   writer.close()
+  if ranks_writer is not None:
+    ranks_writer.close()
   ckpt.close()
 
   # -------------------------------------------------------------------------------------------
@@ -553,7 +563,11 @@ def _calibrate(config, model: Model, train_source, transform, targets):
   n = int(config.get("calib_batches", 8))
   batches = eval_batches(train_source, transform, config.batch_size, limit=n * config.batch_size)
   apply_fn = lambda p, b: model.apply(p, b, train=False, rng=None)
-  return calibrate.collect(apply_fn, model.params, batches, targets)
+  text = "attention_mask" in batches[0]
+  logging.info("calibrating %s on %d batches", config.adapter.method, len(batches))
+  return calibrate.collect(apply_fn, model.params, batches, targets,
+                           mask_key="attention_mask" if text else None,
+                           sample_scale="corda" if config.adapter.method == "corda" else None)
 
 
 def _export_peft(config, model: Model, host: dict, path: str):
