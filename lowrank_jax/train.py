@@ -308,6 +308,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     bcfg.adapter = ml_collections.ConfigDict({"method": "none"})
     logging.info("Training the frozen-base baseline (method 'none') into %s/baseline", workdir)
     baseline = train_and_evaluate(bcfg, os.path.join(workdir, "baseline"))
+  t_run = time.perf_counter()
 
   # -------------------------------------------------------------------------------------------
   # Workdir: a different config is refused; the same one resumes.
@@ -519,7 +520,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   results = {"method": method, "accuracy": ev["accuracy"], "eval_loss": ev["eval_loss"],
              "trainable_params": n_trainable, "adapter_params": n_adapter, "head_params": n_head,
              "steps": total, "resumed_from": start, "train_s": train_s,
-             "wall_s": time.perf_counter() - t_start, "adapter_path": adapter_path,
+             "wall_s": time.perf_counter() - (t_run if baseline is not None else t_start),
+             "total_wall_s": time.perf_counter() - t_start, "adapter_path": adapter_path,
              "adapter_bytes": _dir_bytes(adapter_path), "workdir": workdir,
              "config": config_dict}
   if baseline is not None:
@@ -548,6 +550,8 @@ def _print_summary(r: dict):
     lines.append(f"{r['method']} vs baseline: {r['accuracy']:.4f} vs {b['accuracy']:.4f} "
                  f"({'+' if r['accuracy'] >= b['accuracy'] else ''}"
                  f"{100 * (r['accuracy'] - b['accuracy']):.2f} points)")
+  if "baseline" in r:
+    lines.append(f"total wall time (baseline + {r['method']}): {r['total_wall_s']:.1f}s")
   if r.get("adapter_path"):
     lines.append(f"adapter saved to {r['adapter_path']} ({r['adapter_bytes'] / 1e6:.2f} MB)")
   print("\n".join(lines), flush=True)
