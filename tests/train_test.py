@@ -2,6 +2,7 @@
 import json
 import os
 import tempfile
+from unittest import mock
 
 from absl.testing import absltest
 import jax
@@ -73,6 +74,16 @@ class TrainTest(absltest.TestCase):
       with self.subTest(field):
         with self.assertRaisesRegex(ValueError, pattern):
           train.train_and_evaluate(_config(**{field: value}), tempfile.mkdtemp())
+
+  def test_missing_data_package_is_one_clear_error(self):
+    from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+    env = {"LOWRANK_JAX_FASHION_MNIST_DIR": tempfile.mkdtemp(),
+           data.DATA_DIR_ENV: tempfile.mkdtemp()}
+    c = _config(**{"model.name": "mlp_mnist", "dataset.name": "fashion_mnist"})
+    with mock.patch.dict(os.environ, env):
+      with self.assertRaisesRegex(data.MissingDataError,
+                                  "apt-get install -y dataset-fashion-mnist"):
+        train.train_and_evaluate(c, tempfile.mkdtemp())
 
   def test_head_and_adapter_clash(self):
     c = _config(head=r"dense_0/.*")
