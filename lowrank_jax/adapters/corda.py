@@ -60,6 +60,7 @@ from lowrank_jax.adapters import _leafwise
 from lowrank_jax.adapters.lora import LoRAFactors, lora_scale, validate_common
 
 MODES = ("ipa", "kpa")
+GAUGES = ("official", "balanced")
 
 
 class CordaInfo(NamedTuple):
@@ -110,14 +111,17 @@ def damped_inverse(cov, *, damping: float = 0.01, tol: float = 0.05, max_doublin
 
 
 def corda_decompose(w, cov, rank: int, mode: str = "ipa", *, scale: float = 1.0,
-                    damping: float = 0.01, damping_tol: float = 0.05,
+                    damping: float = 0.01, damping_tol: float = 0.05, gauge: str = "official",
                     what: str = "kernel") -> CordaDecomposition:
   """CorDA split of one 2-D kernel `w` (d_in, d_out) with input covariance `cov` (d_in, d_in).
 
-  Runs in fp32 (fp64 if `w` is fp64). See the module docstring for the formulas.
+  Runs in fp32 (fp64 if `w` is fp64). See the module docstring for the formulas and `corda` for
+  `gauge`.
   """
   if mode not in MODES:
     raise ValueError(f"corda: mode={mode!r}; valid: {MODES}")
+  if gauge not in GAUGES:
+    raise ValueError(f"corda: gauge={gauge!r}; valid: {GAUGES}")
   dtype = jnp.promote_types(jnp.float32, w.dtype)
   wk = jnp.asarray(w, dtype)
   d_in, d_out = wk.shape
@@ -133,14 +137,22 @@ def corda_decompose(w, cov, rank: int, mode: str = "ipa", *, scale: float = 1.0,
   root = jnp.sqrt(s[idx] / scale)
   a = (cinv @ v[:, idx]) * root[None, :]
   b = root[:, None] * ut[idx]
+  if gauge == "balanced":
+    # a_i b_iᵀ is unchanged by a_i·g, b_i/g; g = sqrt(‖b_i‖/‖a_i‖) equalizes the column norms.
+    na = jnp.linalg.norm(a, axis=0)
+    nb = jnp.linalg.norm(b, axis=1)
+    g = jnp.sqrt(jnp.where(na > 0, nb / jnp.where(na > 0, na, 1.0), 1.0))
+    g = jnp.where(g > 0, g, 1.0)
+    a = a * g[None, :]
+    b = b / g[:, None]
   resid = wk - scale * (a @ b)
   return CordaDecomposition(a, b, resid, delta, s, err)
 
 
 def corda(rank: int = 8, alpha: Optional[float] = None,
           targets: targeting.Targets = r".*kernel", *, mode: str = "ipa",
-          damping: float = 0.01, damping_tol: float = 0.05, dropout: float = 0.0,
-          use_rslora: bool = False, kernel_axes: targeting.AxesSpec = None,
+          damping: float = 0.01, damping_tol: float = 0.05, gauge: str = "official",
+          dropout: float = 0.0, use_rslora: bool = False, kernel_axes: targeting.AxesSpec = None,
           dtype=jnp.float32, impl: str = "custom_vjp"):
   """CorDA (IPA or KPA) on the targeted kernels; `init` needs calibration stats.
 
@@ -153,6 +165,14 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
       covariance).
     damping: initial δ of the damping C + δ·mean(diag C)·I (0.01, PEFT/official).
     damping_tol: δ doubles until ‖C̃C̃⁻¹ − I‖_F < damping_tol (0.05, PEFT/official).
+    gauge: how the product s·a·b is split between the factors (it is the same either way, and so
+      are the merged weights). "official": b = √S·Uᵀ, a = C̃⁻¹V·√S (official code and PEFT).
+      "balanced": each component rescaled so that ‖a_i‖ = ‖b_i‖ (UNCONFIRMED addition, not in
+      the paper). Why it matters: C̃⁻¹ makes a large and b small wherever the calibration inputs
+      have little energy, and the split also depends on the covariance normalisation (C → cC
+      scales a by 1/√c and b by √c: per-token vs per-sample normalisation, the per-sample
+      1/|max| rescale). Adam moves every element by ~lr whatever its size, so with the official
+      gauge a step of lr changes b by a large *relative* amount (the official scripts use lr 2e-5).
     dropout: adapter-branch input dropout rate (should stay 0, as for PiSSA).
     use_rslora: scale alpha/√r instead of alpha/r.
     kernel_axes: in/out axes for targets with more than 2 dims; the covariance must then be over
@@ -173,6 +193,8 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
   validate_common("corda", rank, alpha, dropout)
   if mode not in MODES:
     raise ValueError(f"corda: mode={mode!r}; valid: {MODES}")
+  if gauge not in GAUGES:
+    raise ValueError(f"corda: gauge={gauge!r}; valid: {GAUGES}")
   if not damping > 0 or not damping_tol > 0:
     raise ValueError(f"corda: damping={damping!r} and damping_tol={damping_tol!r} must be > 0")
   if impl not in ("custom_vjp", "autodiff"):
@@ -188,7 +210,8 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
       raise ValueError(f"{name}: stats for {info.path} have no input covariance; collect with "
                        f"kinds=('covariance', ...)")
     dec = corda_decompose(w.reshape(info.d_in, info.d_out), cov, rank, mode, scale=scale,
-                          damping=damping, damping_tol=damping_tol, what=info.path)
+                          damping=damping, damping_tol=damping_tol, gauge=gauge,
+                          what=info.path)
     resid = dec.residual.reshape(info.shape).astype(info.dtype)
     factors = LoRAFactors(dec.a.reshape(info.in_shape + (rank,)).astype(dtype),
                           dec.b.reshape((rank,) + info.out_shape).astype(dtype))

@@ -45,12 +45,13 @@ def _projector(m, r, top):
   return v @ v.T
 
 
-@pytest.mark.parametrize("mode", ["ipa", "kpa"])
-def test_gauge_invariant_identity_pytorch_orientation(mode):
+@pytest.mark.parametrize("mode, gauge", [("ipa", "official"), ("kpa", "official"),
+                                         ("kpa", "balanced")])
+def test_gauge_invariant_identity_pytorch_orientation(mode, gauge):
   params = testing.tiny_params()
   stats = _stats(params)
   r, alpha = 2, 3.0
-  ad = corda(r, alpha, DENSE, mode=mode)
+  ad = corda(r, alpha, DENSE, mode=mode, gauge=gauge)
   base, state = ad.init(jax.random.key(0), params, stats)
   deltas = damping_used(state)
   for path in DENSE:
@@ -65,6 +66,12 @@ def test_gauge_invariant_identity_pytorch_orientation(mode):
     p_r = _projector(w_t @ ct, r, top=(mode == "ipa"))
     expected = w_t @ ct @ p_r @ np.linalg.inv(ct)
     np.testing.assert_allclose(s * b_t @ a_t, expected, rtol=2e-4, atol=2e-5)
+    if gauge == "balanced":
+      np.testing.assert_allclose(np.linalg.norm(a_t, axis=1), np.linalg.norm(b_t, axis=0),
+                                 rtol=1e-4)
+    else:   # official: B = U_r √S_r has orthogonal columns of norm √S_i (PEFT lora_B).
+      g = b_t.T @ b_t
+      np.testing.assert_allclose(g - np.diag(np.diag(g)), 0.0, atol=1e-5)
     # Frozen residual + adapter == W.
     res = np.asarray(dict(tree_lib.flatten_with_names(base)[0])[path], np.float64).T
     np.testing.assert_allclose(res + s * b_t @ a_t, w_t, atol=1e-5)
@@ -142,6 +149,7 @@ def test_stats_as_flat_dict_of_matrices():
     (dict(mode="middle"), "mode"),
     (dict(rank=0), "rank"),
     (dict(damping=0.0), "damping"),
+    (dict(gauge="left"), "gauge"),
 ])
 def test_factory_errors(kwargs, match):
   args = dict(rank=2, targets=DENSE)
