@@ -62,22 +62,32 @@ def _cg(matvec, b, x0, thresh, maxiter):
 
 
 def _neumann(matvec, b, x0, thresh, maxiter, alpha):
-  """Richardson iteration u <- u + alpha (b - A u): the truncated Neumann series when u0 = 0."""
+  """Richardson iteration u <- u + alpha (b - A u): the truncated Neumann series when u0 = 0.
+
+  Returns the iterate with the smallest residual seen, so a diverging series (alpha too large, or
+  an indefinite operator) degrades to its best partial sum instead of blowing up.
+  """
   r0 = b - matvec(x0)
+  n0 = jnp.linalg.norm(r0)
 
   def cond(s):
-    _, r, k = s
+    _, r, k, _, _ = s
     return (jnp.linalg.norm(r) > thresh) & (k < maxiter) & jnp.all(jnp.isfinite(r))
 
   def body(s):
-    x, r, k = s
+    x, r, k, best, best_n = s
     x_new = x + alpha * r
     r_new = b - matvec(x_new)
-    ok = jnp.all(jnp.isfinite(r_new))  # keep the last finite iterate if the series diverges
-    return jnp.where(ok, x_new, x), jnp.where(ok, r_new, jnp.full_like(r, jnp.nan)), k + 1
+    n_new = jnp.linalg.norm(r_new)
+    ok = jnp.isfinite(n_new)
+    better = ok & (n_new < best_n)
+    best = jnp.where(better, x_new, best)
+    best_n = jnp.where(better, n_new, best_n)
+    return (jnp.where(ok, x_new, x), jnp.where(ok, r_new, jnp.full_like(r, jnp.nan)), k + 1,
+            best, best_n)
 
-  x, _, k = lax.while_loop(cond, body, (x0, r0, jnp.asarray(0, jnp.int32)))
-  return x, k
+  _, _, k, best, _ = lax.while_loop(cond, body, (x0, r0, jnp.asarray(0, jnp.int32), x0, n0))
+  return best, k
 
 
 def _gmres(matvec, b, x0, thresh, maxiter, restart):
