@@ -5,10 +5,25 @@
 >>> adapter = lj.lora(rank=2, targets=r'layer/kernel')
 >>> base, state = adapter.init(jax.random.key(0), params)
 >>> y = lj.ops.dense(jnp.ones((1, 8)), adapter.apply(base, state)['layer']['kernel'])
+
+Submodules loaded on first use: `models`, `data`, `train`, `calibrate`, `implicit`, `bilevel`,
+`adapter_io`, `checkpoint`, `registry`, `testing`.
 """
+import importlib as _importlib
+
 from lowrank_jax import ops
 from lowrank_jax import targeting
+from lowrank_jax import tree
+from lowrank_jax.adapters.adalora import adalora
+from lowrank_jax.adapters.corda import corda
+from lowrank_jax.adapters.flora import flora
+from lowrank_jax.adapters.increlora import increlora
+from lowrank_jax.adapters.intrinsic import intrinsic_dimension
+from lowrank_jax.adapters.krona import diffusekrona, krona
+from lowrank_jax.adapters.loldu import loldu
 from lowrank_jax.adapters.lora import LoRAFactors, lora, pissa
+from lowrank_jax.adapters.nola import nola
+from lowrank_jax.adapters.sorsa import sorsa
 from lowrank_jax.base import (Adapter, AdapterState, EmptyState, count_params, identity,
                               with_trainable)
 from lowrank_jax.combine import chain, partition
@@ -17,3 +32,12 @@ from lowrank_jax.structured import LowRank, Structured, materialize, merge
 from lowrank_jax.targeting import KernelAxes
 
 __version__ = "0.1.0"
+
+_LAZY = ("models", "data", "train", "calibrate", "implicit", "bilevel", "adapter_io",
+         "checkpoint", "registry", "testing", "metrics")
+
+
+def __getattr__(name):
+  if name in _LAZY:
+    return _importlib.import_module(f"lowrank_jax.{name}")
+  raise AttributeError(f"module 'lowrank_jax' has no attribute {name!r}")
