@@ -191,4 +191,5 @@ def krona(a1: Optional[int] = None, a2: Optional[int] = None,
 
 def diffusekrona(a1: int = 64, a2: int = 8, targets: targeting.Targets = r".*kernel", **kwargs):
   """DiffuseKronA: `krona` with the official defaults a1 = 64, a2 = 8 and its init."""
-  return krona(a1, a2, targets, init="diffusekrona", **kwargs)
+  kwargs.setdefault("init", "diffusekrona")
+  return krona(a1, a2, targets, **kwargs)

@@ -71,6 +71,11 @@ CASES = [
              **lowrank_ref(1.0)(base, lj.AdapterState(s.trainable["a"], {})),
              **lowrank_ref(1.0)(base, lj.AdapterState(s.trainable["b"], {}))}),
     # --- seed adapters (issue 5) ---
+    # Factories and hand-written dense references live in each method's test module
+    # (tests/adapters/<method>_test.py: CONTRACT_CASES), imported here without touching the
+    # imports above.
+    *[Case(**c) for m in ("loldu", "krona", "nola", "sorsa", "flora", "intrinsic")
+      for c in __import__(f"tests.adapters.{m}_test", fromlist=["CONTRACT_CASES"]).CONTRACT_CASES],
     # --- data-aware / dynamic-rank adapters (issue 6) ---
     # CorDA's stats come from lowrank_jax.calibrate.collect on the tiny model; the IncreLoRA and
     # AdaLoRA references are written slot by slot from their formulas in tests/adapters/*_test.py.
