@@ -251,3 +251,17 @@ def test_ridge_option_biases_and_custom_solve_callable():
   user = custom_root(ridge_grad, solve=dense_solve, config=TIGHT)(cg_inner_solver)
   g = jax.grad(lambda l: outer_loss(user(jnp.zeros(6), l, x, y), l, xv, yv))(1.0)
   assert abs(float(g) - exact) <= 1e-8 * max(1.0, abs(exact))
+
+
+def test_check_implicit_grad_catches_a_wrong_backward():
+  @jax.custom_vjp
+  def f(t):
+    return jnp.sum(t ** 2)
+
+  f.defvjp(lambda t: (f(t), t), lambda t, g: (3.0 * g * t,))   # wrong: should be 2 g t
+  with pytest.raises(AssertionError, match="implicit gradient check failed"):
+    check_implicit_grad(f, jnp.arange(1.0, 4.0))
+  res = check_implicit_grad(f, jnp.arange(1.0, 4.0), raise_on_failure=False, coordinates=True)
+  assert not res.passed and len(res.fd_directional) == 3 + 3
+  with pytest.raises(ValueError, match="reference"):
+    check_implicit_grad(f, jnp.ones(2), against=("reference",))
