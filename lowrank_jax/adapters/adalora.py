@@ -7,7 +7,7 @@ SVD-form update, our flax layout (W_k (d_in, d_out)):
 
 = PEFT's `lora_B (lora_A ⊙ lora_E)` transposed (P = lora_B = bᵀ, Q = lora_A = aᵀ, Λ = lora_E = λ).
 r = `init_r` slots per module; PEFT keeps `ranknum` = r fixed, so the scale does not change when
-triplets are pruned. Init (PEFT): a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0). The mask m (frozen buffer)
+triplets are pruned (UNCONFIRMED: read from PEFT's layer code as summarised in METHODS.md, not run). Init (PEFT): a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0). The mask m (frozen buffer)
 replaces PEFT's in-place `masked_fill` of E; pruned λ's are also set to 0.
 
 `adapter.update(state, grads, step)` (every step, in the jitted step, gradients of
