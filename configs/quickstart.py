@@ -9,8 +9,12 @@ the classification head trains; in `workdir/baseline`) and LoRA (rank 8 on the a
 and value kernels, plus the head), then prints both validation accuracies, the trainable parameter
 count and where the adapter was saved (`workdir/adapter`, and the PEFT layout in `workdir/peft`).
 
-Expected result: see the README table (baseline ~0.50, LoRA ~0.56 validation accuracy on 2,000
-glosses, 41 classes).
+Expected result (seed 0, measured 2026-11-28 on the 2-core CPU): validation accuracy on 1,500
+glosses (41 classes) of 0.6647 for the baseline (15,785 trainable params) and 0.7580 for LoRA
+(89,513 trainable params = 73,728 adapter + 15,785 head); adapter file 0.37 MB. Total CPU time
+(user + sys) 262 s for both runs; wall time 7:55 while ~8 other processes shared the 2 cores, so
+under 5 minutes on an idle machine. The head learning rate (2e-2) is the best of {5e-3, 2e-2,
+5e-2} for the baseline (0.630 / 0.665 / 0.660) and is used by both runs.
 
 Args (after `:`): method (lora), rank (8), seed (0), steps (200), runlocal (False: 20 steps,
 200 eval examples, for CI and Colab smoke tests).
@@ -44,7 +48,7 @@ def get_config(arg=None):
   c.dataset.shuffle_seed = a.seed
   c.adapter = common.adapter_config(a.method, rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)
   c.optimizer.lr = 2e-3
-  c.optimizer.head_lr = 5e-3
+  c.optimizer.head_lr = 2e-2   # best of {5e-3, 2e-2, 5e-2} for the frozen-encoder baseline
   c.optimizer.wd = 0.0
   c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 20
