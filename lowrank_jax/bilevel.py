@@ -118,11 +118,11 @@ def ift_hypergradient(inner_loss: Callable, outer_loss: Callable, w: PyTree, lam
   gw_out, glam_out = jax.grad(outer_loss, argnums=(0, 1))(w, lam, *outer_args)
   grad_w = lambda w_, lam_: jax.grad(inner_loss)(w_, lam_, *inner_args)
 
-  def hvp(v):
-    return jax.jvp(lambda w_: grad_w(w_, lam), (w,), (v,))[1]
-
+  # Linearise once: the primal part of the Hessian-vector product (forward pass, and anything
+  # that depends only on lam, e.g. a CorDA residual) is computed once, not once per iteration.
+  inner_g, hvp = jax.linearize(lambda w_: grad_w(w_, lam), w)
   u, info = linear_solve(hvp, gw_out, x0=u0, config=config)
-  inner_g, vjp_lam = jax.vjp(lambda l: grad_w(w, l), lam)
+  _, vjp_lam = jax.vjp(lambda l: grad_w(w, l), lam)
   (cross,) = vjp_lam(u)
   hyper = jax.tree.map(lambda a, b: a - b, glam_out, cross)
   return hyper, HypergradInfo(u, info.residual, info.iterations, info.converged,

@@ -44,7 +44,7 @@ class AdjointConfig:
       ``"ignore"``, ``"warn"`` (a `RuntimeWarning` emitted from inside the computation via
       `jax.debug.callback`) or ``"raise"`` (a `RuntimeError` raised from the callback; under `jit`
       it surfaces as a `JaxRuntimeError` carrying the message). In every case the returned
-      cotangent is the last (finite) iterate, never NaN.
+      cotangent is the best finite iterate (smallest residual seen), never NaN.
 
   Example:
     >>> cfg = AdjointConfig(method="cg", tol=1e-12, maxiter=200)

@@ -34,16 +34,20 @@ def _finish(matvec, b, x, iters, thresh, bnorm):
 
 
 def _cg(matvec, b, x0, thresh, maxiter):
-  """Conjugate gradients; stops on tolerance, maxiter, or breakdown (p^T A p <= 0 / non-finite)."""
+  """Conjugate gradients; stops on tolerance, maxiter, or breakdown (p^T A p <= 0 / non-finite).
+
+  Returns the iterate with the smallest (recursive) residual seen: on an ill-conditioned or
+  indefinite system that has lost orthogonality, this is the best partial answer, never a blow-up.
+  """
   r0 = b - matvec(x0)
   rr0 = _dot(r0, r0)
 
   def cond(s):
-    _, _, _, rr, k, broken = s
+    _, _, _, rr, k, broken, _, _ = s
     return (jnp.sqrt(rr) > thresh) & (k < maxiter) & ~broken
 
   def body(s):
-    x, r, p, rr, k, _ = s
+    x, r, p, rr, k, _, best, best_rr = s
     ap = matvec(p)
     pap = _dot(p, ap)
     bad = ~(pap > 0) | ~jnp.isfinite(pap)
@@ -51,14 +55,18 @@ def _cg(matvec, b, x0, thresh, maxiter):
     x = x + alpha * p
     r = r - alpha * ap
     rr_new = _dot(r, r)
+    bad = bad | ~jnp.isfinite(rr_new)
     beta = rr_new / jnp.where(rr > 0, rr, 1.0)
     p = r + beta * p
     rr_new = jnp.where(bad, rr, rr_new)
-    return x, r, p, rr_new, k + 1, bad
+    better = ~bad & (rr_new < best_rr)
+    best = jnp.where(better, x, best)
+    best_rr = jnp.where(better, rr_new, best_rr)
+    return x, r, p, rr_new, k + 1, bad, best, best_rr
 
-  x, _, _, _, k, _ = lax.while_loop(
-      cond, body, (x0, r0, r0, rr0, jnp.asarray(0, jnp.int32), jnp.asarray(False)))
-  return x, k
+  init = (x0, r0, r0, rr0, jnp.asarray(0, jnp.int32), jnp.asarray(False), x0, rr0)
+  _, _, _, _, k, _, best, _ = lax.while_loop(cond, body, init)
+  return best, k
 
 
 def _neumann(matvec, b, x0, thresh, maxiter, alpha):
@@ -156,7 +164,8 @@ def linear_solve(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree | Non
 
   Returns:
     ``(x, info)`` with ``x`` shaped like ``b`` and ``info`` a `SolveInfo`. Non-convergence is
-    reported in ``info``, never raised here; ``x`` is the last finite iterate.
+    reported in ``info``, never raised here; ``x`` is a finite iterate (CG and Neumann return
+    the one with the smallest residual seen).
 
   Raises:
     ValueError: for an unknown method.

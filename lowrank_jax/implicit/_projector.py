@@ -115,7 +115,7 @@ def kept_subspace_projector(g: jax.Array, r: int, which: str = "largest",
   CG misses its tolerance *or* the relative gap at the cut is below ``gap_tol`` (there the
   subspace, hence P, is not differentiable). By default (``on_nonconvergence="raise"``) it raises
   a `RuntimeError` (a `JaxRuntimeError` under `jit`) naming the residual and the gap; with
-  ``"warn"``/``"ignore"`` it returns the last finite CG iterate. The flag, residual, iterations and
+  ``"warn"``/``"ignore"`` it returns the best finite CG iterate. The flag, residual, iterations and
   relative gap are also readable through an `AdjointDiagnostics` probe, and the forward gap via
   ``return_info=True``.
 

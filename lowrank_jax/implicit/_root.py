@@ -63,7 +63,7 @@ def _raise_or_warn(policy: str, context: str):
            f"{float(jnp.max(residual)):.3e} after {int(jnp.max(iterations))} iterations")
     if float(jnp.max(gap)) != 0.0 or float(jnp.min(gap)) != 0.0:
       msg += f"; relative eigengap at the rank cut {float(jnp.min(gap)):.3e}"
-    msg += "). The returned cotangent is the last finite iterate and may be inaccurate."
+    msg += "). The returned cotangent is the best finite iterate (smallest residual) and may be inaccurate."
     if policy == "raise":
       raise RuntimeError(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=2)

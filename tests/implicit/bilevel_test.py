@@ -50,12 +50,12 @@ def test_unrolled_reference_matches_ift_and_truncation_is_biased():
                                                 checkpoint=False)
   np.testing.assert_allclose(g_nock, g_unr, rtol=1e-12)
   errs = []
-  for t in (2, 10, 50, 500):
+  for t in (2, 20, 500):
     _, g_t, _ = bilevel.unrolled_hypergradient(step, outer_loss, jnp.zeros(6), lam, 2000,
                                                truncate=t, inner_args=(x, y),
                                                outer_args=(xv, yv))
     errs.append(float(jnp.max(jnp.abs(g_t - g_ift))))
-  assert errs[0] > errs[1] > errs[2] > errs[3] and errs[3] < 1e-8, errs
+  assert errs[0] > errs[1] > errs[2] and errs[2] < 1e-8, errs
   with pytest.raises(ValueError, match="truncate"):
     bilevel.unrolled_hypergradient(step, outer_loss, jnp.zeros(6), lam, 5, truncate=6,
                                    inner_args=(x, y), outer_args=(xv, yv))
@@ -155,8 +155,8 @@ def test_corda_damping_and_mix_hypergradient_through_the_frozen_residual():
     assert abs(float(g[k]) - float(fd)) <= 1e-6 * max(1.0, abs(float(fd))), (k, g[k], fd)
   # A few outer steps keep damping > 0 and mix in (0, 1) and lower the validation loss.
   res = bilevel.tune_hyperparameters(
-      inner, outer, solve(theta), theta, inner_solver=lambda dw, th, a, b: solve(th),
-      outer_optimizer=optax.adam(0.2), outer_steps=8,
+      inner, outer, solve(theta), theta, inner_solver=jax.jit(lambda dw, th, a, b: solve(th)),
+      outer_optimizer=optax.adam(0.2), outer_steps=4,
       constraints={"damping": bilevel.positive(), "mix": bilevel.interval(0.0, 1.0)},
       inner_args=(x, y), outer_args=(xv, yv), config=cfg)
   lam = res.hyperparams
