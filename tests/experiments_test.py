@@ -16,7 +16,7 @@ import safetensors.numpy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIG = "configs/digits_lora.py:runlocal"
-LONG = ["--config.total_steps=300", "--config.ckpt_every=20", "--config.keep_ckpts=3",
+LONG = ["--config.total_steps=200", "--config.ckpt_every=20", "--config.keep_ckpts=3",
         "--config.eval_every=0", "--config.log_every=50"]
 
 
