@@ -76,8 +76,8 @@ def ridge_figures():
       wk = step(wk, lam, x, y)
     g, info = bilevel.ift_hypergradient(inner_loss, outer_loss, wk, lam, inner_args=(x, y),
                                         outer_args=(xv, yv), config=tight)
-    print(f"  K={k:5d}: |grad L_T|={float(info.inner_grad_norm):.2e}  |err|={abs(float(g) - closed):.2e}"
-          f"  finite={bool(np.isfinite(float(g)))}")
+    print(f"  K={k:5d}: |grad L_T|={float(info.inner_grad_norm):.2e}  "
+          f"|err|={abs(float(g) - closed):.2e}  finite={bool(np.isfinite(float(g)))}")
 
 
 def corda_figures():

@@ -1,6 +1,7 @@
 """Bilevel tuning of per-feature weight decay for logistic regression on sklearn digits.
 
-Run: ``python -m experiments.bilevel_digits`` (CPU, float64, about 10-20 s on 2 cores).
+Run: ``python -m experiments.bilevel_digits`` (CPU, float64; 35-85 s wall on a shared 2-core
+machine under heavy load).
 
 Setup (deterministic): `sklearn.datasets.load_digits` (1797 images, 64 pixel features / 16),
 permuted with ``numpy.random.default_rng(seed)``; ``n_train`` training, ``n_val`` validation and
@@ -11,8 +12,15 @@ with ``L_T = mean CE(train) + 0.5 sum_j lam_j |W_j|^2`` (bias unregularised). Ou
 Baseline: the best *shared* weight decay over a log grid, each point solved to convergence with
 L-BFGS. Tuned: 64 per-feature decays initialised at the grid best, optimised with Adam on
 ``log lam`` (`lowrank_jax.bilevel.positive`) using IFT hypergradients (CG adjoint) while the inner
-model is trained with warm-started L-BFGS (25 steps per outer step). The tuned decays are evaluated after re-solving the
-inner problem to convergence. Prints validation and test losses and accuracies of both.
+model is trained with warm-started L-BFGS (25 steps per outer step). The tuned decays are evaluated
+after re-solving the inner problem to convergence. Prints validation and test losses and
+accuracies of both.
+
+Measured (defaults, seed 0; 300 / 600 / 897 examples): grid best shared lam = 1e-4 with validation
+loss 0.21146 (test 0.16703, test accuracy 0.9465); per-feature lam after 40 outer steps:
+validation loss 0.15143 (test 0.17915, test accuracy 0.9365). The hypergradient does its job on
+the validation objective, but 64 hyperparameters fitted on 600 validation examples overfit them:
+the held-out test loss does not improve.
 """
 from __future__ import annotations
 

@@ -336,7 +336,8 @@ class TuneResult(NamedTuple):
 
 def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyTree,
                          hyperparams: PyTree, *, outer_optimizer: optax.GradientTransformation,
-                         outer_steps: int, inner_optimizer: optax.GradientTransformation | None = None,
+                         outer_steps: int,
+                         inner_optimizer: optax.GradientTransformation | None = None,
                          inner_steps: int = 0, inner_solver: Callable | None = None,
                          constraints=None, inner_args: Sequence = (),
                          outer_args: Sequence = (), hypergradient: str = "ift",

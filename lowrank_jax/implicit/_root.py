@@ -63,7 +63,8 @@ def _raise_or_warn(policy: str, context: str):
            f"{float(jnp.max(residual)):.3e} after {int(jnp.max(iterations))} iterations")
     if float(jnp.max(gap)) != 0.0 or float(jnp.min(gap)) != 0.0:
       msg += f"; relative eigengap at the rank cut {float(jnp.min(gap)):.3e}"
-    msg += "). The returned cotangent is the best finite iterate (smallest residual) and may be inaccurate."
+    msg += ("). The returned cotangent is the best finite iterate (smallest residual) and may "
+            "be inaccurate.")
     if policy == "raise":
       raise RuntimeError(msg)
     warnings.warn(msg, RuntimeWarning, stacklevel=2)
@@ -101,6 +102,9 @@ def _check_probe(diagnostics):
 
 def _solve_adjoint(matvec, b, solve, config):
   if callable(solve) and not isinstance(solve, str):
+    if config.ridge:
+      plain = matvec
+      matvec = lambda v: jax.tree.map(lambda a, x: a + config.ridge * x, plain(v), v)
     out = solve(matvec, b)
     if isinstance(out, tuple) and len(out) == 2 and isinstance(out[1], SolveInfo):
       return out

@@ -46,7 +46,8 @@ def _to_x64(tree):
 
 
 def check_implicit_grad(fn: Callable[[PyTree], jax.Array], theta: PyTree, *,
-                        against: Sequence[str] = ("fd",), reference: Callable | PyTree | None = None,
+                        against: Sequence[str] = ("fd",),
+                        reference: Callable | PyTree | None = None,
                         eps: float = 1e-6, rtol: float = 1e-6, atol: float = 1e-8,
                         num_directions: int = 3, coordinates: bool = False, seed: int = 0,
                         x64: bool = True, jit: bool = True,
