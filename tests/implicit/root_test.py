@@ -266,3 +266,17 @@ def test_check_implicit_grad_catches_a_wrong_backward():
   assert not res.passed and len(res.fd_directional) == 3 + 3
   with pytest.raises(ValueError, match="reference"):
     check_implicit_grad(f, jnp.ones(2), against=("reference",))
+
+
+def test_has_aux_and_warm_start_config():
+  x, y, xv, yv = _ridge_data()
+
+  def solver_aux(w0, lam, a, b):
+    return exact_ridge(lam, a, b), {"iters": jnp.asarray(1)}
+
+  s = custom_root(ridge_grad, config=TIGHT.replace(warm_start=True), has_aux=True)(solver_aux)
+  g = jax.grad(lambda l: outer_loss(s(jnp.zeros(6), l, x, y)[0], l, xv, yv))(1.0)
+  expected = float(closed_form_hypergrad(1.0, x, y, xv, yv))
+  assert abs(float(g) - expected) <= 1e-8 * max(1.0, abs(expected))
+  sol, aux = s(jnp.zeros(6), 1.0, x, y)
+  assert sol.shape == (6,) and int(aux["iters"]) == 1
