@@ -274,7 +274,8 @@ def collect(apply_fn: Callable[[Any, Any], Any], params: Any, batches: Iterable[
 
   Returns:
     A nested dict mirroring `params` (targets only) of `CalibStats` with `cov = XᵀX/N`,
-    `count = N` and optionally `out_cov = YᵀY/N`; accepted by `adapter.init(key, params, stats=...)`.
+    `count = N` and optionally `out_cov = YᵀY/N`; accepted by
+    `adapter.init(key, params, stats=...)`.
 
   Raises:
     ValueError: bad kinds/sample_scale/mask options, targets matching nothing, no batches, a

@@ -7,13 +7,15 @@ SVD-form update, our flax layout (W_k (d_in, d_out)):
 
 = PEFT's `lora_B (lora_A ⊙ lora_E)` transposed (P = lora_B = bᵀ, Q = lora_A = aᵀ, Λ = lora_E = λ).
 r = `init_r` slots per module; PEFT keeps `ranknum` = r fixed, so the scale does not change when
-triplets are pruned (UNCONFIRMED: read from PEFT's layer code as summarised in METHODS.md, not run). Init (PEFT): a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0). The mask m (frozen buffer)
-replaces PEFT's in-place `masked_fill` of E; pruned λ's are also set to 0.
+triplets are pruned (UNCONFIRMED: as summarised in METHODS.md, not run here). Init (PEFT):
+a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0). The mask m (frozen buffer) replaces PEFT's in-place
+`masked_fill` of E; pruned λ's are also set to 0.
 
 `adapter.update(state, grads, step)` (every step, in the jitted step, gradients of
 `state.trainable`):
 
-* while `step < T − max(tfinal, 1)` (T = total_steps, PEFT's `total_step`): element-wise sensitivity |θ·∇θ| of a, b, λ, smoothed
+* while `step < T − max(tfinal, 1)` (T = total_steps, PEFT's `total_step`): element-wise
+  sensitivity |θ·∇θ| of a, b, λ, smoothed
   Ī ← β1·Ī + (1−β1)·|θ∇θ|, Ū ← β2·Ū + (1−β2)·|θ∇θ − Ī| (β1 = β2 = 0.85); per triplet
   score_i = Ī_λi·Ū_λi + mean_j(Ī·Ū)_{a, ji} + mean_k(Ī·Ū)_{b, ik} (λ_i with the mean scores of its
   P column and Q row, as PEFT's `_combine_ipt`).
