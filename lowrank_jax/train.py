@@ -330,9 +330,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Model and data.
   # -------------------------------------------------------------------------------------------
   dcfg = config.dataset
-  rng = jax.random.key(config.seed)
-  k_model, k_adapter, rng_loop = jax.random.split(rng, 3)
-  del rng
+  k_model, k_adapter, rng_loop = run_keys(config.seed)
   model = make_model(config.model, num_classes_of(dcfg.name), k_model, dcfg.get("seq_len", 0))
   transform = make_transform(dcfg, model.tokenizer)
   train_source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
@@ -531,6 +529,49 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     json.dump(results, f, indent=2, default=str)
   _print_summary(results)
   return results
+
+
+def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
+  """(model init key, adapter init key, loop key) of a run: `split(key(seed), 3)`."""
+  return tuple(jax.random.split(jax.random.key(seed), 3))
+
+
+def load_trained(config: ml_collections.ConfigDict, adapter_path: str) -> tuple[Any, Model]:
+  """Rebuilds a finished run's adapted params from its config and adapter file (no checkpoint).
+
+  The base params are re-created exactly as the run made them (pretrained weights, or the same
+  init keys; residual methods re-run their deterministic init), then the saved adapter state and
+  head are applied.
+
+  Args:
+    config: the run's config.
+    adapter_path: the run's `workdir/adapter` directory (`adapter_io.save_adapter`).
+
+  Returns:
+    (params, model): params with structured adapted leaves (`lowrank_jax.merge` makes them dense)
+    and the `Model` whose `apply(params, batch, train=False, rng=None)` gives logits.
+  """
+  from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
+  check_config(config)
+  k_model, k_adapter, _ = run_keys(config.seed)
+  dcfg = config.dataset
+  model = make_model(config.model, num_classes_of(dcfg.name), k_model, dcfg.get("seq_len", 0))
+  state, meta, head = adapter_io.load_adapter(adapter_path)
+  if meta.get("method") != config.adapter.method:
+    raise ValueError(f"{adapter_path} holds a {meta.get('method')!r} adapter, the config says "
+                     f"{config.adapter.method!r}")
+  adapter = registry.make_adapter(config.adapter.method, **adapter_kwargs(config))
+  stats = None
+  if config.adapter.method in registry.NEEDS_STATS:
+    source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
+    stats = _calibrate(config, model, source, make_transform(dcfg, model.tokenizer),
+                       adapter_kwargs(config).get("targets"))
+  base, _ = adapter.init(k_adapter, model.params, stats)
+  params = adapter.apply(base, state)
+  if head:
+    params = tree_lib.replace_by_name(params, tree_lib.unnest(head),
+                                      is_leaf=structured.is_structured)
+  return params, model
 
 
 def _dir_bytes(path: Optional[str]) -> int:

@@ -42,6 +42,39 @@ class ParseArgTest(absltest.TestCase):
     self.assertEqual(common.arg(method="lora", rank=4), {"arg": "method=lora,rank=4"})
 
 
+class SweepExpandTest(absltest.TestCase):
+
+  def test_points_and_overrides(self):
+    class Module:
+      @staticmethod
+      def get_config(arg=None):
+        a = common.parse_arg(arg, rank=8)
+        c = common.base_config()
+        c.adapter.rank = a.rank
+        return c
+
+      @staticmethod
+      def sweep(add):
+        add(**common.arg(rank=2))
+        add(arg="rank=4", **{"optimizer.lr": 0.5})
+
+    points = sweep_lib.expand(Module)
+    self.assertEqual([p.name for p in points], ["rank-2", "rank-4_optimizer.lr-0.5"])
+    c = sweep_lib.point_config(Module, points[1])
+    self.assertEqual((c.adapter.rank, c.optimizer.lr), (4, 0.5))
+    with self.assertRaisesRegex(ValueError, "config has no field 'lrr'"):
+      sweep_lib.apply_overrides(Module.get_config(), {"optimizer.lrr": 1.0})
+
+  def test_duplicate_points(self):
+    class Module:
+      @staticmethod
+      def sweep(add):
+        add(arg="rank=1")
+        add(arg="rank=1")
+    with self.assertRaisesRegex(ValueError, "duplicate points"):
+      sweep_lib.expand(Module)
+
+
 class ConfigsTest(parameterized.TestCase):
 
   def test_found_configs(self):

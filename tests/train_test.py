@@ -50,6 +50,18 @@ class TrainTest(absltest.TestCase):
     self.assertEqual(state.trainable["dense_0"]["kernel"].a.shape, (64, 4))
     self.assertEqual(head["dense_1"]["kernel"].shape, (128, 10))
 
+  def test_saved_adapter_reproduces_the_accuracy(self):
+    c = _config(**{"adapter.method": "pissa"})
+    r = train.train_and_evaluate(c, tempfile.mkdtemp())
+    params, model = train.load_trained(c, r["adapter_path"])
+    src = train.load_split(c.dataset, c.dataset.eval_split, c.dataset.max_eval_examples)
+    correct = count = 0.0
+    for b in train.eval_batches(src, train.make_transform(c.dataset, None), c.eval_batch_size):
+      logits = model.apply(params, b, train=False, rng=None)
+      correct += float(np.sum((np.argmax(logits, -1) == b["label"]) * b["mask"]))
+      count += float(np.sum(b["mask"]))
+    self.assertAlmostEqual(correct / count, r["accuracy"], places=6)
+
   def test_baseline_and_lora_same_data(self):
     wd = tempfile.mkdtemp()
     r = train.train_and_evaluate(_config(baseline=True, total_steps=6, eval_every=0), wd)
