@@ -8,6 +8,7 @@ import pytest
 
 from lowrank_jax import calibrate
 from lowrank_jax import testing
+from lowrank_jax import tree as tree_lib
 
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
@@ -142,3 +143,33 @@ def test_unused_target_raises():
   apply0 = lambda p, b: testing.ops.dense(p["embed"]["embedding"][b["ids"]], p["dense_0"]["kernel"])
   with pytest.raises(ValueError, match="never multiplied"):
     calibrate.collect(apply0, params, _batches(1), DENSE)
+
+
+def test_project_model_minilm_tiny_with_attention_mask():
+  """Works on the project's models unchanged: all linear kernels of a tiny MiniLM, pads masked."""
+  from lowrank_jax.models import minilm
+  cfg = minilm.MiniLMConfig.tiny()
+  params = minilm.init(jax.random.key(0), cfg)
+  ids = jax.random.randint(jax.random.key(1), (3, 7), 1, cfg.vocab_size)
+  mask = jnp.asarray([[1] * 7, [1] * 4 + [0] * 3, [1] * 2 + [0] * 5], jnp.int32)
+  batch = {"input_ids": ids, "attention_mask": mask}
+  apply_fn = lambda p, b: minilm.encode(p, cfg, b["input_ids"], b["attention_mask"])
+  stats = calibrate.collect(apply_fn, params, [batch, batch], r"encoder/.*/kernel",
+                            mask_key="attention_mask")
+  flat = tree_lib.unnest(stats)
+  assert len(flat) == 6 * cfg.num_layers
+  for path, s in flat.items():
+    assert float(s.count) == 2 * 13, path
+    d_in = dict(tree_lib.flatten_with_names(params)[0])[path].shape[0]
+    assert s.cov.shape == (d_in, d_in)
+    np.testing.assert_allclose(s.cov, s.cov.T, rtol=1e-5, atol=1e-6)
+  # layer 0 query input = embeddings after LayerNorm: check against the masked rows by hand.
+  e = params["embeddings"]
+  x = (e["word_embeddings"]["embedding"][ids] + e["position_embeddings"]["embedding"][:7][None]
+       + e["token_type_embeddings"]["embedding"][jnp.zeros_like(ids)])
+  mu = x.mean(-1, keepdims=True)
+  var = ((x - mu) ** 2).mean(-1, keepdims=True)
+  x = (x - mu) / jnp.sqrt(var + cfg.layer_norm_eps) * e["norm"]["scale"] + e["norm"]["bias"]
+  rows = np.asarray(x, np.float64)[np.asarray(mask) > 0]
+  np.testing.assert_allclose(flat["encoder/layer_0/attention/query/kernel"].cov,
+                             rows.T @ rows / len(rows), rtol=1e-4, atol=1e-5)
