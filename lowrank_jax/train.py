@@ -314,8 +314,16 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   # Workdir: a different config is refused; the same one resumes.
   # -------------------------------------------------------------------------------------------
   config_dict = config.to_dict()
-  ckpt_lib.check_workdir_config(workdir, config_dict, overwrite=config.get("overwrite", False))
+  same = ckpt_lib.check_workdir_config(workdir, config_dict,
+                                       overwrite=config.get("overwrite", False))
   results_path = os.path.join(workdir, RESULTS_FILE)
+  if same and os.path.exists(results_path):   # finished already: report it, train nothing
+    with open(results_path) as f:
+      results = json.load(f)
+    if results.get("steps") == config.total_steps:
+      logging.info("%s holds a finished run of this config; not training again", workdir)
+      _print_summary(results)
+      return results
 
   # -------------------------------------------------------------------------------------------
   # Mesh: data parallel over all devices ('data' axis); state replicated, batch sharded.

@@ -79,6 +79,8 @@ class ResumeTest(absltest.TestCase):
     steps = [m["step"] for m in metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
              if "loss" in m]
     self.assertEqual(steps, sorted(set(steps)))   # no duplicated steps after resuming
+    r3 = train.train_and_evaluate(c, wd)           # finished: reported, not retrained
+    self.assertEqual((r3["accuracy"], r3["resumed_from"]), (r2["accuracy"], 10))
 
 
 if __name__ == "__main__":
