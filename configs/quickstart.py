@@ -13,9 +13,10 @@ count and where the adapter was saved (`workdir/adapter`, and the PEFT layout in
 Expected result (seed 0, measured 2026-11-28 on the 2-core CPU): validation accuracy on 1,500
 glosses (41 classes) of 0.6647 for the baseline (15,785 trainable params) and 0.7580 for LoRA
 (89,513 trainable params = 73,728 adapter + 15,785 head); adapter file 0.37 MB. Total CPU time
-(user + sys) 262 s for both runs, which bounds the wall time on an idle 2-core machine (the measured
-wall time was 7:55 because ~8 other processes shared the 2 cores; an idle run was not possible). The head learning rate (2e-2) is the best of {5e-3, 2e-2,
-5e-2} for the baseline (0.630 / 0.665 / 0.660) and is used by both runs.
+(user + sys) 262 s for both runs, which bounds the wall time on an idle 2-core machine (the
+measured wall time was 7:55 because ~8 other processes shared the 2 cores; an idle run was not
+possible). The head learning rate (2e-2) is the best of {5e-3, 2e-2, 5e-2} for the baseline
+(0.630 / 0.665 / 0.660) and is used by both runs.
 
 Args (after `:`): method (lora), rank (8), seed (0), steps (200), runlocal (False: 20 steps,
 200 eval examples, for CI and Colab smoke tests).

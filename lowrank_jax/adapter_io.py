@@ -27,8 +27,8 @@ Our LoRA leaf state is `LoRAFactors(a, b)` with a (d_in, r), b (r, d_out) for a 
 (d_in, d_out); PyTorch `nn.Linear.weight` is (d_out, d_in), and PEFT computes
 W + (alpha/r)·B·A with `lora_A.weight` (r, d_in) and `lora_B.weight` (d_out, r). So
 `lora_A.weight = aᵀ`, `lora_B.weight = bᵀ`, and the same update follows:
-ΔW_torch = s·B·A = s·bᵀ·aᵀ = (s·a·b)ᵀ = ΔW_flaxᵀ. `<hf_module>` comes from the model's `hf_name_map(cfg)` (our module path, the
-param path without `/kernel`, -> HF module name): for MiniLM ``encoder/layer_0/attention/query`` ->
+ΔW_torch = s·B·A = s·bᵀ·aᵀ = (s·a·b)ᵀ = ΔW_flaxᵀ. `<hf_module>` comes from the model's
+`hf_name_map(cfg)` (our module path, the param path without `/kernel`, -> HF module name): for MiniLM ``encoder/layer_0/attention/query`` ->
 ``encoder.layer.0.attention.self.query`` (a `BertModel`; with ``task_type="SEQ_CLS"`` the encoder
 sits under ``bert.`` in `BertForSequenceClassification`), for Llama
 ``layers/layer_0/attention/q_proj`` -> ``model.layers.0.self_attn.q_proj`` (`LlamaForCausalLM`).

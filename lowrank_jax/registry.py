@@ -1,7 +1,7 @@
 """Method names -> adapter factories: the explicit registry the runner and configs use.
 
-An explicit dict (scenic `get_model_cls` style), not an import-time global registry. Each entry names
-the module and factory function; modules are imported when a method is asked for, so a method whose
+An explicit dict (scenic `get_model_cls` style), not an import-time global registry. Each entry
+names the module and factory function; modules are imported when a method is asked for, so a method whose
 module is absent or broken does not break the others (its lookup raises a clear error instead).
 
 >>> from lowrank_jax import registry

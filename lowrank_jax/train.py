@@ -24,15 +24,13 @@ Config fields (all numbers that change a result live in the config; see `configs
 from __future__ import annotations
 
 import dataclasses
-import functools
 import inspect as inspect_mod
 import json
 import logging
 import os
 import time
-from typing import Any, Callable, Mapping, Optional
+from typing import Any, Callable, Optional
 
-import grain
 import jax
 import jax.numpy as jnp
 import ml_collections
@@ -57,8 +55,8 @@ DEPRECATED_FIELDS = ("num_train_steps", "learning_rate", "lr")
 
 
 # =============================================================================================
-# Data: `lowrank_jax.data` sources -> grain pipelines (train: shuffled, repeated, checkpointable iterator;
-# eval: fixed-shape batches whose last one is padded and masked).
+# Data: `lowrank_jax.data` sources -> grain pipelines (train: shuffled, repeated, checkpointable
+# iterator; eval: fixed-shape batches whose last one is padded and masked).
 # =============================================================================================
 
 IMAGE_SCALE = {"digits": 1.0 / 16.0, "fashion_mnist": 1.0 / 255.0}
@@ -89,7 +87,7 @@ def num_classes_of(name: str) -> int:
 
 
 def train_iterator(source, transform, batch_size: int, seed: int):
-  """Infinite shuffled batches (reshuffled each epoch); `get_state()`/`set_state()` checkpoint it."""
+  """Infinite shuffled batches, reshuffled each epoch; `get_state()`/`set_state()` checkpoint it."""
   from lowrank_jax import data  # pylint: disable=g-import-not-at-top
   if len(source) < batch_size:
     raise ValueError(f"batch_size={batch_size} exceeds the {len(source)} train examples")
@@ -172,8 +170,8 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
     def apply(p, batch, *, train, rng):
       return mod.apply(p, batch["image"], cfg, deterministic=not train, rng=rng)
     return Model(params, apply, None, cfg, mod.__name__.rsplit(".", 1)[-1])
-  raise ValueError(f"model {mcfg.name!r} is not a classifier; valid classifiers: "
-                   f"{[n for n in models.list_models() if not n.startswith(('llama', 'tinyllama'))]}")
+  classifiers = [n for n in models.list_models() if not n.startswith(("llama", "tinyllama"))]
+  raise ValueError(f"model {mcfg.name!r} is not a classifier; valid classifiers: {classifiers}")
 
 
 def _dummy_input(cfg) -> jax.ShapeDtypeStruct:

@@ -178,8 +178,9 @@ class PeftTest(parameterized.TestCase):
       adapter_io.export_peft(tempfile.mkdtemp(), state, model="minilm", cfg=cfg, rank=4,
                              alpha=4.0)
     path = tempfile.mkdtemp()
-    safetensors.numpy.save_file({"base_model.model.foo.lora_A.weight": np.zeros((1, 2), np.float32)},
-                                os.path.join(path, "adapter_model.safetensors"))
+    safetensors.numpy.save_file(
+        {"base_model.model.foo.lora_A.weight": np.zeros((1, 2), np.float32)},
+        os.path.join(path, "adapter_model.safetensors"))
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
       json.dump({"peft_type": "LORA", "r": 1, "lora_alpha": 1}, f)
     with self.assertRaisesRegex(ValueError, "module 'foo' is not a minilm module"):

@@ -1,4 +1,4 @@
-"""Every config in configs/ builds (default and runlocal) and its sweep expands into valid points."""
+"""Every config in configs/ builds (default and runlocal); its sweep expands into valid points."""
 import glob
 import importlib
 import os
