@@ -121,7 +121,8 @@ def adapter_config(method: str, *, rank: int, targets, alpha: Optional[float] = 
     kw = dict(init_r=max(rank + rank // 2, rank + 1), target_r=rank, alpha=alpha, targets=targets,
               tinit=max(total_steps // 10, 1), tfinal=max(total_steps // 5, 1))
   else:
-    raise ValueError(f"configs.common.adapter_config: no defaults for method {method!r}")
+    from lowrank_jax import registry  # pylint: disable=g-import-not-at-top
+    raise ValueError(f"Unknown adapter method {method!r}; valid names: {registry.list_methods()}")
   kw.update(extra)
   return ml_collections.ConfigDict({"method": method, **kw})
 

@@ -38,6 +38,10 @@ class ParseArgTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, "needs a value"):
       common.parse_arg("rank", rank=8)
 
+  def test_unknown_method_lists_valid_names(self):
+    with self.assertRaisesRegex(ValueError, r"Unknown adapter method 'foo'; valid names: \[.*'lora'"):
+      common.adapter_config("foo", rank=2, targets=[".*"])
+
   def test_arg(self):
     self.assertEqual(common.arg(method="lora", rank=4), {"arg": "method=lora,rank=4"})
 
