@@ -127,8 +127,10 @@ def collect(workdir: str, points: list[Point]) -> list[dict[str, Any]]:
     with open(path) as f:
       r = json.load(f)
     cfg = r.get("config", {})
-    rows.append({"name": p.name, "method": r.get("method"),
-                 "rank": cfg.get("adapter", {}).get("rank", ""), "seed": cfg.get("seed", ""),
+    ad = cfg.get("adapter", {})
+    rank = next((ad[k] for k in ("rank", "target_rank", "target_r", "d") if k in ad), "")
+    rows.append({"name": p.name, "method": r.get("method"), "rank": rank,
+                 "seed": cfg.get("seed", ""),
                  "accuracy": r.get("accuracy"), "eval_loss": r.get("eval_loss"),
                  "trainable_params": r.get("trainable_params"),
                  "adapter_params": r.get("adapter_params"), "steps": r.get("steps"),
