@@ -154,6 +154,7 @@ def main(argv=None):
   ap.add_argument("--only", default="", help="comma-separated subset of modes (lora always runs)")
   ap.add_argument("--fastfood_d", default="1000,100000")
   ap.add_argument("--fastfood_steps", type=int, default=1)
+  ap.add_argument("--skip_timing", action="store_true", help="only the Fastfood memory part")
   args = ap.parse_args(argv)
 
   params, cfg, source = bench._model()
@@ -174,7 +175,7 @@ def main(argv=None):
   print(json.dumps({"device": str(jax.devices()[0]), "backend": jax.default_backend(),
                     "model": source, "batch": args.batch, "seq": args.seq, "rank": r,
                     "nola_k_l": args.nola_k}), flush=True)
-  if adapters:
+  if adapters and not args.skip_timing:
     time_modes(params, cfg, batch, opt, adapters, args.rounds, args.steps)
   ds = [int(x) for x in args.fastfood_d.split(",") if x]
   if ds:

