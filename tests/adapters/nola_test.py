@@ -59,10 +59,18 @@ def nola_ref(rank, scale, variant="lm", generator="hash"):
 CONTRACT_CASES = [
     dict(name="nola", make=lambda: nola_lib.nola(6, 5, 2, 4.0, ALL, kernel_axes="conv"),
          dense_ref=nola_ref(2, 2.0), learn_ratio=0.7, learn_lr=0.05),
-    dict(name="nola_vit", make=lambda: nola_lib.nola(8, 8, 1, None, DENSE, variant="vit"),
-         dense_ref=nola_ref(1, 1.0, variant="vit"), identity_at_init=False, learn_ratio=0.8,
-         learn_lr=0.05),
 ]
+
+
+def test_vit_variant_dense_reference_not_identity():
+  """NOLA2: ΔW ≠ 0 at init (α_i = 1/k, β_j = 1/l), scale 1/r."""
+  ad = nola_lib.nola(8, 8, 1, None, DENSE, variant="vit")
+  testing.check_dense_reference(ad, nola_ref(1, 1.0, variant="vit"))
+  params = testing.tiny_params()
+  base, state = ad.init(jax.random.key(0), params)
+  np.testing.assert_allclose(state.trainable["dense_0"]["kernel"].alpha, 1 / 8)
+  assert not np.allclose(lj.merge(ad.apply(base, state))["dense_0"]["kernel"],
+                         params["dense_0"]["kernel"])
 
 
 def test_threefry_generator_dense_reference():
