@@ -30,6 +30,9 @@ pretrained encoder gap 0.2927, AUC 0.9025)::
   lora@1e-4            0.616     0.2788   -0.0139    0.8895
   corda_kpa@1e-4       0.630     0.2834   -0.0092    0.8946
 
+``--methods corda_kpa_balanced@1e-3`` (seed 0): acc 0.674, gap 0.3203 (+0.0277), AUC 0.8549,
+i.e. like LoRA@1e-3 at the same lr.
+
 Seed 1 (``--seed 1 --methods lora@1e-4,corda_kpa@1e-4``; pretrained gap 0.2894, AUC 0.9076)::
 
   lora@1e-4            0.606     0.2804   -0.0089    0.9012
