@@ -19,8 +19,8 @@ small, a = C̃⁻¹V·√S large) makes Adam steps of a given lr far larger in r
 LoRA (the official scripts use lr 2e-5); at lr 1e-3 it wrecks the encoder (see
 `corda(gauge=...)`). CorDA-KPA's covariance ("knowledge data") is collected on single-word
 inputs: the lemmas of the *train* split (synsets disjoint from the probe's), with padding masked
-out and the official per-sample 1/|max| rescaling. Printed: accuracy and probe score before (at adapter init:
-equal to the pretrained encoder for both methods) and after fine-tuning.
+out and the official per-sample 1/|max| rescaling. Printed: accuracy and probe score before (at
+adapter init: equal to the pretrained encoder for both methods) and after fine-tuning.
 
 Measured (defaults, seed 0, 2 shared CPU cores under load, ~14 min; 300 + 300 probe pairs;
 pretrained encoder gap 0.2927, AUC 0.9025)::
