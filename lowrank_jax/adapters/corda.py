@@ -54,10 +54,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
-from lowrank_jax.adapters.lora import LoRAFactors, lora_scale, validate_common
+from lowrank_jax.adapters.lora import (LoRAFactors, lora_scale, lowrank_apply_leaf,
+                                       validate_common)
 
 MODES = ("ipa", "kpa")
 GAUGES = ("official", "balanced")
@@ -217,16 +217,8 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
                           dec.b.reshape((rank,) + info.out_shape).astype(dtype))
     return resid, factors, CordaInfo(jnp.asarray(dec.damping, jnp.float32))
 
-  def apply_leaf(path, base_leaf, t, f, rng):
-    del f
-    if tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:]) != tuple(base_leaf.shape):
-      raise ValueError(f"{name}: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
-                       f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
-    return structured.LowRank(base_leaf, t.a, t.b, scale,
-                              dropout_key=rng if dropout > 0 else None,
-                              dropout_rate=dropout, impl=impl)
-
-  return _leafwise.leafwise(name, targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
+  return _leafwise.leafwise(name, targets=targets, init_leaf=init_leaf,
+                            apply_leaf=lowrank_apply_leaf(name, scale, dropout, impl),
                             kernel_axes=kernel_axes, needs_stats=True)
 
 

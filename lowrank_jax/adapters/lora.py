@@ -123,6 +123,14 @@ def lora(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Target
       b = jnp.zeros(b_shape, dtype)
     return None, LoRAFactors(a, b), None
 
+  return _leafwise.leafwise(name, targets=targets, init_leaf=init_leaf,
+                            apply_leaf=lowrank_apply_leaf(name, scale, dropout, impl),
+                            kernel_axes=kernel_axes)
+
+
+def lowrank_apply_leaf(name: str, scale: float, dropout: float, impl: str):
+  """The `apply_leaf` of every method whose per-leaf state is `LoRAFactors` (LoRA, PiSSA, CorDA)."""
+
   def apply_leaf(path, base_leaf, t, f, rng):
     del f
     if tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:]) != tuple(base_leaf.shape):
@@ -132,8 +140,7 @@ def lora(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Target
                               dropout_key=rng if dropout > 0 else None,
                               dropout_rate=dropout, impl=impl)
 
-  return _leafwise.leafwise(name, targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
-                            kernel_axes=kernel_axes)
+  return apply_leaf
 
 
 def pissa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targets = r".*kernel",
