@@ -134,8 +134,31 @@ def _dropout(x, rate, key):
 # LowRank: W' = base + scale * A @ B  (LoRA, PiSSA, CorDA, ...)
 # ----------------------------------------------------------------------------------------------
 
+class Additive(Structured):
+  """A structured weight of the form `base + delta()`: shape and dtype are the base's.
+
+  Subclasses (flax dataclasses) have a `base` field (dense or structured) and implement
+  `delta()`, the dense update in fp32 (used only by `materialize`/`merge`, never in the step).
+  """
+
+  @property
+  def shape(self):
+    return tuple(self.base.shape)
+
+  @property
+  def dtype(self):
+    return self.base.dtype
+
+  def delta(self) -> jax.Array:
+    raise NotImplementedError
+
+  def materialize(self):
+    base = materialize(self.base)
+    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
+
+
 @flax.struct.dataclass
-class LowRank(Structured):
+class LowRank(Additive):
   """`base + scale * (a @ b)` on the matricized kernel.
 
   Shapes: base `(*in_shape, *out_shape)`, a `(*in_shape, r)`, b `(r, *out_shape)`; the first
@@ -153,14 +176,6 @@ class LowRank(Structured):
   impl: str = flax.struct.field(pytree_node=False, default="custom_vjp")
 
   @property
-  def shape(self):
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
-  @property
   def in_ndim(self) -> int:
     return self.a.ndim - 1
 
@@ -171,10 +186,6 @@ class LowRank(Structured):
   def delta(self) -> jax.Array:
     d = jnp.tensordot(self.a.astype(jnp.float32), self.b.astype(jnp.float32), axes=1)
     return d * self.scale
-
-  def materialize(self):
-    base = materialize(self.base)
-    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
 
   def matmul(self, x, in_ndim: int = 1):
     if in_ndim != self.in_ndim:
