@@ -16,7 +16,9 @@ all on the same targets, and prints ms/step (median wall and process CPU time) a
 Then, for the Fastfood intrinsic-dimension subspace over the whole model (D = all float params),
 it compiles the train step for two values of d and prints XLA's `memory_analysis()` of the
 compiled step (argument / output / temp bytes; on CPU these are the buffer-assignment sizes) and
-the process peak RSS, to show that the step memory does not grow with D·d. Printed lines are JSON.
+the process peak RSS, to show that the step memory does not grow with D·d, and the ms per step
+after one untimed warm-up call (the first call of the compiled step is much slower on CPU).
+Printed lines are JSON.
 """
 from __future__ import annotations
 
@@ -133,6 +135,8 @@ def fastfood_memory(params, cfg, batch, opt, ds, run_steps):
       row["step_total_MB"] = round(sum(row.get(k, 0) for k in
                                        ("argument_MB", "output_MB", "temp_MB")), 1)
     if run_steps:
+      theta, opt_state, loss = compiled(theta, opt_state, base, state.frozen, batch)  # warm-up
+      jax.block_until_ready(loss)
       t0 = time.perf_counter()
       for _ in range(run_steps):
         theta, opt_state, loss = compiled(theta, opt_state, base, state.frozen, batch)
