@@ -65,7 +65,7 @@ def tucker_ranks(rank: Union[int, Sequence[int]], shape: tuple[int, ...], path: 
 
 
 @flax.struct.dataclass
-class Tucker(structured.Structured):
+class Tucker(structured.Additive):
   """`base + scale · core ×₁ U₁ … ×_N U_N` (modes in kernel-axis order, first `in_ndim` inputs)."""
   base: Any
   core: jax.Array
@@ -73,21 +73,9 @@ class Tucker(structured.Structured):
   scale: float = flax.struct.field(pytree_node=False, default=1.0)
   in_ndim: int = flax.struct.field(pytree_node=False, default=1)
 
-  @property
-  def shape(self):
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
   def delta(self) -> jax.Array:
     f32 = [u.astype(jnp.float32) for u in self.factors]
     return tucker_product(self.core.astype(jnp.float32) * self.scale, f32)
-
-  def materialize(self):
-    base = structured.materialize(self.base)
-    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
 
   def _branch(self, x, m):
     """Factored x ⋅ ΔW contracting the last m axes of x with the first m modes."""

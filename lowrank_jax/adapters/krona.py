@@ -102,7 +102,7 @@ def kron_matmul(x2: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
 
 
 @flax.struct.dataclass
-class Kron(structured.Structured):
+class Kron(structured.Additive):
   """`base + scale · kron(a, b)` on the matricized kernel (first `in_ndim` axes are inputs)."""
   base: Any
   a: jax.Array
@@ -110,21 +110,9 @@ class Kron(structured.Structured):
   scale: float = flax.struct.field(pytree_node=False, default=1.0)
   in_ndim: int = flax.struct.field(pytree_node=False, default=1)
 
-  @property
-  def shape(self):
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
   def delta(self) -> jax.Array:
     d = jnp.kron(self.a.astype(jnp.float32), self.b.astype(jnp.float32)) * self.scale
     return d.reshape(self.shape)
-
-  def materialize(self):
-    base = structured.materialize(self.base)
-    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
 
   def matmul(self, x, in_ndim: int = 1):
     if in_ndim != self.in_ndim:

@@ -75,7 +75,7 @@ def permute_rows(l: jax.Array, perm: jax.Array) -> jax.Array:
 
 
 @flax.struct.dataclass
-class LoLDUWeight(DiagLowRankMixin, structured.Structured):
+class LoLDUWeight(DiagLowRankMixin, structured.Additive):
   """`base + sigma · U_rᵀ diag(z) (P L_r)ᵀ` in the (d_in, d_out) layout (base = W_res)."""
   base: Any
   z: jax.Array

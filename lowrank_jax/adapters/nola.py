@@ -129,7 +129,7 @@ def nola_factors(alpha, beta, seed, d_in: int, d_out: int, rank: int, variant: s
 
 
 @flax.struct.dataclass
-class NOLAWeight(structured.Structured):
+class NOLAWeight(structured.Additive):
   """`base + scale · A B` with A, B rebuilt from (alpha, beta, seed) on every use."""
   base: Any
   alpha: jax.Array
@@ -141,14 +141,6 @@ class NOLAWeight(structured.Structured):
   variant: str = flax.struct.field(pytree_node=False, default="lm")
   generator: str = flax.struct.field(pytree_node=False, default="hash")
 
-  @property
-  def shape(self):
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
   def lowrank(self) -> structured.LowRank:
     """The equivalent `LowRank(base, A, B, scale)` (A, B regenerated)."""
     in_shape, out_shape = self.shape[:self.in_ndim], self.shape[self.in_ndim:]
@@ -157,8 +149,8 @@ class NOLAWeight(structured.Structured):
     return structured.LowRank(self.base, a.reshape(in_shape + (self.rank,)),
                               b.reshape((self.rank,) + out_shape), self.scale)
 
-  def materialize(self):
-    return self.lowrank().materialize()
+  def delta(self) -> jax.Array:
+    return self.lowrank().delta()
 
   def matmul(self, x, in_ndim: int = 1):
     if in_ndim != self.in_ndim:

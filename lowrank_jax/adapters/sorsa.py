@@ -87,22 +87,10 @@ class DiagLowRankMixin:
   def _factors(self):
     raise NotImplementedError
 
-  @property
-  def shape(self):
-    return tuple(self.base.shape)
-
-  @property
-  def dtype(self):
-    return self.base.dtype
-
   def delta(self) -> jax.Array:
     a, d, b = self._factors()
     return jnp.tensordot(a.astype(jnp.float32) * d.astype(jnp.float32), b.astype(jnp.float32),
                          axes=1)
-
-  def materialize(self):
-    base = structured.materialize(self.base)
-    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
 
   def matmul(self, x, in_ndim: int = 1):
     a, d, b = self._factors()
@@ -142,7 +130,7 @@ class SORSAState(NamedTuple):
 
 
 @flax.struct.dataclass
-class SORSAWeight(DiagLowRankMixin, structured.Structured):
+class SORSAWeight(DiagLowRankMixin, structured.Additive):
   """`base + scale · a diag(s) b` (base is the frozen residual W_r)."""
   base: Any
   a: jax.Array

@@ -13,6 +13,8 @@ import pytest
 import lowrank_jax as lj
 from lowrank_jax import testing
 from lowrank_jax import tree as tree_lib
+from tests.adapters import (adalora_test, corda_test, flora_test, increlora_test, intrinsic_test,
+                            krona_test, loldu_test, nola_test, sorsa_test)
 
 
 class Case(NamedTuple):
@@ -72,28 +74,22 @@ CASES = [
              **lowrank_ref(1.0)(base, lj.AdapterState(s.trainable["b"], {}))}),
     # --- seed adapters (issue 5) ---
     # Factories and hand-written dense references live in each method's test module
-    # (tests/adapters/<method>_test.py: CONTRACT_CASES), imported here without touching the
-    # imports above.
-    *[Case(**c) for m in ("loldu", "krona", "nola", "sorsa", "flora", "intrinsic")
-      for c in __import__(f"tests.adapters.{m}_test", fromlist=["CONTRACT_CASES"]).CONTRACT_CASES],
+    # (tests/adapters/<method>_test.py: CONTRACT_CASES).
+    *[Case(**c) for m in (loldu_test, krona_test, nola_test, sorsa_test, flora_test, intrinsic_test)
+      for c in m.CONTRACT_CASES],
     # --- data-aware / dynamic-rank adapters (issue 6) ---
     # CorDA's stats come from lowrank_jax.calibrate.collect on the tiny model; the IncreLoRA and
     # AdaLoRA references are written slot by slot from their formulas in tests/adapters/*_test.py.
     # CorDA-IPA differs from KPA only in the index set (checked in tests/adapters/corda_test.py).
     Case("corda_kpa",
-         lambda: __import__("lowrank_jax.adapters.corda", fromlist=["corda"]).corda(
-             2, 4.0, DENSE, mode="kpa"),
-         lowrank_ref(2.0),
-         stats_fn=__import__("tests.adapters.corda_test",
-                             fromlist=["contract_stats"]).contract_stats),
+         lambda: lj.corda(2, 4.0, DENSE, mode="kpa"), lowrank_ref(2.0),
+         stats_fn=corda_test.contract_stats),
     Case("increlora",
-         lambda: __import__("lowrank_jax.adapters.increlora", fromlist=["increlora"]).increlora(
-             target_rank=2, init_rank=1, alpha=2.0, targets=DENSE, add_r=1),
-         __import__("tests.adapters.increlora_test", fromlist=["dense_ref"]).dense_ref(2.0, 1)),
+         lambda: lj.increlora(target_rank=2, init_rank=1, alpha=2.0, targets=DENSE, add_r=1),
+         increlora_test.dense_ref(2.0, 1)),
     Case("adalora",
-         lambda: __import__("lowrank_jax.adapters.adalora", fromlist=["adalora"]).adalora(
-             init_r=3, target_r=2, alpha=3.0, targets=DENSE, total_steps=100),
-         __import__("tests.adapters.adalora_test", fromlist=["dense_ref"]).dense_ref(3.0, 3)),
+         lambda: lj.adalora(init_r=3, target_r=2, alpha=3.0, targets=DENSE, total_steps=100),
+         adalora_test.dense_ref(3.0, 3)),
 ]
 
 IDS = [c.name for c in CASES]
