@@ -145,7 +145,12 @@ def check_grads_f64(adapter_fn: Callable[[], base_lib.Adapter], stats_fn=None):
 
 
 def make_step(adapter, optimizer=None):
-  """A jitted train step over the trainable state only: (base, state, opt, batch) -> new."""
+  """A jitted train step over the trainable state only.
+
+  `step(base, state, opt_state, batch, step_count=None) -> (state, opt_state, loss)`; with a
+  `step_count`, methods that have `adapter.update` (rank growth/pruning) are updated after the
+  optimizer step, as the trainer does.
+  """
   optimizer = optax.adam(1e-2) if optimizer is None else optimizer
 
   def loss_fn(trainable, base, frozen, batch):
@@ -153,11 +158,14 @@ def make_step(adapter, optimizer=None):
     return tiny_loss(adapter.apply(base, s), batch) + adapter.penalty(s)
 
   @jax.jit
-  def step(base, state, opt_state, batch):
+  def step(base, state, opt_state, batch, step_count=None):
     loss, grads = jax.value_and_grad(loss_fn)(state.trainable, base, state.frozen, batch)
     updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
     trainable = optax.apply_updates(state.trainable, updates)
-    return base_lib.AdapterState(trainable, state.frozen), opt_state, loss
+    state = base_lib.AdapterState(trainable, state.frozen)
+    if step_count is not None and adapter.update is not None:
+      state = adapter.update(state, grads, step_count)
+    return state, opt_state, loss
 
   return step, optimizer
 

@@ -67,18 +67,10 @@ def _train(adapter, steps, lr=1e-2):
   params = testing.tiny_params()
   batch = testing.tiny_batch()
   base, state = adapter.init(jax.random.key(0), params)
-  opt = optax.adam(lr)
+  step, opt = testing.make_step(adapter, optax.adam(lr))
 
-  def loss_fn(trainable, frozen):
-    s = lj.AdapterState(trainable, frozen)
-    return testing.tiny_loss(adapter.apply(base, s), batch) + adapter.penalty(s)
-
-  def train_step(state, opt_state, step):
-    loss, grads = jax.value_and_grad(loss_fn)(state.trainable, state.frozen)
-    updates, opt_state = opt.update(grads, opt_state, state.trainable)
-    state = lj.AdapterState(optax.apply_updates(state.trainable, updates), state.frozen)
-    state = adapter.update(state, grads, step)
-    return state, opt_state, loss
+  def train_step(state, opt_state, step_count):
+    return step(base, state, opt_state, batch, step_count)
 
   chex.clear_trace_counter()
   jitted = jax.jit(chex.assert_max_traces(train_step, n=1))
