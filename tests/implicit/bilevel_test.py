@@ -6,16 +6,8 @@ import optax
 import pytest
 
 from lowrank_jax import bilevel
+from tests.implicit.ridge import ridge_data
 from lowrank_jax.implicit import AdjointConfig
-
-
-def _data(seed=0, n=40, nv=30, d=6):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, d))
-  y = x @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
-  xv = rng.normal(size=(nv, d))
-  yv = xv @ rng.normal(size=d) + 0.5 * rng.normal(size=nv)
-  return tuple(jnp.asarray(a, jnp.float64) for a in (x, y, xv, yv))
 
 
 def inner_loss(w, lam, x, y):
@@ -35,7 +27,7 @@ def _exact(lam, x, y):
 
 
 def test_unrolled_reference_matches_ift_and_truncation_is_biased():
-  x, y, xv, yv = _data()
+  x, y, xv, yv = ridge_data()
   lam = jnp.full((6,), 0.3)
   lmax = float(np.linalg.eigvalsh(np.asarray(x.T @ x / 40)).max()) + 0.3
   step = lambda w, l, a, b: w - jax.grad(inner_loss)(w, l, a, b) / lmax
@@ -83,7 +75,7 @@ def test_constraints_roundtrip_and_ranges():
 
 @pytest.mark.parametrize("mode", ["ift", "unrolled"])
 def test_tuning_loop_lowers_validation_loss_and_respects_ranges(mode):
-  x, y, xv, yv = _data(seed=1, n=20, d=10)
+  x, y, xv, yv = ridge_data(seed=1, n=20, d=10)
   lam0 = jnp.full((10,), 0.5)
   w0 = jnp.zeros(10)
   start = float(outer_loss(_exact(lam0, x, y), lam0, xv, yv))

@@ -7,20 +7,12 @@ import numpy as np
 import pytest
 
 from lowrank_jax import bilevel
+from tests.implicit.ridge import ridge_data
 from lowrank_jax.implicit import (AdjointConfig, AdjointDiagnostics, custom_fixed_point,
                                   custom_root, fixed_point_iteration, linear_solve)
 from lowrank_jax.implicit.testing import check_implicit_grad
 
 TIGHT = AdjointConfig(tol=1e-14, maxiter=2000, on_nonconvergence="raise")
-
-
-def _ridge_data(n=40, nv=30, d=6, seed=0):
-  rng = np.random.default_rng(seed)
-  x = rng.normal(size=(n, d))
-  y = x @ rng.normal(size=d) + 0.5 * rng.normal(size=n)
-  xv = rng.normal(size=(nv, d))
-  yv = xv @ rng.normal(size=d) + 0.5 * rng.normal(size=nv)
-  return tuple(jnp.asarray(a, jnp.float64) for a in (x, y, xv, yv))
 
 
 def inner_loss(w, lam, x, y):
@@ -55,7 +47,7 @@ def cg_inner_solver(w0, lam, x, y):
 
 @pytest.mark.parametrize("method", ["cg", "gmres", "normal_cg", "neumann", "dense"])
 def test_ridge_hypergradient_matches_closed_form(method):
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
   cfg = TIGHT.replace(method=method)
   if method == "neumann":  # Richardson step 1/L (L = largest Hessian eigenvalue + lam)
     lmax = float(np.linalg.eigvalsh(np.asarray(x.T @ x)).max()) + 2.0
@@ -68,7 +60,7 @@ def test_ridge_hypergradient_matches_closed_form(method):
 
 
 def test_ift_hypergradient_matches_closed_form_and_custom_root():
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
   lam = 0.7
   w = exact_ridge(lam, x, y)
   g, info = bilevel.ift_hypergradient(inner_loss, outer_loss, w, lam, inner_args=(x, y),
@@ -82,7 +74,7 @@ def test_ift_hypergradient_matches_closed_form_and_custom_root():
 
 
 def test_root_and_fixed_point_forms_agree_with_fd_and_unrolling():
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
   lmax = float(np.linalg.eigvalsh(np.asarray(x.T @ x)).max())
   eta = 1.0 / (lmax + 5.0)
   gd_map = lambda w, lam, a, b: w - eta * ridge_grad(w, lam, a, b)
@@ -133,7 +125,7 @@ def test_tanh_fixed_point_all_solvers(method):
 
 
 def test_jit_and_vmap_compose():
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
   solver = custom_root(ridge_grad, config=TIGHT)(cg_inner_solver)
   hg = lambda l: jax.grad(lambda l_: outer_loss(solver(jnp.zeros(6), l_, x, y), l_, xv, yv))(l)
   lams = jnp.array([0.1, 1.0, 10.0])
@@ -143,7 +135,7 @@ def test_jit_and_vmap_compose():
 
 
 def test_forward_mode_is_blocked_and_documented():
-  x, y, _, _ = _ridge_data()
+  x, y, _, _ = ridge_data()
   solver = custom_root(ridge_grad, config=TIGHT)(cg_inner_solver)
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(lambda l: solver(jnp.zeros(6), l, x, y), (1.0,), (1.0,))
@@ -152,7 +144,7 @@ def test_forward_mode_is_blocked_and_documented():
 
 
 def test_diagnostics_probe_and_nonconvergence_policies():
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
 
   def loss_with(cfg):
     solver = custom_root(ridge_grad, config=cfg)(cg_inner_solver)
@@ -178,7 +170,7 @@ def test_diagnostics_probe_and_nonconvergence_policies():
 
 def test_unconverged_inner_solve_degrades_smoothly():
   """K inner GD steps (not a root): the IFT hypergradient error tracks |w_K - w*|, no NaN."""
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
   lam = 1.0
   lmax = float(np.linalg.eigvalsh(np.asarray(x.T @ x)).max()) + lam
   exact = float(closed_form_hypergrad(lam, x, y, xv, yv))
@@ -196,7 +188,7 @@ def test_unconverged_inner_solve_degrades_smoothly():
 
 
 def test_neumann_series_and_warm_start():
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
   lam = 1.0
   w = exact_ridge(lam, x, y)
   lmax = float(np.linalg.eigvalsh(np.asarray(x.T @ x)).max()) + lam
@@ -211,7 +203,7 @@ def test_neumann_series_and_warm_start():
     errs.append(abs(float(g) - exact))
   assert errs[0] > errs[1] > 1e-6 and errs[2] < 1e-9 * max(1.0, abs(exact)), errs
   # Warm start: the previous adjoint at a nearby lam saves CG iterations (larger problem).
-  x, y, xv, yv = _ridge_data(n=80, nv=40, d=60, seed=1)
+  x, y, xv, yv = ridge_data(n=80, nv=40, d=60, seed=1)
   cfg = AdjointConfig(tol=1e-12)
   hyper = lambda l, u0=None: bilevel.ift_hypergradient(
       inner_loss, outer_loss, exact_ridge(l, x, y), l, inner_args=(x, y), outer_args=(xv, yv),
@@ -232,14 +224,14 @@ def test_config_validation():
   with pytest.raises(TypeError, match="AdjointConfig"):
     custom_root(ridge_grad, config={"tol": 1e-3})
   solver = custom_root(ridge_grad)(cg_inner_solver)
-  x, y, _, _ = _ridge_data()
+  x, y, _, _ = ridge_data()
   with pytest.raises(TypeError, match="AdjointDiagnostics"):
     solver(jnp.zeros(6), 1.0, x, y, diagnostics=jnp.zeros(4))
   assert hash(AdjointConfig()) == hash(AdjointConfig())
 
 
 def test_ridge_option_biases_and_custom_solve_callable():
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
   exact = float(closed_form_hypergrad(1.0, x, y, xv, yv))
   biased = custom_root(ridge_grad, config=TIGHT.replace(ridge=1.0))(cg_inner_solver)
   g = jax.grad(lambda l: outer_loss(biased(jnp.zeros(6), l, x, y), l, xv, yv))(1.0)
@@ -269,7 +261,7 @@ def test_check_implicit_grad_catches_a_wrong_backward():
 
 
 def test_has_aux_and_warm_start_config():
-  x, y, xv, yv = _ridge_data()
+  x, y, xv, yv = ridge_data()
 
   def solver_aux(w0, lam, a, b):
     return exact_ridge(lam, a, b), {"iters": jnp.asarray(1)}
