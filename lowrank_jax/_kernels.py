@@ -8,7 +8,8 @@ custom VJP states the backward as explicit skinny contractions:
   db = (s * h).T @ g      (r, d_out)
   dx = (s * gb) @ a.T     (T, d_in)
   ds = sum(h * gb)
-and never forms a d_in x d_out array.
+and never forms a d_in x d_out array. The same kernel, with a vector d in place of the scalar
+scale, is SORSA's and LoLDU's diagonal-scaled branch (`diag_branch`).
 """
 from __future__ import annotations
 
@@ -19,41 +20,49 @@ import jax.numpy as jnp
 
 
 @jax.custom_vjp
-def _branch2d(x, a, b, scale):
-  return ((x @ a) * scale) @ b
+def _branch2d(x, a, d, b):
+  return ((x @ a) * d) @ b
 
 
-def _branch2d_fwd(x, a, b, scale):
+def _branch2d_fwd(x, a, d, b):
   h = x @ a
-  return (h * scale) @ b, (x, h, a, b, scale)
+  return (h * d) @ b, (x, h, a, d, b)
 
 
 def _branch2d_bwd(res, g):
-  x, h, a, b, scale = res
-  gb = g @ b.T
-  gbs = gb * scale
-  da = x.T @ gbs
-  db = (h * scale).T @ g
-  dx = gbs @ a.T
-  ds = jnp.sum(h.astype(jnp.float32) * gb.astype(jnp.float32))
-  return dx, da, db, jnp.asarray(ds, jnp.result_type(scale)).reshape(jnp.shape(scale))
+  x, h, a, d, b = res
+  gb = g @ b.T                       # (T, r)
+  gbd = gb * d
+  da = x.T @ gbd                     # (d_in, r)
+  db = (h * d).T @ g                 # (r, d_out)
+  dx = gbd @ a.T                     # (T, d_in)
+  dd = jnp.sum(h.astype(jnp.float32) * gb.astype(jnp.float32), axis=0)
+  dd = dd.sum() if d.ndim == 0 else dd
+  return dx, da, dd.astype(d.dtype), db
 
 
 _branch2d.defvjp(_branch2d_fwd, _branch2d_bwd)
 
 
-def lowrank_branch(x, a, b, scale, impl: str = "custom_vjp"):
-  """`scale * (x @ a) @ b` with x (..., *in), a (*in, r), b (r, *out); returns (..., *out)."""
+def diag_branch(x, a, d, b):
+  """`((x @ a) * d) @ b` with x (..., *in), a (*in, r), d () or (r,), b (r, *out) -> (..., *out).
+
+  The scaled rank-r branch of LoRA (d = the scalar scale), SORSA and LoLDU (d = a trainable
+  diagonal), with the backward above.
+  """
   in_shape, r, out_shape = a.shape[:-1], a.shape[-1], b.shape[1:]
   lead = x.shape[:x.ndim - len(in_shape)]
-  a = a.astype(x.dtype)
-  b = b.astype(x.dtype)
-  scale = jnp.asarray(scale, x.dtype)
+  x2 = x.reshape(-1, math.prod(in_shape))
+  y2 = _branch2d(x2, a.reshape(-1, r).astype(x.dtype), jnp.asarray(d, x.dtype),
+                 b.reshape(r, -1).astype(x.dtype))
+  return y2.reshape(lead + tuple(out_shape))
+
+
+def lowrank_branch(x, a, b, scale, impl: str = "custom_vjp"):
+  """`scale * (x @ a) @ b` with x (..., *in), a (*in, r), b (r, *out); returns (..., *out)."""
   if impl == "autodiff":
-    h = jnp.tensordot(x, a, axes=len(in_shape))
-    return jnp.tensordot(h * scale, b, axes=1)
+    h = jnp.tensordot(x, a.astype(x.dtype), axes=a.ndim - 1)
+    return jnp.tensordot(h * jnp.asarray(scale, x.dtype), b.astype(x.dtype), axes=1)
   if impl != "custom_vjp":
     raise ValueError(f"LowRank impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
-  x2 = x.reshape(-1, math.prod(in_shape))
-  y2 = _branch2d(x2, a.reshape(-1, r), b.reshape(r, -1), scale)
-  return y2.reshape(lead + tuple(out_shape))
+  return diag_branch(x, a, scale, b)

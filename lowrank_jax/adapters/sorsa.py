@@ -24,13 +24,13 @@ where U_pᵀU_p = I exactly.
 """
 from __future__ import annotations
 
-import math
 from typing import Any, NamedTuple, Optional
 
 import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import _kernels
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
@@ -38,43 +38,7 @@ from lowrank_jax.adapters import _leafwise
 DEFAULT_GAMMA = 4e-4
 
 
-# ----------------------------------------------------------------------------------------------
-# The diagonal-scaled rank-r branch ((x @ a) * d) @ b with a hand-written backward.
-# Shared with LoLDU (where a, b are frozen: their cotangents are dead code that XLA drops).
-# ----------------------------------------------------------------------------------------------
-
-@jax.custom_vjp
-def _diag_branch2d(x, a, d, b):
-  return ((x @ a) * d) @ b
-
-
-def _diag_fwd(x, a, d, b):
-  h = x @ a
-  return (h * d) @ b, (x, h, a, d, b)
-
-
-def _diag_bwd(res, g):
-  x, h, a, d, b = res
-  gb = g @ b.T                       # (T, r)
-  gbd = gb * d
-  da = x.T @ gbd                     # (d_in, r)
-  db = (h * d).T @ g                 # (r, d_out)
-  dx = gbd @ a.T                     # (T, d_in)
-  dd = jnp.sum(h.astype(jnp.float32) * gb.astype(jnp.float32), axis=0).astype(d.dtype)
-  return dx, da, dd, db
-
-
-_diag_branch2d.defvjp(_diag_fwd, _diag_bwd)
-
-
-def diag_branch(x, a, d, b):
-  """`((x @ a) * d) @ b` with x (..., *in), a (*in, r), d (r,), b (r, *out) -> (..., *out)."""
-  in_shape, r, out_shape = a.shape[:-1], a.shape[-1], b.shape[1:]
-  lead = x.shape[:x.ndim - len(in_shape)]
-  x2 = x.reshape(-1, math.prod(in_shape))
-  y2 = _diag_branch2d(x2, a.reshape(-1, r).astype(x.dtype), d.astype(x.dtype),
-                      b.reshape(r, -1).astype(x.dtype))
-  return y2.reshape(lead + tuple(out_shape))
+diag_branch = _kernels.diag_branch  # re-exported: LoLDU imports it from here
 
 
 class DiagLowRankMixin:
