@@ -118,6 +118,21 @@ def test_regenerated_bases_are_deterministic_uniform():
   assert np.abs(corr).max() < 0.25
 
 
+def test_chunked_combine_matches_whole_bank(monkeypatch):
+  """The hash path contracts the bases chunk by chunk (a scan plus a remainder chunk); forward and
+  VJP equal the contraction with the whole materialized bank."""
+  monkeypatch.setattr(nola_lib, "_CHUNK_ELEMS", 3 * 40)       # 3 bases of 40 elements per chunk
+  seed, shape, n = jnp.uint32(7), (5, 8), 11                   # 3 full chunks + 2 left over
+  assert nola_lib._chunks(n, 40) == (3, 3)
+  coeffs = jax.random.normal(jax.random.key(1), (n,))
+  g = jax.random.normal(jax.random.key(2), shape)
+  bank = nola_lib.basis_bank(seed, 1, n, shape)
+  out, vjp = jax.vjp(lambda c: nola_lib.combine(c, seed, 1, shape, "hash"), coeffs)
+  np.testing.assert_allclose(out, jnp.tensordot(coeffs, bank, axes=1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_allclose(vjp(g)[0], bank.reshape(n, -1) @ g.reshape(-1), rtol=1e-5,
+                             atol=1e-5)
+
+
 def test_identity_at_init_and_delta_zero():
   params = testing.tiny_params()
   ad = nola_lib.nola(8, 8, 2, targets=DENSE)
