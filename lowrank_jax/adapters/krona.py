@@ -13,7 +13,8 @@ formula with a1 | d_out and a2 | d_in (DiffuseKronA's shapes). The official Diff
 computes a column-shuffled variant (B ⊗ Âᵀ)·Π; its checkpoints are not interchangeable with this
 convention (card pitfall 3). The factored product is
     y = x @ W + s · einsum('tij,ip,jq->tpq', x.reshape(T, a2, b_in), a, b).reshape(T, d_out)
-computed as two small matmuls. Trainable parameters: a1·a2 + (d_out/a1)(d_in/a2).
+computed as two small matmuls (plus, depending on shapes, inner-axis swaps or the small block
+matrix a ⊗ I_{b_out}; `kron_matmul` picks per layer). Trainable parameters: a1·a2 + (d_out/a1)(d_in/a2).
 
 Factor shapes: explicit (`a1`, `a2`), or automatic: for each of d_out and d_in the most balanced
 divisor pair (f, dim/f) with f the largest divisor <= √dim (peft LoKr's `factorization(dim, -1)`).
@@ -57,48 +58,127 @@ def _divisors(n: int) -> list[int]:
   return [k for k in range(1, n + 1) if n % k == 0]
 
 
-def _swap_mid(h, t, m, n):
-  """(t*m, n) rows viewed as (t, m, n) -> (t*n, m) (swap the two inner axes)."""
+# ----------------------------------------------------------------------------------------------
+# The factored product x2 @ kron(a, b), x2 (T, a_in·b_in), a (a_in, a_out), b (b_in, b_out).
+#
+# Per token, x is an (a_in, b_in) matrix X_t and y_t = aᵀ X_t b. The b contraction is over the
+# minor axis (a plain matmul on x2 reshaped to (T·a_in, b_in)); the a contraction is over a middle
+# axis, which row-major 2-D matmuls reach only through an inner-axis transpose ("swap"), or by
+# expanding a to the block matrix a ⊗ I_m so the contraction becomes one dense matmul. On CPU a
+# swap costs a full memory pass over its array, so we pick per layer (shapes are static) the kernel
+# with the least estimated traffic:
+#   "swap_out" (b first, then a):  swaps the (T, a_in, b_out) intermediate, and g / y (T·d_out);
+#   "swap_in"  (a first, then b):  swaps x / dx (T·d_in; q, k, v share the swap of their common x)
+#                                   and the (T, a_out, b_in) intermediate;
+#   "expand"   (b first, then (a ⊗ I_{b_out})): no swap, 3·T·(a_in·b_out)·d_out extra MACs; it
+#              wins when b_out is small (DiffuseKronA's a1 = 64 gives b_out = 6 on d_out = 384).
+# Each has a hand-written backward of the same form (explicit contractions, no d_in×d_out array).
+# ----------------------------------------------------------------------------------------------
+KRON_IMPLS = ("auto", "swap_out", "swap_in", "expand")
+_MACS_PER_SWAPPED_ELEMENT = 128   # a swap ~ one memory pass; measured ~135 MACs/element here
+
+
+def _swap(h, t, m, n):
+  """(t·m, n) rows viewed as (t, m, n) -> (t·n, m) (swap the two inner axes)."""
   return jnp.swapaxes(h.reshape(t, m, n), 1, 2).reshape(t * n, m)
 
 
-@jax.custom_vjp
-def _kron2d(x2, a, b):
-  return _kron2d_fwd(x2, a, b)[0]
-
-
-def _kron2d_fwd(x2, a, b):
-  t = x2.shape[0]
+def _expand(a, m):
+  """a ⊗ I_m as an (a_in·m, a_out·m) matrix (contracting a over a middle axis of minor size m)."""
   a_in, a_out = a.shape
-  b_in, b_out = b.shape
-  h = x2.reshape(t * a_in, b_in) @ b                  # contract j with b: (t·a_in, b_out)
-  ht = _swap_mid(h, t, a_in, b_out)                   # (t·b_out, a_in)
-  yt = ht @ a                                         # contract i with a: (t·b_out, a_out)
-  y = _swap_mid(yt, t, b_out, a_out)                  # (t·a_out, b_out)
+  return jnp.einsum("ip,qs->iqps", a, jnp.eye(m, dtype=a.dtype)).reshape(a_in * m, a_out * m)
+
+
+@jax.custom_vjp
+def _kron_swap_out(x2, a, b):
+  return _kron_swap_out_fwd(x2, a, b)[0]
+
+
+def _kron_swap_out_fwd(x2, a, b):
+  t, (a_in, a_out), (b_in, b_out) = x2.shape[0], a.shape, b.shape
+  ht = _swap(x2.reshape(t * a_in, b_in) @ b, t, a_in, b_out)       # (t·b_out, a_in)
+  y = _swap(ht @ a, t, b_out, a_out)                                 # (t·a_out, b_out)
   return y.reshape(t, a_out * b_out), (x2, ht, a, b)
 
 
-def _kron2d_bwd(res, g):
+def _kron_swap_out_bwd(res, g):
   x2, ht, a, b = res
-  t = x2.shape[0]
-  a_in, a_out = a.shape
-  b_in, b_out = b.shape
-  gt = _swap_mid(g.reshape(t * a_out, b_out), t, a_out, b_out)   # (t·b_out, a_out)
-  da = ht.T @ gt                                                  # (a_in, a_out)
-  dh = _swap_mid(gt @ a.T, t, b_out, a_in)                        # (t·a_in, b_out)
-  xr = x2.reshape(t * a_in, b_in)
-  db = xr.T @ dh                                                  # (b_in, b_out)
-  dx = (dh @ b.T).reshape(t, a_in * b_in)
-  return dx, da, db
+  t, (a_in, a_out), (b_in, b_out) = x2.shape[0], a.shape, b.shape
+  gt = _swap(g.reshape(t * a_out, b_out), t, a_out, b_out)          # (t·b_out, a_out)
+  dh = _swap(gt @ a.T, t, b_out, a_in)                               # (t·a_in, b_out)
+  db = x2.reshape(t * a_in, b_in).T @ dh
+  return (dh @ b.T).reshape(t, a_in * b_in), ht.T @ gt, db
 
 
-_kron2d.defvjp(_kron2d_fwd, _kron2d_bwd)
+@jax.custom_vjp
+def _kron_swap_in(x2, a, b):
+  return _kron_swap_in_fwd(x2, a, b)[0]
 
 
-def kron_matmul(x2: jax.Array, a: jax.Array, b: jax.Array) -> jax.Array:
-  """`x2 @ kron(a, b)` for x2 (T, a_in·b_in) with the vec trick: two small 2-D matmuls (and two
-  inner-axis swaps), with a hand-written backward of the same form; never a d_in×d_out array."""
-  return _kron2d(x2, a, b)
+def _kron_swap_in_fwd(x2, a, b):
+  t, (a_in, a_out), (b_in, b_out) = x2.shape[0], a.shape, b.shape
+  xt = _swap(x2, t, a_in, b_in)                                      # (t·b_in, a_in)
+  ut = _swap(xt @ a, t, b_in, a_out)                                 # (t·a_out, b_in)
+  return (ut @ b).reshape(t, a_out * b_out), (xt, ut, a, b)
+
+
+def _kron_swap_in_bwd(res, g):
+  xt, ut, a, b = res
+  (a_in, a_out), (b_in, b_out) = a.shape, b.shape
+  t = xt.shape[0] // b_in
+  g2 = g.reshape(t * a_out, b_out)
+  du = _swap(g2 @ b.T, t, a_out, b_in)                               # (t·b_in, a_out)
+  dx = _swap(du @ a.T, t, b_in, a_in).reshape(t, a_in * b_in)
+  return dx, xt.T @ du, ut.T @ g2
+
+
+@jax.custom_vjp
+def _kron_expand(x2, a, b):
+  return _kron_expand_fwd(x2, a, b)[0]
+
+
+def _kron_expand_fwd(x2, a, b):
+  t, (a_in, a_out), (b_in, b_out) = x2.shape[0], a.shape, b.shape
+  h2 = (x2.reshape(t * a_in, b_in) @ b).reshape(t, a_in * b_out)
+  return h2 @ _expand(a, b_out), (x2, h2, a, b)
+
+
+def _kron_expand_bwd(res, g):
+  x2, h2, a, b = res
+  t, (a_in, a_out), (b_in, b_out) = x2.shape[0], a.shape, b.shape
+  dh = (g @ _expand(a, b_out).T).reshape(t * a_in, b_out)
+  m = (h2.T @ g).reshape(a_in, b_out, a_out, b_out)
+  da = jnp.einsum("iqpq->ip", m)                      # the a ⊗ I_{b_out} blocks' traces
+  db = x2.reshape(t * a_in, b_in).T @ dh
+  return (dh @ b.T).reshape(t, a_in * b_in), da, db
+
+
+_kron_swap_out.defvjp(_kron_swap_out_fwd, _kron_swap_out_bwd)
+_kron_swap_in.defvjp(_kron_swap_in_fwd, _kron_swap_in_bwd)
+_kron_expand.defvjp(_kron_expand_fwd, _kron_expand_bwd)
+_KERNELS = {"swap_out": _kron_swap_out, "swap_in": _kron_swap_in, "expand": _kron_expand}
+
+
+def kron_impl(a_shape: tuple[int, int], b_shape: tuple[int, int]) -> str:
+  """The kernel "auto" picks for factors of these shapes (least estimated cost per token)."""
+  (a_in, a_out), (b_in, b_out) = a_shape, b_shape
+  d_in, d_out = a_in * b_in, a_out * b_out
+  cost = {"swap_in": (2 * a_out * b_in + 2 * d_in) * _MACS_PER_SWAPPED_ELEMENT,
+          "swap_out": (2 * a_in * b_out + 2 * d_out) * _MACS_PER_SWAPPED_ELEMENT,
+          "expand": 3 * a_in * b_out * d_out}
+  return min(cost, key=cost.get)      # ties keep this order: swap_in, swap_out, expand
+
+
+def kron_matmul(x2: jax.Array, a: jax.Array, b: jax.Array, impl: str = "auto") -> jax.Array:
+  """`x2 @ kron(a, b)` for x2 (T, a_in·b_in) with the vec trick; never a d_in×d_out array.
+
+  `impl` is one of `KRON_IMPLS` (see the comment above); "auto" picks by `kron_impl`.
+  """
+  if impl not in KRON_IMPLS:
+    raise ValueError(f"krona: unknown impl {impl!r}; valid: {KRON_IMPLS}")
+  if impl == "auto":
+    impl = kron_impl(a.shape, b.shape)
+  return _KERNELS[impl](x2, a, b)
 
 
 @flax.struct.dataclass
@@ -109,6 +189,7 @@ class Kron(structured.Additive):
   b: jax.Array
   scale: float = flax.struct.field(pytree_node=False, default=1.0)
   in_ndim: int = flax.struct.field(pytree_node=False, default=1)
+  impl: str = flax.struct.field(pytree_node=False, default="auto")
 
   def delta(self) -> jax.Array:
     d = jnp.kron(self.a.astype(jnp.float32), self.b.astype(jnp.float32)) * self.scale
@@ -123,7 +204,7 @@ class Kron(structured.Additive):
     x2 = x.reshape(-1, math.prod(in_shape))
     a = self.a.astype(x.dtype)
     b = (self.b * self.scale).astype(x.dtype)
-    d = kron_matmul(x2, a, b).reshape(lead + tuple(out_shape))
+    d = kron_matmul(x2, a, b, self.impl).reshape(lead + tuple(out_shape))
     return y + d.astype(y.dtype)
 
   def embed(self, ids):
@@ -140,7 +221,7 @@ class Kron(structured.Additive):
 def krona(a1: Optional[int] = None, a2: Optional[int] = None,
           targets: targeting.Targets = r".*kernel", *, scale: float = 1.0,
           init: str = "diffusekrona", kernel_axes: targeting.AxesSpec = None,
-          dtype=jnp.float32):
+          impl: str = "auto", dtype=jnp.float32):
   """KronA / DiffuseKronA on the targeted kernels (see the module docstring for the convention).
 
   Args:
@@ -151,13 +232,16 @@ def krona(a1: Optional[int] = None, a2: Optional[int] = None,
     scale: s in ΔW = s·kron(a, b).
     init: "diffusekrona" (a ~ N(0, 1/a1²), b = 0) or "lokr" (a = 0, b kaiming-uniform, peft LoKr).
     kernel_axes: in/out axes for targets with more than 2 dims (see `targeting.kernel_axes`).
+    impl: the factored-product kernel, one of `KRON_IMPLS`: "auto" (default: per layer, the one
+      with the least estimated memory traffic, `kron_impl`), "swap_out", "swap_in" or "expand".
+      All compute the same product; only speed differs.
     dtype: adapter parameter dtype.
 
   Returns:
     An `Adapter`; trainable parameters a1·a2 + (d_out/a1)(d_in/a2) per target.
 
   Raises:
-    ValueError: bad a1 / a2 / scale / init (here); a1 ∤ d_out or a2 ∤ d_in (at init, naming the
+    ValueError: bad a1 / a2 / scale / init / impl (here); a1 ∤ d_out or a2 ∤ d_in (at init, naming the
       path and the valid divisors).
 
   >>> import jax, jax.numpy as jnp, lowrank_jax as lj
@@ -174,6 +258,8 @@ def krona(a1: Optional[int] = None, a2: Optional[int] = None,
     raise ValueError(f"krona: scale must be a float, got {scale!r}")
   if init not in INITS:
     raise ValueError(f"krona: unknown init {init!r}; valid: {INITS}")
+  if impl not in KRON_IMPLS:
+    raise ValueError(f"krona: unknown impl {impl!r}; valid: {KRON_IMPLS}")
 
   def init_leaf(key, info, w, stats):
     del w, stats
@@ -205,7 +291,7 @@ def krona(a1: Optional[int] = None, a2: Optional[int] = None,
     if t.a.shape[0] * t.b.shape[0] != d_in or t.a.shape[1] * t.b.shape[1] != d_out:
       raise ValueError(f"krona: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
                        f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
-    return Kron(base_leaf, t.a, t.b, float(scale), n_in)
+    return Kron(base_leaf, t.a, t.b, float(scale), n_in, impl)
 
   return _leafwise.leafwise("krona", targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
                             kernel_axes=kernel_axes)
