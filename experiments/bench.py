@@ -60,12 +60,14 @@ def make_full_step(cfg, opt):
   return jax.jit(step, donate_argnums=(0, 1))
 
 
-def make_adapter_step(cfg, opt, adapter, *, merged: bool):
+def make_adapter_step(cfg, opt, adapter, *, merged: bool = False):
+  """Jitted AdamW step over (adapter trainable state, head); the adapter's penalty is in the loss."""
   def loss_fn(trainable, head, base, frozen, batch):
-    p = adapter.apply(base, lj.AdapterState(trainable, frozen))
+    s = lj.AdapterState(trainable, frozen)
+    p = adapter.apply(base, s)
     if merged:
       p = lj.merge(p)
-    return _xent({**p, "head": head}, cfg, batch)
+    return _xent({**p, "head": head}, cfg, batch) + adapter.penalty(s)
 
   def step(train, opt_state, base, frozen, batch):
     loss, g = jax.value_and_grad(loss_fn, argnums=(0, 1))(train[0], train[1], base, frozen, batch)
@@ -113,6 +115,22 @@ def _cpu_seconds() -> float:
   return r.ru_utime + r.ru_stime
 
 
+def time_round_robin(runs, batch, rounds: int, steps: int):
+  """Times each `run(batch)` `steps` times per round, cycling through the runs each round (so
+  machine noise hits all alike). Returns per-run lists of wall and process-CPU seconds; CPU time
+  (user+sys of all XLA threads) is less sensitive to other processes on a shared machine."""
+  wall = {k: [] for k in runs}
+  cpu = {k: [] for k in runs}
+  for _ in range(rounds):
+    for name, run in runs.items():
+      for _ in range(steps):
+        r0, t0 = _cpu_seconds(), time.perf_counter()
+        jax.block_until_ready(run(batch))
+        wall[name].append(time.perf_counter() - t0)
+        cpu[name].append(_cpu_seconds() - r0)
+  return wall, cpu
+
+
 def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--batch", type=int, default=32)
@@ -138,17 +156,8 @@ def main(argv=None):
     for _ in range(2):
       jax.block_until_ready(run(batch))
     compile_s[name] = time.perf_counter() - t0
-  # Wall time, and process CPU time (user+sys of all XLA threads): the latter is less sensitive to
-  # other processes on a shared machine, so both ratios are printed.
-  times = {k: [] for k in modes}
-  cpu = {k: [] for k in modes}
-  for _ in range(args.rounds):
-    for name, (run, _) in modes.items():
-      for _ in range(args.steps):
-        r0, t0 = _cpu_seconds(), time.perf_counter()
-        jax.block_until_ready(run(batch))
-        times[name].append(time.perf_counter() - t0)
-        cpu[name].append(_cpu_seconds() - r0)
+  times, cpu = time_round_robin({k: run for k, (run, _) in modes.items()}, batch, args.rounds,
+                                args.steps)
   full = float(np.median(times["full_ft"]))
   full_cpu = float(np.median(cpu["full_ft"]))
   for name, (_, n_train) in modes.items():

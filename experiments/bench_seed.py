@@ -45,25 +45,6 @@ TARGETS = bench.ALL_LINEAR
 GOALS = {"krona": 1.2, "diffkrona": 1.2, "nola": 1.5, "loldu": 1.2, "sorsa": 1.2}
 
 
-def make_step(cfg, opt, adapter):
-  """Jitted AdamW step over (adapter trainable state, head); penalty included."""
-  def loss_fn(trainable, head, base, frozen, batch):
-    s = lj.AdapterState(trainable, frozen)
-    p = adapter.apply(base, s)
-    return bench._xent({**p, "head": head}, cfg, batch) + adapter.penalty(s)
-
-  def step(train, opt_state, base, frozen, batch):
-    loss, g = jax.value_and_grad(loss_fn, argnums=(0, 1))(train[0], train[1], base, frozen, batch)
-    u, opt_state = opt.update(g, opt_state, train)
-    return optax.apply_updates(train, u), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1))
-
-
-def _cpu_seconds() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
-
-
 def time_modes(params, cfg, batch, opt, adapters, rounds, steps):
   head = params["head"]
   body = {k: v for k, v in params.items() if k != "head"}
@@ -73,7 +54,7 @@ def time_modes(params, cfg, batch, opt, adapters, rounds, steps):
     base, state = ad.init(jax.random.key(0), body)
     train = (state.trainable, jax.tree_util.tree_map(jnp.copy, head))
     st = [train, opt.init(train)]
-    step = make_step(cfg, opt, ad)
+    step = bench.make_adapter_step(cfg, opt, ad)
 
     def run(batch, st=st, step=step, base=base, frozen=state.frozen):
       st[0], st[1], loss = step(st[0], st[1], base, frozen, batch)
@@ -81,15 +62,8 @@ def time_modes(params, cfg, batch, opt, adapters, rounds, steps):
     for _ in range(2):
       jax.block_until_ready(run(batch))
     runs[name] = (run, lj.count_params(state), time.perf_counter() - t0)
-  wall = {k: [] for k in runs}
-  cpu = {k: [] for k in runs}
-  for _ in range(rounds):
-    for name, (run, _, _) in runs.items():
-      for _ in range(steps):
-        r0, t0 = _cpu_seconds(), time.perf_counter()
-        jax.block_until_ready(run(batch))
-        wall[name].append(time.perf_counter() - t0)
-        cpu[name].append(_cpu_seconds() - r0)
+  wall, cpu = bench.time_round_robin({k: run for k, (run, _, _) in runs.items()}, batch, rounds,
+                                     steps)
   ref_w, ref_c = float(np.median(wall["lora"])), float(np.median(cpu["lora"]))
   for name, (_, n_train, setup_s) in runs.items():
     w, c = float(np.median(wall[name])), float(np.median(cpu[name]))

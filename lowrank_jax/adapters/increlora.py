@@ -192,11 +192,9 @@ def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] =
   for nm, v, lo in (("target_rank", target_rank, 1), ("init_rank", init_rank, 1),
                     ("top_h", top_h, 1), ("incre_interval", incre_interval, 1),
                     ("init_warmup", init_warmup, 0)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-      raise ValueError(f"increlora: {nm} must be an int >= {lo}, got {v!r}")
+    _leafwise.check_int("increlora", nm, v, lo)
   for nm, v in (("total_rank", total_rank), ("add_r", add_r), ("max_rank", max_rank)):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-      raise ValueError(f"increlora: {nm} must be None or an int >= 1, got {v!r}")
+    _leafwise.check_int("increlora", nm, v, allow_none=True)
   if alpha is not None and not alpha > 0:
     raise ValueError(f"increlora: alpha must be > 0, got {alpha!r}")
   if not (0.0 <= beta1 < 1.0 and 0.0 <= beta2 < 1.0):

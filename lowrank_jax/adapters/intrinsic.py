@@ -39,6 +39,7 @@ from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
+from lowrank_jax.adapters import _leafwise
 
 PROJECTIONS = ("dense", "sparse", "fastfood")
 
@@ -159,8 +160,7 @@ def intrinsic_dimension(d: int, projection: str = "fastfood",
   >>> lj.count_params(state), ad.apply(base, state)['w'].shape
   (4, (3, 5))
   """
-  if isinstance(d, bool) or not isinstance(d, int) or d < 1:
-    raise ValueError(f"intrinsic_dimension: d must be an int >= 1, got {d!r}")
+  _leafwise.check_int("intrinsic_dimension", "d", d)
   if projection not in PROJECTIONS:
     raise ValueError(f"intrinsic_dimension: unknown projection {projection!r}; valid: "
                      f"{PROJECTIONS}")

@@ -252,8 +252,7 @@ def krona(a1: Optional[int] = None, a2: Optional[int] = None,
   1312
   """
   for nm, v in (("a1", a1), ("a2", a2)):
-    if v is not None and (isinstance(v, bool) or not isinstance(v, int) or v < 1):
-      raise ValueError(f"krona: {nm} must be None or an int >= 1, got {v!r}")
+    _leafwise.check_int("krona", nm, v, allow_none=True)
   if not isinstance(scale, (int, float)):
     raise ValueError(f"krona: scale must be a float, got {scale!r}")
   if init not in INITS:

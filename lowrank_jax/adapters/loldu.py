@@ -140,8 +140,7 @@ def loldu(rank: int = 4, alpha: float = 1.0, targets: targeting.Targets = r".*ke
   >>> lj.count_params(state), state.frozen['w']['kernel'].perm.dtype
   (3, dtype('int32'))
   """
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"loldu: rank must be an int >= 1, got {rank!r}")
+  _leafwise.check_int("loldu", "rank", rank)
   if not (isinstance(alpha, (int, float)) and alpha > 0):
     raise ValueError(f"loldu: alpha must be a float > 0, got {alpha!r}")
   if init not in INITS:

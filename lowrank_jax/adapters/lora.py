@@ -37,8 +37,7 @@ def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
 
 
 def validate_common(name: str, rank, alpha, dropout):
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"{name}: rank must be an int >= 1, got {rank!r}")
+  _leafwise.check_int(name, "rank", rank)
   if alpha is not None and not alpha > 0:
     raise ValueError(f"{name}: alpha must be > 0, got {alpha!r}")
   if not 0.0 <= dropout < 1.0:

@@ -261,8 +261,7 @@ def nola(k: int = 512, l: int = 512, rank: int = 8, alpha: Optional[float] = Non
   (48, dtype('uint32'))
   """
   for nm, v in (("k", k), ("l", l), ("rank", rank)):
-    if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-      raise ValueError(f"nola: {nm} must be an int >= 1, got {v!r}")
+    _leafwise.check_int("nola", nm, v)
   if variant not in VARIANTS:
     raise ValueError(f"nola: unknown variant {variant!r}; valid: {VARIANTS}")
   if generator not in GENERATORS:

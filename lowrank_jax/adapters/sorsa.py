@@ -151,8 +151,7 @@ def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targe
   >>> lj.count_params(state)
   22
   """
-  if isinstance(rank, bool) or not isinstance(rank, int) or rank < 1:
-    raise ValueError(f"sorsa: rank must be an int >= 1, got {rank!r}")
+  _leafwise.check_int("sorsa", "rank", rank)
   if alpha is not None and not alpha > 0:
     raise ValueError(f"sorsa: alpha must be > 0 or None, got {alpha!r}")
   if not (isinstance(gamma, (int, float)) and gamma >= 0):

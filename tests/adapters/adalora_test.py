@@ -18,12 +18,7 @@ from lowrank_jax.adapters.increlora import rank_allocation
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
 
-@pytest.fixture(autouse=True)
-def _fast_compile():
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def dense_ref(alpha, init_r):

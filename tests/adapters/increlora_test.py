@@ -18,13 +18,7 @@ from lowrank_jax.adapters.increlora import (IncreLoRABuffers, component_inner, i
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
 
-@pytest.fixture(autouse=True)
-def _fast_compile():
-  """Tiny shapes: compile time dominates, so skip XLA's optimization passes (flax examples do)."""
-  old = jax.config.read("jax_disable_most_optimizations")
-  jax.config.update("jax_disable_most_optimizations", True)
-  yield
-  jax.config.update("jax_disable_most_optimizations", old)
+pytestmark = pytest.mark.usefixtures("fast_compile")
 
 
 def dense_ref(alpha, add_r, reserve_lambda=1e-5, advance_learn=True):
