@@ -131,13 +131,19 @@ def time_round_robin(runs, batch, rounds: int, steps: int):
   return wall, cpu
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+def timing_parser(description: str, steps: int) -> argparse.ArgumentParser:
+  """The flags both benchmarks take: batch, seq, rank, rounds, timed steps per mode per round."""
+  ap = argparse.ArgumentParser(description=description)
   ap.add_argument("--batch", type=int, default=32)
   ap.add_argument("--seq", type=int, default=32)
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--rounds", type=int, default=5)
-  ap.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
+  ap.add_argument("--steps", type=int, default=steps, help="timed steps per mode per round")
+  return ap
+
+
+def main(argv=None):
+  ap = timing_parser(__doc__.splitlines()[0], steps=3)
   ap.add_argument("--only", default="", help="comma-separated subset of modes")
   args = ap.parse_args(argv)
 

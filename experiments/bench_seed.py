@@ -22,7 +22,6 @@ Printed lines are JSON.
 """
 from __future__ import annotations
 
-import argparse
 import json
 import resource
 import time
@@ -122,12 +121,7 @@ def fastfood_memory(params, cfg, batch, opt, ds, run_steps):
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-  ap.add_argument("--batch", type=int, default=32)
-  ap.add_argument("--seq", type=int, default=32)
-  ap.add_argument("--rank", type=int, default=8)
-  ap.add_argument("--rounds", type=int, default=5)
-  ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
+  ap = bench.timing_parser(__doc__.splitlines()[0], steps=2)
   ap.add_argument("--nola_k", type=int, default=512)
   ap.add_argument("--only", default="", help="comma-separated subset of modes (lora always runs)")
   ap.add_argument("--fastfood_d", default="1000,100000")

@@ -58,11 +58,19 @@ def diag_branch(x, a, d, b):
   return y2.reshape(lead + tuple(out_shape))
 
 
+IMPLS = ("custom_vjp", "autodiff")
+
+
+def check_impl(name: str, impl: str):
+  """Raises a ValueError naming `name` unless `impl` is one of `IMPLS`."""
+  if impl not in IMPLS:
+    raise ValueError(f"{name}: impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
+
+
 def lowrank_branch(x, a, b, scale, impl: str = "custom_vjp"):
   """`scale * (x @ a) @ b` with x (..., *in), a (*in, r), b (r, *out); returns (..., *out)."""
   if impl == "autodiff":
     h = jnp.tensordot(x, a.astype(x.dtype), axes=a.ndim - 1)
     return jnp.tensordot(h * jnp.asarray(scale, x.dtype), b.astype(x.dtype), axes=1)
-  if impl != "custom_vjp":
-    raise ValueError(f"LowRank impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
+  check_impl("LowRank", impl)
   return diag_branch(x, a, scale, b)

@@ -91,6 +91,11 @@ def check_identity_at_init(adapter, params=None, batch=None, key=None, stats=Non
   assert_close(tiny_apply(adapted, batch), tiny_apply(params, batch), scale=5)
 
 
+def merged_leaf(params, path: str) -> jax.Array:
+  """Dense value of the `/`-joined `path` in `merge(params)` (for dense-formula references)."""
+  return dict(tree_lib.flatten_with_names(structured.merge(params))[0])[path]
+
+
 def check_dense_reference(adapter, dense_ref: Callable[[Any, base_lib.AdapterState], dict],
                           params=None, batch=None, stats=None):
   """`merge(apply(base, s))` equals the hand-written dense formula `dense_ref(base, s)` on a perturbed

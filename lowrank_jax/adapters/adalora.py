@@ -46,6 +46,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import _kernels
 from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
@@ -126,8 +127,7 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     raise ValueError(f"adalora: dropout must be in [0, 1), got {dropout!r}")
   if orth_reg < 0 or not init_std > 0:
     raise ValueError(f"adalora: orth_reg={orth_reg!r} must be >= 0, init_std={init_std!r} > 0")
-  if impl not in ("custom_vjp", "autodiff"):
-    raise ValueError(f"adalora: impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
+  _kernels.check_impl("adalora", impl)
   scale = (float(init_r) if alpha is None else float(alpha)) / (init_r + 1e-5)
 
   def init_leaf(key, info, w, stats):

@@ -54,6 +54,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import _kernels
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
 from lowrank_jax.adapters.lora import (LoRAFactors, lora_scale, lowrank_apply_leaf,
@@ -197,8 +198,7 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
     raise ValueError(f"corda: gauge={gauge!r}; valid: {GAUGES}")
   if not damping > 0 or not damping_tol > 0:
     raise ValueError(f"corda: damping={damping!r} and damping_tol={damping_tol!r} must be > 0")
-  if impl not in ("custom_vjp", "autodiff"):
-    raise ValueError(f"corda: impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
+  _kernels.check_impl("corda", impl)
   alpha = float(rank) if alpha is None else float(alpha)
   scale = lora_scale(rank, alpha, use_rslora)
 

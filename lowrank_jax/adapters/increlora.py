@@ -64,6 +64,7 @@ from typing import Any, NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import _kernels
 from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
@@ -204,8 +205,7 @@ def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] =
   if orth_reg < 0 or reserve_lambda < 0 or not init_std > 0:
     raise ValueError(f"increlora: orth_reg={orth_reg!r}, reserve_lambda={reserve_lambda!r} must "
                      f"be >= 0 and init_std={init_std!r} > 0")
-  if impl not in ("custom_vjp", "autodiff"):
-    raise ValueError(f"increlora: impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
+  _kernels.check_impl("increlora", impl)
   add = add_r if add_r is not None else _ADD_R.get(target_rank, max(1, target_rank // 2))
   slots = max_rank if max_rank is not None else 2 * target_rank + add
   if slots < init_rank:

@@ -19,6 +19,7 @@ from typing import NamedTuple, Optional
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import _kernels
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
@@ -87,8 +88,7 @@ def lora(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Target
     raise ValueError(f"lora: unknown init {init!r}; valid: {INITS}")
   if niter is not None and (init != "pissa" or niter < 0):
     raise ValueError(f"lora: niter={niter!r} is only valid with init='pissa' and must be >= 0")
-  if impl not in ("custom_vjp", "autodiff"):
-    raise ValueError(f"lora: impl={impl!r}; valid: 'custom_vjp', 'autodiff'")
+  _kernels.check_impl("lora", impl)
   alpha = float(rank) if alpha is None else float(alpha)
   scale = lora_scale(rank, alpha, use_rslora)
 

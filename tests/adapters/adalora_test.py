@@ -2,11 +2,9 @@
 triplet scores, penalty, errors. `dense_ref` is used by the contract table."""
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lowrank_jax as lj
@@ -14,6 +12,7 @@ from lowrank_jax import testing
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters.adalora import adalora, budget_schedule
 from lowrank_jax.adapters.increlora import rank_allocation
+from tests.adapters.rank_training import train_tracking_ranks
 
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
@@ -58,32 +57,12 @@ def test_budget_schedule_matches_cubic():
     assert int(b) == _peft_budget(step, 24, 16, 10, 20, 100), step
 
 
-def _train(adapter, steps, lr=1e-2):
-  params = testing.tiny_params()
-  batch = testing.tiny_batch()
-  base, state = adapter.init(jax.random.key(0), params)
-  step, opt = testing.make_step(adapter, optax.adam(lr))
-
-  def train_step(state, opt_state, step_count):
-    return step(base, state, opt_state, batch, step_count)
-
-  chex.clear_trace_counter()
-  jitted = jax.jit(chex.assert_max_traces(train_step, n=1))
-  opt_state = opt.init(state.trainable)
-  s0, s, history = state, state, []
-  for i in range(1, steps + 1):
-    s, opt_state, loss = jitted(s, opt_state, jnp.asarray(i, jnp.int32))
-    history.append(rank_allocation(s))
-  chex.assert_trees_all_equal_shapes_and_dtypes(s, s0)
-  assert np.isfinite(float(loss))
-  return s0, s, history
-
 
 def test_prunes_to_budget_and_compiles_once():
   total, tinit, tfinal = 16, 2, 4
   ad = adalora(init_r=4, target_r=2, alpha=4.0, targets=DENSE, total_steps=total, tinit=tinit,
                tfinal=tfinal, deltaT=2)
-  s0, s, history = _train(ad, total)
+  _, s0, s, history, _ = train_tracking_ranks(ad, total)
   assert sum(rank_allocation(s0).values()) == 8
   totals = [sum(h.values()) for h in history]
   assert totals[-1] == 4                                  # target_r × 2 modules

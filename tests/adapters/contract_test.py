@@ -28,15 +28,12 @@ class Case(NamedTuple):
   learn_lr: float = 1e-2
 
 
-def _dense(base, path):
-  return dict(tree_lib.flatten_with_names(lj.merge(base))[0])[path]
-
 
 def lowrank_ref(scale):
   def ref(base, state):
     out = {}
     for path, f in tree_lib.unnest(state.trainable).items():
-      w = _dense(base, path)
+      w = testing.merged_leaf(base, path)
       out[path] = w + scale * jnp.tensordot(f.a, f.b, axes=1)
     return out
   return ref
@@ -57,12 +54,12 @@ CASES = [
     Case("chain_pissa_lora",
          lambda: lj.chain(lj.pissa(2, 2.0, ["dense_0/kernel"]), lj.lora(1, 1.0, DENSE)),
          lambda base, s: {
-             "dense_0/kernel": _dense(base, "dense_0/kernel")
+             "dense_0/kernel": testing.merged_leaf(base, "dense_0/kernel")
              + jnp.tensordot(s.trainable[0]["dense_0"]["kernel"].a,
                              s.trainable[0]["dense_0"]["kernel"].b, axes=1)
              + jnp.tensordot(s.trainable[1]["dense_0"]["kernel"].a,
                              s.trainable[1]["dense_0"]["kernel"].b, axes=1),
-             "dense_1/kernel": _dense(base, "dense_1/kernel")
+             "dense_1/kernel": testing.merged_leaf(base, "dense_1/kernel")
              + jnp.tensordot(s.trainable[1]["dense_1"]["kernel"].a,
                              s.trainable[1]["dense_1"]["kernel"].b, axes=1)}),
     Case("partition_lora_pissa",

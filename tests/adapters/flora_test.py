@@ -14,16 +14,13 @@ from lowrank_jax.adapters import flora as flora_lib
 ALL = list(testing.TINY_PATHS)
 
 
-def _dense(base, path):
-  return dict(tree_lib.flatten_with_names(lj.merge(base))[0])[path]
-
 
 def tucker_ref(scale):
   """W' = W + s·G ×₁ U₁ … ×_N U_N written as one explicit einsum per kernel rank."""
   def ref(base, state):
     out = {}
     for path, t in tree_lib.unnest(state.trainable).items():
-      w = _dense(base, path)
+      w = testing.merged_leaf(base, path)
       if w.ndim == 2:
         d = jnp.einsum("ij,ai,bj->ab", t.core, *t.factors)
       else:

@@ -2,11 +2,9 @@
 importance identity, penalty formula, errors. `dense_ref` is used by the contract table."""
 from __future__ import annotations
 
-import chex
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 import pytest
 
 import lowrank_jax as lj
@@ -14,6 +12,7 @@ from lowrank_jax import testing
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters.increlora import (IncreLoRABuffers, component_inner, increlora,
                                             rank_allocation)
+from tests.adapters.rank_training import train_tracking_ranks
 
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
@@ -46,31 +45,11 @@ def dense_ref(alpha, add_r, reserve_lambda=1e-5, advance_learn=True):
   return ref
 
 
-def _train(adapter, steps, lr=1e-2, batch=None):
-  params = testing.tiny_params()
-  batch = testing.tiny_batch() if batch is None else batch
-  base, state = adapter.init(jax.random.key(0), params)
-  step, opt = testing.make_step(adapter, optax.adam(lr))
-
-  def train_step(state, opt_state, step_count):
-    return step(base, state, opt_state, batch, step_count)
-
-  chex.clear_trace_counter()
-  jitted = jax.jit(chex.assert_max_traces(train_step, n=1))
-  opt_state = opt.init(state.trainable)
-  s0, s, history, losses = state, state, [], []
-  for i in range(1, steps + 1):
-    s, opt_state, loss = jitted(s, opt_state, jnp.asarray(i, jnp.int32))
-    chex.assert_trees_all_equal_shapes_and_dtypes(s, s0)
-    history.append(rank_allocation(s))
-    losses.append(float(loss))
-  return base, s0, s, history, losses
-
 
 def test_growth_compiles_once_and_hits_budget_exactly():
   ad = increlora(target_rank=3, init_rank=1, alpha=2.0, targets=DENSE, add_r=1, top_h=1,
                  init_warmup=2, incre_interval=2)
-  _, s0, s, history, losses = _train(ad, steps=16)
+  _, s0, s, history, losses = train_tracking_ranks(ad, steps=16)
   assert rank_allocation(s0) == {"dense_0/kernel": 1, "dense_1/kernel": 1}
   totals = [sum(h.values()) for h in history]
   assert totals[-1] == 6                       # budget = 3 × 2 modules
@@ -89,7 +68,7 @@ def test_growth_compiles_once_and_hits_budget_exactly():
 def test_growth_top_h_and_add_r_clip_to_budget():
   ad = increlora(target_rank=2, init_rank=1, targets=DENSE, total_rank=5, add_r=2, top_h=2,
                  max_rank=4, init_warmup=1, incre_interval=3)
-  _, _, s, history, _ = _train(ad, steps=9)
+  _, _, s, history, _ = train_tracking_ranks(ad, steps=9)
   totals = [sum(h.values()) for h in history]
   # step 3: both modules +2 would give 6 > 5: clipped to +2 and +1.
   assert totals[1] == 2 and totals[2] == 5 and totals[-1] == 5

@@ -15,16 +15,13 @@ ALL = list(testing.TINY_PATHS)
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
 
-def _dense(base, path):
-  return dict(tree_lib.flatten_with_names(lj.merge(base))[0])[path]
-
 
 def kron_ref(scale):
   """W' = W + s·kron(a, b) on the (d_in, d_out) matricization."""
   def ref(base, state):
     out = {}
     for path, t in tree_lib.unnest(state.trainable).items():
-      w = _dense(base, path)
+      w = testing.merged_leaf(base, path)
       out[path] = w + scale * jnp.kron(t.a, t.b).reshape(w.shape)
     return out
   return ref

@@ -15,9 +15,6 @@ ALL = list(testing.TINY_PATHS)
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
 
-def _dense(base, path):
-  return dict(tree_lib.flatten_with_names(lj.merge(base))[0])[path]
-
 
 def loldu_ref(sigma0):
   """W' = W_res + σ·P L_r diag(z) U_r in PyTorch layout, with an explicit permutation matrix."""
@@ -26,7 +23,7 @@ def loldu_ref(sigma0):
     frozen = tree_lib.unnest(state.frozen)
     for path, t in tree_lib.unnest(state.trainable).items():
       f = frozen[path]
-      w = _dense(base, path)
+      w = testing.merged_leaf(base, path)
       r = t.z.shape[0]
       d_out = f.l.shape[0]
       perm_matrix = jnp.eye(d_out)[:, f.perm]            # P[perm[i], i] = 1

@@ -17,9 +17,6 @@ ALL = list(testing.TINY_PATHS)
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
 
-def _dense(base, path):
-  return dict(tree_lib.flatten_with_names(lj.merge(base))[0])[path]
-
 
 def _threefry_bank(seed, stream, n, shape):
   key = jax.random.fold_in(jax.random.key(seed), stream)
@@ -37,7 +34,7 @@ def nola_ref(rank, scale, variant="lm", generator="hash"):
     out = {}
     frozen = tree_lib.unnest(state.frozen)
     for path, t in tree_lib.unnest(state.trainable).items():
-      w = _dense(base, path)
+      w = testing.merged_leaf(base, path)
       seed = frozen[path].seed
       d_in = math.prod(w.shape[:-1])
       d_out = w.shape[-1]

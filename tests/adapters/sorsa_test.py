@@ -15,16 +15,13 @@ ALL = list(testing.TINY_PATHS)
 DENSE = ["dense_0/kernel", "dense_1/kernel"]
 
 
-def _dense(base, path):
-  return dict(tree_lib.flatten_with_names(lj.merge(base))[0])[path]
-
 
 def sorsa_ref(scale):
   """W' = W_r + s·V_p diag(S_p) U_pᵀ in the (d_in, d_out) layout (= (s·U_p Σ_p V_pᵀ)ᵀ)."""
   def ref(base, state):
     out = {}
     for path, t in tree_lib.unnest(state.trainable).items():
-      w = _dense(base, path)
+      w = testing.merged_leaf(base, path)
       r = t.s.shape[0]
       v_p = t.a.reshape(-1, r)                  # (d_in, r)
       u_p = t.b.reshape(r, -1).T                # (d_out, r)
