@@ -131,6 +131,25 @@ def time_round_robin(runs, batch, rounds: int, steps: int):
   return wall, cpu
 
 
+def paired_ratios(times, ref: str, steps: int):
+  """Per-round ratios of each run's mean step time to `ref`'s in the same round.
+
+  `times` is `time_round_robin`'s output (rounds·steps entries per run, round-major). Runs of one
+  round are back to back, so a per-round ratio cancels slow drifts of machine speed that a ratio of
+  two medians over the whole run does not. Returns {run: (median, min, max)} over the rounds.
+  """
+  def per_round(xs):
+    if len(xs) % steps:
+      raise ValueError(f"paired_ratios: {len(xs)} timings is not a multiple of steps={steps}")
+    return np.asarray(xs, dtype=np.float64).reshape(-1, steps).mean(axis=1)
+  r = per_round(times[ref])
+  out = {}
+  for name, xs in times.items():
+    q = per_round(xs) / r
+    out[name] = (float(np.median(q)), float(q.min()), float(q.max()))
+  return out
+
+
 def timing_parser(description: str, steps: int) -> argparse.ArgumentParser:
   """The flags both benchmarks take: batch, seq, rank, rounds, timed steps per mode per round."""
   ap = argparse.ArgumentParser(description=description)

@@ -12,7 +12,8 @@ train step (grads w.r.t. the adapter's trainable state + the head) of:
   nola       NOLA k=l=512, r=8 (bases regenerated in-step, hash generator),
   loldu      LoLDU r=8,
   sorsa      SORSA r=8 (+ its orthonormal penalty in the loss),
-all on the same targets, and prints ms/step (median wall and process CPU time) and ratios to LoRA.
+all on the same targets, and prints ms/step (median wall and process CPU time), ratios to LoRA
+(ratio of medians) and the median and range over rounds of the per-round ("paired") ratio.
 Then, for the Fastfood intrinsic-dimension subspace over the whole model (D = all float params),
 it compiles the train step for two values of d and prints XLA's `memory_analysis()` of the
 compiled step (argument / output / temp bytes; on CPU these are the buffer-assignment sizes) and
@@ -64,9 +65,12 @@ def time_modes(params, cfg, batch, opt, adapters, rounds, steps):
   wall, cpu = bench.time_round_robin({k: run for k, (run, _, _) in runs.items()}, batch, rounds,
                                      steps)
   ref_w, ref_c = float(np.median(wall["lora"])), float(np.median(cpu["lora"]))
+  paired = bench.paired_ratios(wall, "lora", steps)
   for name, (_, n_train, setup_s) in runs.items():
     w, c = float(np.median(wall[name])), float(np.median(cpu[name]))
+    p_med, p_min, p_max = paired[name]
     row = {"mode": name, "ms_per_step": round(1e3 * w, 1), "ratio_to_lora": round(w / ref_w, 3),
+           "paired_ratio": round(p_med, 3), "paired_ratio_range": [round(p_min, 3), round(p_max, 3)],
            "min_ms": round(1e3 * min(wall[name]), 1), "cpu_ms_per_step": round(1e3 * c, 1),
            "cpu_ratio_to_lora": round(c / ref_c, 3), "trainable_params": int(n_train),
            "setup_s": round(setup_s, 1)}
