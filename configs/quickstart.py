@@ -40,6 +40,7 @@ def get_config(arg=None):
   c.model.name = "minilm"
   c.model.pretrained = True
   c.model.dropout_rate = 0.0
+  c.model.attention_dropout_rate = 0.0
   c.head = r"head/.*"
   c.dataset.name = "wordnet_supersense"
   c.dataset.train_split = "train"

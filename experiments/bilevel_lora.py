@@ -82,8 +82,7 @@ def frozen_features(params, cfg, batch, chunk=128):
   @jax.jit
   def run(ids, mask):
     x = minilm.encode(params, lower, ids, mask)
-    # pylint: disable-next=protected-access
-    x = minilm._attention(last["attention"], x, L.key_padding_mask(mask), cfg, None, True)
+    x = minilm.attention_block(last["attention"], x, L.key_padding_mask(mask), cfg)
     h = jax.nn.gelu(L.dense(last["mlp"]["intermediate"], x), approximate=False)
     return h, x + L.dense(last["mlp"]["output"], h)
 

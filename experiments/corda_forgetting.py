@@ -135,7 +135,7 @@ def main(argv):
   # Model, data, probe pairs.
   # ---------------------------------------------------------------------------------------------
   params, cfg = minilm.load_pretrained()
-  cfg = dataclasses.replace(cfg, dropout_rate=0.0)
+  cfg = dataclasses.replace(cfg, dropout_rate=0.0, attention_dropout_rate=0.0)
   n_cls = data.num_classes("wordnet_supersense")
   params = minilm.add_classifier_head(jax.random.key(_SEED.value), params, n_cls)
   tok = minilm.load_tokenizer(_SEQ.value)

@@ -141,7 +141,11 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
   spec = models.get_model(mcfg.name)
   mod, cfg = spec.module, spec.config
   k_init, k_head = jax.random.split(key)
-  override = {"dropout_rate": mcfg.dropout_rate} if "dropout_rate" in mcfg else {}
+  override = {k: mcfg[k] for k in ("dropout_rate", "attention_dropout_rate") if k in mcfg}
+  unknown = [k for k in override if not hasattr(cfg, k)]
+  if unknown:
+    raise ValueError(f"model.{unknown[0]} is not a field of model {mcfg.name!r}; its dropout "
+                     f"fields: {[f for f in ('dropout_rate', 'attention_dropout_rate') if hasattr(cfg, f)]}")
   if mod is models.minilm:
     if mcfg.get("pretrained", False):
       if mcfg.name != "minilm":

@@ -87,6 +87,13 @@ class TrainTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, pattern):
           train.train_and_evaluate(_config(**{field: value}), tempfile.mkdtemp())
 
+  def test_dropout_field_the_model_lacks(self):
+    c = _config()
+    c.model.attention_dropout_rate = 0.1     # the digits MLP has no attention
+    with self.assertRaisesRegex(ValueError, r"model.attention_dropout_rate is not a field of model "
+                                r"'mlp_digits'; its dropout fields: \['dropout_rate'\]"):
+      train.train_and_evaluate(c, tempfile.mkdtemp())
+
   def test_missing_data_package_is_one_clear_error(self):
     from lowrank_jax import data  # pylint: disable=g-import-not-at-top
     env = {"LOWRANK_JAX_FASHION_MNIST_DIR": tempfile.mkdtemp(),

@@ -96,6 +96,24 @@ def dropout(x: jax.Array, rate: float, rng, deterministic: bool) -> jax.Array:
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
+def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
+              dropout_rate: float = 0.0, rng=None, deterministic: bool = True) -> jax.Array:
+  """Softmax attention over (B, T, H, D) heads, with inverted dropout on the probabilities.
+
+  Without dropout (deterministic, or rate 0) this is `jax.nn.dot_product_attention` (XLA picks its
+  kernel); with dropout it is the same formula written out, softmax(q·kᵀ/√D + mask) with a
+  Bernoulli(1 − rate) keep-mask on the (B, H, T, S) probabilities, as in BERT's
+  `attention_probs_dropout_prob`. `mask` is boolean, broadcastable to (B, H, T, S), True = attend.
+  """
+  if deterministic or dropout_rate == 0.0:
+    return jax.nn.dot_product_attention(q, k, v, mask=mask)
+  logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  if mask is not None:
+    logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
+  probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, rng, False)
+  return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+
+
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:
   """(B, T, H*D) -> (B, T, H, D)."""
   b, t, d = x.shape

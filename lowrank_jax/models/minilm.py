@@ -71,7 +71,8 @@ class MiniLMConfig:
   max_position_embeddings: int = 512
   type_vocab_size: int = 2
   layer_norm_eps: float = 1e-12
-  dropout_rate: float = 0.1
+  dropout_rate: float = 0.1            # hidden dropout (HF hidden_dropout_prob)
+  attention_dropout_rate: float = 0.1  # on the attention probabilities (attention_probs_dropout_prob)
   pad_token_id: int = 0
 
   def __post_init__(self):
@@ -82,8 +83,9 @@ class MiniLMConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"MiniLMConfig.hidden_size={self.hidden_size} is not divisible by "
                        f"num_heads={self.num_heads}")
-    if not 0.0 <= self.dropout_rate < 1.0:
-      raise ValueError(f"MiniLMConfig.dropout_rate must be in [0, 1), got {self.dropout_rate}")
+    for f in ("dropout_rate", "attention_dropout_rate"):
+      if not 0.0 <= getattr(self, f) < 1.0:
+        raise ValueError(f"MiniLMConfig.{f} must be in [0, 1), got {getattr(self, f)}")
 
   @classmethod
   def all_minilm_l6_v2(cls) -> "MiniLMConfig":
@@ -141,17 +143,19 @@ def add_classifier_head(key: jax.Array, params: dict, num_classes: int,
   return {**params, "head": L.dense_init(key, d, num_classes, std=0.02, dtype=dtype)}
 
 
-def _attention(p, x, mask, cfg, rng, deterministic):
+def attention_block(p, x, mask, cfg, rng=None, deterministic=True):
+  """One post-norm BERT self-attention block: LN(x + dropout(out(attention(q, k, v))))."""
   q = L.split_heads(L.dense(p["query"], x), cfg.num_heads)
   k = L.split_heads(L.dense(p["key"], x), cfg.num_heads)
   v = L.split_heads(L.dense(p["value"], x), cfg.num_heads)
-  # Attention-prob dropout is not applied (dot_product_attention has none); hidden dropout is.
-  o = L.merge_heads(jax.nn.dot_product_attention(q, k, v, mask=mask))
+  o = L.merge_heads(L.attention(q, k, v, mask, dropout_rate=cfg.attention_dropout_rate,
+                                rng=L.fold(rng, 2), deterministic=deterministic))
   o = L.dropout(L.dense(p["output"], o), cfg.dropout_rate, rng, deterministic)
   return L.layer_norm(p["norm"], x + o, cfg.layer_norm_eps)
 
 
-def _mlp(p, x, cfg, rng, deterministic):
+def mlp_block(p, x, cfg, rng=None, deterministic=True):
+  """One post-norm BERT MLP block: LN(x + dropout(output(gelu(intermediate(x)))))."""
   h = jax.nn.gelu(L.dense(p["intermediate"], x), approximate=False)
   h = L.dropout(L.dense(p["output"], h), cfg.dropout_rate, rng, deterministic)
   return L.layer_norm(p["norm"], x + h, cfg.layer_norm_eps)
@@ -168,7 +172,8 @@ def encode(params: dict, cfg: MiniLMConfig, input_ids: jax.Array,
     input_ids: int (B, T) token ids.
     attention_mask: {0,1} (B, T); defaults to all ones.
     token_type_ids: int (B, T); defaults to zeros.
-    deterministic: if False, applies dropout with `rng`.
+    deterministic: if False, applies hidden dropout (`cfg.dropout_rate`) and dropout on the
+      attention probabilities (`cfg.attention_dropout_rate`) with `rng`.
     rng: dropout key.
   """
   b, t = input_ids.shape
@@ -186,8 +191,8 @@ def encode(params: dict, cfg: MiniLMConfig, input_ids: jax.Array,
   mask = L.key_padding_mask(attention_mask)
   for i in range(cfg.num_layers):
     lp = params["encoder"][f"layer_{i}"]
-    x = _attention(lp["attention"], x, mask, cfg, L.fold(rng, i + 1, 0), deterministic)
-    x = _mlp(lp["mlp"], x, cfg, L.fold(rng, i + 1, 1), deterministic)
+    x = attention_block(lp["attention"], x, mask, cfg, L.fold(rng, i + 1, 0), deterministic)
+    x = mlp_block(lp["mlp"], x, cfg, L.fold(rng, i + 1, 1), deterministic)
   return x
 
 
@@ -341,6 +346,7 @@ def config_from_hf(hf_config: Mapping[str, Any]) -> MiniLMConfig:
       type_vocab_size=hf_config.get("type_vocab_size", 2),
       layer_norm_eps=hf_config.get("layer_norm_eps", 1e-12),
       dropout_rate=hf_config.get("hidden_dropout_prob", 0.1),
+      attention_dropout_rate=hf_config.get("attention_probs_dropout_prob", 0.1),
       pad_token_id=hf_config.get("pad_token_id", 0))
 
 

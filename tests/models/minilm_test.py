@@ -1,4 +1,5 @@
 """MiniLM (BERT) encoder: real-weight acceptance, shapes, masking, head, HF names, adapters."""
+import dataclasses
 import functools
 import sys
 
@@ -90,6 +91,29 @@ def test_classify_head_and_dropout():
     minilm.classify(params, cfg, batch, deterministic=False)
   d1 = _classify(params, cfg, batch, deterministic=False, rng=jax.random.key(0))
   assert not np.allclose(d1, logits)
+
+
+def test_attention_probability_dropout():
+  params, cfg = _tiny()
+  params = minilm.add_classifier_head(jax.random.key(2), params, num_classes=5)
+  batch = {"input_ids": jnp.ones((3, 6), jnp.int32), "attention_mask": jnp.ones((3, 6), jnp.int32)}
+  ref = _classify(params, cfg, batch)
+  rng = jax.random.key(0)
+  off = dataclasses.replace(cfg, dropout_rate=0.0, attention_dropout_rate=0.0)
+  np.testing.assert_allclose(_classify(params, off, batch, deterministic=False, rng=rng), ref,
+                             atol=1e-6)
+  attn_only = dataclasses.replace(off, attention_dropout_rate=0.5)
+  d1 = _classify(params, attn_only, batch, deterministic=False, rng=rng)
+  assert not np.allclose(d1, ref, atol=1e-3)
+  np.testing.assert_array_equal(d1, _classify(params, attn_only, batch, deterministic=False,
+                                              rng=rng))
+  # HF BERT configs carry it as attention_probs_dropout_prob.
+  hf = {"vocab_size": 30522, "hidden_size": 64, "num_hidden_layers": 2, "num_attention_heads": 4,
+        "intermediate_size": 128, "max_position_embeddings": 128,
+        "attention_probs_dropout_prob": 0.25}
+  assert minilm.config_from_hf(hf).attention_dropout_rate == 0.25
+  with pytest.raises(ValueError, match="attention_dropout_rate must be in"):
+    minilm.MiniLMConfig(attention_dropout_rate=1.0)
 
 
 def test_structured_weight_runs_factored():
