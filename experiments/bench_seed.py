@@ -133,7 +133,7 @@ def main(argv=None):
   ap.add_argument("--skip_timing", action="store_true", help="only the Fastfood memory part")
   args = ap.parse_args(argv)
 
-  params, cfg, source = bench._model()
+  params, cfg, source = bench._model(preset=args.model)
   batch = bench._batch(cfg, args.batch, args.seq)
   opt = optax.adamw(1e-4, weight_decay=0.01)
   r = args.rank

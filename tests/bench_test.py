@@ -1,9 +1,25 @@
-"""Timing helpers of experiments/bench.py (the benchmarks themselves are run by hand)."""
+"""Benchmarks: the timing helpers, and smoke runs of both scripts on the tiny random encoder (the
+figures themselves come from full runs by hand; these only check that the scripts run and print
+well-formed rows)."""
+import contextlib
+import io
+import json
+
 from absl.testing import absltest
 import jax.numpy as jnp
 import numpy as np
 
 from experiments import bench
+from experiments import bench_seed
+
+_SMOKE = ["--model", "tiny", "--batch", "2", "--seq", "8", "--rounds", "2", "--steps", "1"]
+
+
+def _rows(main, argv):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    main(argv)
+  return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
 class PairedRatiosTest(absltest.TestCase):
@@ -27,6 +43,38 @@ class PairedRatiosTest(absltest.TestCase):
     self.assertEqual({k: len(v) for k, v in cpu.items()}, {"ref": 6, "x": 6})
     med, lo, hi = bench.paired_ratios(wall, "ref", steps=2)["x"]
     self.assertTrue(0 < lo <= med <= hi)
+
+
+class ScriptSmokeTest(absltest.TestCase):
+
+  def test_bench(self):
+    rows = _rows(bench.main, _SMOKE + ["--only", "lora_all_factored,head_only"])
+    self.assertEqual(rows[0]["model"], "random init (tiny preset)")
+    modes = {r["mode"]: r for r in rows[1:]}
+    self.assertEqual(set(modes), {"full_ft", "lora_all_factored", "head_only"})
+    self.assertEqual(modes["full_ft"]["paired_ratio"], 1.0)
+    for r in modes.values():
+      self.assertGreater(r["ms_per_step"], 0)
+      lo, hi = r["paired_ratio_range"]
+      self.assertTrue(lo <= r["paired_ratio"] <= hi)
+    self.assertLess(modes["lora_all_factored"]["trainable_params"],
+                    modes["full_ft"]["trainable_params"])
+
+  def test_bench_seed(self):
+    rows = _rows(bench_seed.main, _SMOKE + ["--nola_k", "16", "--fastfood_d", "16,64"])
+    modes = {r["mode"]: r for r in rows[1:]}
+    self.assertEqual(set(modes), {"lora", "krona", "diffkrona", "nola", "loldu", "sorsa",
+                                  "fastfood_d16", "fastfood_d64"})
+    self.assertEqual(modes["lora"]["paired_ratio"], 1.0)
+    self.assertEqual({m: modes[m].get("goal") for m in bench_seed.GOALS},
+                     {"krona": "<= 1.2x", "diffkrona": "<= 1.2x", "nola": "<= 1.5x",
+                      "loldu": "<= 1.2x", "sorsa": "<= 1.2x"})
+    self.assertEqual(modes["loldu"]["trainable_params"], 8 * 12)   # r per target, 2 layers x 6
+    for d in (16, 64):
+      ff = modes[f"fastfood_d{d}"]
+      self.assertEqual(ff["d"], d)
+      self.assertGreater(ff["step_total_MB"], 0)
+      self.assertTrue(np.isfinite(ff["loss"]))
 
 
 if __name__ == "__main__":
