@@ -73,6 +73,10 @@ def _divisors(n: int) -> list[int]:
 #   "expand"   (b first, then (a ⊗ I_{b_out})): no swap, 3·T·(a_in·b_out)·d_out extra MACs; it
 #              wins when b_out is small (DiffuseKronA's a1 = 64 gives b_out = 6 on d_out = 384).
 # Each has a hand-written backward of the same form (explicit contractions, no d_in×d_out array).
+# In the whole MiniLM train step, other per-layer choices (swap_out for q/k/v and swap_in for the
+# residual-side layers, or swap_in everywhere) and a swap-free per-token batched matmul all measured
+# within the run-to-run noise (±3%) of "auto": XLA:CPU fuses each swap into its elementwise
+# neighbours, so its in-step cost is set by what it fuses with more than by its size.
 # ----------------------------------------------------------------------------------------------
 KRON_IMPLS = ("auto", "swap_out", "swap_in", "expand")
 _MACS_PER_SWAPPED_ELEMENT = 128   # a swap ~ one memory pass; measured ~135 MACs/element here
