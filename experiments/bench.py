@@ -159,6 +159,12 @@ def paired_ratios(times, ref: str, steps: int):
   return out
 
 
+def paired_fields(paired_ratio) -> dict:
+  """The JSON row fields of one `paired_ratios` entry."""
+  med, lo, hi = paired_ratio
+  return {"paired_ratio": round(med, 3), "paired_ratio_range": [round(lo, 3), round(hi, 3)]}
+
+
 def timing_parser(description: str, steps: int) -> argparse.ArgumentParser:
   """The flags both benchmarks take: batch, seq, rank, rounds, timed steps per mode per round."""
   ap = argparse.ArgumentParser(description=description)
@@ -202,8 +208,7 @@ def main(argv=None):
     cpu_ms = 1e3 * float(np.median(cpu[name]))
     print(json.dumps({"mode": name, "ms_per_step": round(ms, 1),
                       "ratio_to_full_ft": round(ms / (1e3 * full), 3),
-                      "paired_ratio": round(paired[name][0], 3),
-                      "paired_ratio_range": [round(paired[name][1], 3), round(paired[name][2], 3)],
+                      **paired_fields(paired[name]),
                       "min_ms": round(1e3 * min(times[name]), 1),
                       "cpu_ms_per_step": round(cpu_ms, 1),
                       "cpu_ratio_to_full_ft": round(cpu_ms / (1e3 * full_cpu), 3),

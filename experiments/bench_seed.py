@@ -68,9 +68,8 @@ def time_modes(params, cfg, batch, opt, adapters, rounds, steps):
   paired = bench.paired_ratios(wall, "lora", steps)
   for name, (_, n_train, setup_s) in runs.items():
     w, c = float(np.median(wall[name])), float(np.median(cpu[name]))
-    p_med, p_min, p_max = paired[name]
     row = {"mode": name, "ms_per_step": round(1e3 * w, 1), "ratio_to_lora": round(w / ref_w, 3),
-           "paired_ratio": round(p_med, 3), "paired_ratio_range": [round(p_min, 3), round(p_max, 3)],
+           **bench.paired_fields(paired[name]),
            "min_ms": round(1e3 * min(wall[name]), 1), "cpu_ms_per_step": round(1e3 * c, 1),
            "cpu_ratio_to_lora": round(c / ref_c, 3), "trainable_params": int(n_train),
            "setup_s": round(setup_s, 1)}

@@ -131,6 +131,9 @@ class Model:
   family: str = ""
 
 
+_DROPOUT_FIELDS = ("dropout_rate", "attention_dropout_rate")   # model config overrides
+
+
 def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Model:
   """Builds the model named `mcfg.name` with a `num_classes` output.
 
@@ -141,11 +144,12 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
   spec = models.get_model(mcfg.name)
   mod, cfg = spec.module, spec.config
   k_init, k_head = jax.random.split(key)
-  override = {k: mcfg[k] for k in ("dropout_rate", "attention_dropout_rate") if k in mcfg}
+  override = {k: mcfg[k] for k in _DROPOUT_FIELDS if k in mcfg}
   unknown = [k for k in override if not hasattr(cfg, k)]
   if unknown:
+    has = [f for f in _DROPOUT_FIELDS if hasattr(cfg, f)]
     raise ValueError(f"model.{unknown[0]} is not a field of model {mcfg.name!r}; its dropout "
-                     f"fields: {[f for f in ('dropout_rate', 'attention_dropout_rate') if hasattr(cfg, f)]}")
+                     f"fields: {has}")
   if mod is models.minilm:
     if mcfg.get("pretrained", False):
       if mcfg.name != "minilm":
