@@ -12,7 +12,8 @@ True
 """
 from __future__ import annotations
 
-from typing import Any, Callable, NamedTuple, Optional, Protocol
+import types
+from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol
 
 import jax
 import jax.numpy as jnp
@@ -81,12 +82,21 @@ class Adapter(NamedTuple):
     penalty: `state -> scalar` regularizer.
     update: optional `(state, grads, step) -> state` for methods that change during training.
     name: a short method name (used by `describe` and adapter files).
+    hparams: the hyperparameters the adapter was built with (rank, alpha, init, targets, ...), so
+      adapter files and exporters read them from the adapter instead of asking again.
+    update_grad: which gradient `update` sees: "task" (of the task loss only, without
+      `penalty`) or "total" (of task loss + penalty, what the optimizer sees).
   """
   init: InitFn
   apply: ApplyFn
   penalty: PenaltyFn = zero_penalty
   update: Optional[UpdateFn] = None
   name: str = "adapter"
+  hparams: Mapping[str, Any] = types.MappingProxyType({})
+  update_grad: str = "total"
+
+
+UPDATE_GRADS = ("task", "total")
 
 
 def with_trainable(state: AdapterState, trainable: PyTree) -> AdapterState:
