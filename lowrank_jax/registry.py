@@ -47,6 +47,11 @@ RANK_ALLOCATION: dict[str, tuple[str, str]] = {
 }
 
 
+def needs_stats(name: str) -> bool:
+  """Whether method `name`'s `init` needs calibration statistics."""
+  return name in NEEDS_STATS
+
+
 def rank_allocation_fn(name: str) -> Callable[[base_lib.AdapterState], dict] | None:
   """`state -> {path: active rank}` for methods that grow/prune ranks, else None."""
   if name not in RANK_ALLOCATION:
