@@ -5,6 +5,10 @@
 >>> adapter = lj.lora(rank=2, targets=r'layer/kernel')
 >>> base, state = adapter.init(jax.random.key(0), params)
 >>> y = lj.ops.dense(jnp.ones((1, 8)), adapter.apply(base, state)['layer']['kernel'])
+>>> y.tolist()            # B starts at zero: at init the adapted layer computes the base layer
+[[8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0, 8.0]]
+>>> lj.count_params(state)  # A is 8x2, B is 2x8
+32
 
 Submodules loaded on first use: `models`, `data`, `train`, `calibrate`, `implicit`, `bilevel`,
 `adapter_io`, `checkpoint`, `registry`, `testing`.
@@ -27,7 +31,7 @@ from lowrank_jax.adapters.sorsa import sorsa
 from lowrank_jax.base import (Adapter, AdapterState, EmptyState, count_params, identity,
                               with_trainable)
 from lowrank_jax.combine import chain, partition
-from lowrank_jax.inspect import describe, unmerge
+from lowrank_jax.introspect import describe, unmerge
 from lowrank_jax.structured import LowRank, Structured, materialize, merge
 from lowrank_jax.targeting import KernelAxes
 

@@ -16,7 +16,7 @@ import numpy as np
 import optax
 
 from lowrank_jax import base as base_lib
-from lowrank_jax import inspect as inspect_lib
+from lowrank_jax import introspect
 from lowrank_jax import ops
 from lowrank_jax import structured
 from lowrank_jax import tree as tree_lib
@@ -252,7 +252,7 @@ def check_merge_roundtrip(adapter, stats=None):
   base, state = adapter.init(jax.random.key(11), params, stats)
   state = perturb(state, jax.random.key(12))
   merged = structured.merge(adapter.apply(base, state))
-  recovered = inspect_lib.unmerge(merged, adapter, state)
+  recovered = introspect.unmerge(merged, adapter, state)
   assert_close(recovered, structured.merge(base), scale=10)
   merged2 = structured.merge(adapter.apply(recovered, state))
   assert_close(merged2, merged, scale=10)
