@@ -12,14 +12,12 @@ import difflib
 import re
 from typing import Any, Callable, NamedTuple, Sequence, Union
 
+import jax
+
 from lowrank_jax import structured
 from lowrank_jax import tree as tree_lib
 
 Targets = Union[str, Sequence[str], Callable[[str, Any], bool]]
-
-
-def _excluded_leaf(x) -> bool:
-  return isinstance(x, Excluded)
 
 
 class Excluded:
@@ -31,8 +29,6 @@ class Excluded:
   def __repr__(self):
     return "Excluded()"
 
-
-import jax  # noqa: E402
 
 jax.tree_util.register_pytree_node(
     Excluded, lambda e: ((), e.leaf), lambda leaf, _: Excluded(leaf))

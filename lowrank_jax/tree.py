@@ -6,7 +6,7 @@ sequence indices joined by `/`, e.g. ``encoder/layer_0/attention/query/kernel``.
 from __future__ import annotations
 
 import hashlib
-from typing import Any, Callable, Iterable
+from typing import Any, Callable
 
 import jax
 
@@ -87,13 +87,5 @@ def replace_by_name(tree: PyTree, replacements: dict[str, Any], *, is_leaf=None,
   return jax.tree_util.tree_unflatten(treedef, leaves)
 
 
-def names(tree: PyTree, is_leaf=None) -> list[str]:
-  return [n for n, _ in flatten_with_names(tree, is_leaf=is_leaf)[0]]
-
-
 def tree_size(tree: PyTree) -> int:
   return int(sum(getattr(x, "size", 1) for x in jax.tree_util.tree_leaves(tree)))
-
-
-def all_names_iter(tree: PyTree) -> Iterable[str]:
-  return (n for n, _ in flatten_with_names(tree)[0])

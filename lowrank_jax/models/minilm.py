@@ -223,12 +223,6 @@ def sentence_embedding(params: dict, cfg: MiniLMConfig, input_ids: jax.Array,
   return pooled / jnp.maximum(jnp.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
 
-def pooler_output(params: dict, cfg: MiniLMConfig, states: jax.Array) -> jax.Array:
-  """BERT pooler: tanh(dense(state of [CLS]))."""
-  del cfg
-  return jnp.tanh(L.dense(params["pooler"]["dense"], states[:, 0]))
-
-
 def classify(params: dict, cfg: MiniLMConfig, batch: Mapping[str, jax.Array], *,
              deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
   """Class logits (B, num_classes) from the `head` on the mean-pooled token states.
