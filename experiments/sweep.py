@@ -1,6 +1,6 @@
 r"""Runs a config's sweep: `python -m experiments.sweep --config configs/<x>.py --workdir DIR`.
 
-The config module's `sweep(add)` declares the points (STYLE §2.9, big_vision's `sweep_best`):
+The config module's `sweep(add)` declares the points (as big_vision configs' `sweep_best(add)`):
 each `add(arg="k=v,...", **{"field.sub": value})` is one run, given by a config arg and/or field
 overrides. Each point runs into `DIR/<point name>` (in this process by default, or as a
 `python -m experiments.run` subprocess with `--subprocess`); points whose `results.json` exists are
