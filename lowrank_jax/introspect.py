@@ -15,6 +15,14 @@ def describe(adapter: base_lib.Adapter, params: Any, stats: Optional[Any] = None
   """A table of the adapter's state per path: shapes and trainable / frozen counts.
 
   Runs `adapter.init` abstractly (`jax.eval_shape`), so nothing is computed or allocated.
+
+  >>> import jax.numpy as jnp, lowrank_jax as lj
+  >>> params = {'layer': {'kernel': jnp.ones((8, 8))}}
+  >>> print(lj.describe(lj.lora(rank=2, targets='layer/kernel'), params))
+  lora: 1 adapted paths
+  path           trainable    frozen  shapes
+  layer/kernel          32         0  8x2, 2x8
+  trainable 32 of 64 params (50.000%)
   """
   _, state = jax.eval_shape(lambda k: adapter.init(k, params, stats), jax.random.key(0))
   rows = []

@@ -140,5 +140,6 @@ def kernel_axes(path: str, shape: tuple[int, ...], spec: AxesSpec) -> KernelAxes
   ins, outs = tuple(choice.in_axes), tuple(choice.out_axes)
   if ins != tuple(range(len(ins))) or outs != tuple(range(len(ins), n)):
     raise ValueError(f"{path}: kernel_axes {choice} must list leading input axes then the "
-                     f"remaining output axes of shape {shape} (e.g. in_axes=(0,1,2), out_axes=(3,))")
+                     f"remaining output axes of shape {shape} "
+                     f"(e.g. in_axes=(0,1,2), out_axes=(3,))")
   return KernelAxes(ins, outs)

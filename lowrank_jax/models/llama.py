@@ -1,8 +1,9 @@
 """Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) as pure functions.
 
-Presets run from `tiny` (tests) to `tinyllama_1_1b` and `llama2_7b` shapes (benchmarks; random init,
-use `jax.eval_shape(init, ...)` to get shapes without allocating). `load_hf_checkpoint(path)` reads a
-Hugging Face Llama checkpoint directory (``config.json`` + ``*.safetensors``) from local disk.
+Presets run from `tiny` (tests) to `tinyllama_1_1b` and `llama2_7b` shapes (benchmarks; random
+init, use `jax.eval_shape(init, ...)` to get shapes without allocating). `load_hf_checkpoint(path)`
+reads a Hugging Face Llama checkpoint directory (``config.json`` + ``*.safetensors``) from local
+disk.
 
 Parameter paths (kernels in flax layout ``(d_in, d_out)``)::
 
