@@ -41,7 +41,7 @@ def closed_form_hypergrad(lam, x, y, xv, yv):
 def cg_inner_solver(w0, lam, x, y):
   """An iterative forward solver (a while loop: not differentiable without custom_root)."""
   w, _ = linear_solve(lambda v: x.T @ (x @ v) + lam * v, x.T @ y, x0=w0,
-                      config=AdjointConfig(tol=1e-15, maxiter=500))
+                      config=AdjointConfig(tol=1e-15, maxiter=500), symmetric=True)
   return w
 
 
@@ -79,7 +79,7 @@ def test_root_and_fixed_point_forms_agree_with_fd_and_unrolling():
   eta = 1.0 / (lmax + 5.0)
   gd_map = lambda w, lam, a, b: w - eta * ridge_grad(w, lam, a, b)
 
-  root_solver = custom_root(ridge_grad, config=TIGHT)(cg_inner_solver)
+  root_solver = custom_root(ridge_grad, config=TIGHT, symmetric=True)(cg_inner_solver)
   fp_solver = custom_fixed_point(gd_map, config=TIGHT.replace(method="gmres"))(
       fixed_point_iteration(gd_map, tol=1e-15, maxiter=100000))
   fp_neumann = custom_fixed_point(gd_map, config=TIGHT.replace(method="neumann",
@@ -126,7 +126,7 @@ def test_tanh_fixed_point_all_solvers(method):
 
 def test_jit_and_vmap_compose():
   x, y, xv, yv = ridge_data()
-  solver = custom_root(ridge_grad, config=TIGHT)(cg_inner_solver)
+  solver = custom_root(ridge_grad, config=TIGHT, symmetric=True)(cg_inner_solver)
   hg = lambda l: jax.grad(lambda l_: outer_loss(solver(jnp.zeros(6), l_, x, y), l_, xv, yv))(l)
   lams = jnp.array([0.1, 1.0, 10.0])
   batched = jax.jit(jax.vmap(hg))(lams)
@@ -136,7 +136,7 @@ def test_jit_and_vmap_compose():
 
 def test_forward_mode_is_blocked_and_documented():
   x, y, _, _ = ridge_data()
-  solver = custom_root(ridge_grad, config=TIGHT)(cg_inner_solver)
+  solver = custom_root(ridge_grad, config=TIGHT, symmetric=True)(cg_inner_solver)
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(lambda l: solver(jnp.zeros(6), l, x, y), (1.0,), (1.0,))
   import lowrank_jax.implicit._root as root_mod
@@ -147,7 +147,7 @@ def test_diagnostics_probe_and_nonconvergence_policies():
   x, y, xv, yv = ridge_data()
 
   def loss_with(cfg):
-    solver = custom_root(ridge_grad, config=cfg)(cg_inner_solver)
+    solver = custom_root(ridge_grad, config=cfg, symmetric=True)(cg_inner_solver)
     return lambda l, p: outer_loss(solver(jnp.zeros(6), l, x, y, diagnostics=p), l, xv, yv)
 
   _, diag = jax.grad(loss_with(TIGHT), argnums=(0, 1))(1.0, AdjointDiagnostics.zeros())
