@@ -254,8 +254,8 @@ def corda_delta(w: jax.Array, c: jax.Array, r: int, mode: str = "ipa", damping=0
 
   The adapter is initialised so that ``scale * B0 A0 = Delta W0`` and the frozen residual is
   ``w - Delta W0``. Gradients flow through `kept_subspace_projector` (gap-only CG backward) and,
-  for ``d_in <= d_out``, a dense solve with ``C~``; a covariance mix ``(1 - beta) C_task + beta C_knowledge`` or
-  per-sample weights are differentiable through ``c``.
+  for ``d_in <= d_out``, a dense solve with ``C~``; a covariance mix
+  ``(1 - beta) C_task + beta C_knowledge`` or per-sample weights are differentiable through ``c``.
 
   Args:
     w: (d_in, d_out) kernel.
