@@ -145,7 +145,7 @@ def run(seed: int = 0, n_train: int = 300, n_val: int = 600, grid=None, outer_st
         "tuned_lam": np.asarray(lam_t),
         "outer_history": res.history["outer_loss"],
         "max_adjoint_residual": float(np.max(res.history["adjoint_residual"])),
-        "max_final_inner_grad_norm": float(bilevel._tree_norm(g_inner)),
+        "max_final_inner_grad_norm": float(optax.tree_utils.tree_norm(g_inner)),
     })
   out["seconds"] = time.time() - t0
   if verbose:

@@ -9,7 +9,7 @@ Problem: ``lam* = argmin_lam L_V(w*(lam), lam)`` with ``w*(lam) = argmin_w L_T(w
   CG by default; ``method="neumann"`` gives Lorraine's truncated Neumann series
   ``H^{-1} ~ alpha sum_j (I - alpha H)^j``. It returns the adjoint ``u`` for warm starts and the
   inner gradient norm, which makes an unconverged inner solve visible (the hypergradient error is
-  O(|grad L_T|) + O(adjoint residual); IMPLICIT.md §2 pitfalls 6 and 9).
+  O(|grad L_T|) + O(adjoint residual)).
 * `unrolled_hypergradient`: differentiate K inner steps (truncated to the last ``truncate`` steps,
   Shaban et al. 2019) with `jax.checkpoint` per step. The correctness reference for the IFT path
   and the only route to hyperparameters that do not enter ``L_T`` (learning rate, init).
@@ -21,7 +21,7 @@ Caveats: the IFT needs ``L_T`` to depend on ``lam`` (an init-only hyperparameter
 hypergradient; CorDA's damping acts through the frozen residual ``W - Delta W0``) and ``H``
 non-singular on the relevant subspace (LoRA's ``BA = (BQ)(Q^{-1}A)`` gauge gives exact zero
 eigenvalues; CG with ``ridge=0`` handles a consistent singular system, a positive ridge biases the
-result; IMPLICIT.md §2 pitfall 7).
+result).
 """
 from __future__ import annotations
 
@@ -32,6 +32,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+from optax.tree_utils import tree_norm
 
 from lowrank_jax.implicit import AdjointConfig, custom_root, linear_solve
 
@@ -51,13 +52,6 @@ __all__ = [
     "unconstrain",
     "unrolled_hypergradient",
 ]
-
-
-def _tree_norm(t):
-  leaves = jax.tree.leaves(t)
-  if not leaves:
-    return jnp.zeros(())
-  return jnp.sqrt(sum(jnp.vdot(x, x).real for x in leaves))
 
 
 # ----------------------------------------------------------------------------------------------
@@ -96,7 +90,8 @@ def ift_hypergradient(inner_loss: Callable, outer_loss: Callable, w: PyTree, lam
     lam: hyperparameters (any pytree of floats).
     inner_args: extra (traceable) arguments of ``inner_loss``, e.g. a training batch.
     outer_args: extra arguments of ``outer_loss``.
-    config: `AdjointConfig` of the solve ``H u = d_w L_V``: default CG (``H`` symmetric);
+    config: `AdjointConfig` of the solve ``H u = d_w L_V``: CG unless ``config.method`` says
+      otherwise (``H`` is symmetric);
       ``method="neumann", neumann_alpha=a, maxiter=i, tol=0.`` is Lorraine et al.'s i-term
       Neumann approximation (needs ``0 < a < 2 / lambda_max(H)``).
     u0: warm start for the adjoint (e.g. ``info.u`` of the previous outer step).
@@ -113,7 +108,7 @@ def ift_hypergradient(inner_loss: Callable, outer_loss: Callable, w: PyTree, lam
     >>> round(float(g), 4)                                     # -3 / (1 + lam)^2
     -0.75
   """
-  config = config or AdjointConfig(method="cg")
+  config = config or AdjointConfig()
   inner_args, outer_args = tuple(inner_args), tuple(outer_args)
   gw_out, glam_out = jax.grad(outer_loss, argnums=(0, 1))(w, lam, *outer_args)
   grad_w = lambda w_, lam_: jax.grad(inner_loss)(w_, lam_, *inner_args)
@@ -121,19 +116,21 @@ def ift_hypergradient(inner_loss: Callable, outer_loss: Callable, w: PyTree, lam
   # Linearise once: the primal part of the Hessian-vector product (forward pass, and anything
   # that depends only on lam, e.g. a CorDA residual) is computed once, not once per iteration.
   inner_g, hvp = jax.linearize(lambda w_: grad_w(w_, lam), w)
-  u, info = linear_solve(hvp, gw_out, x0=u0, config=config)
+  u, info = linear_solve(hvp, gw_out, x0=u0, config=config, symmetric=True)
   _, vjp_lam = jax.vjp(lambda l: grad_w(w, l), lam)
   (cross,) = vjp_lam(u)
   hyper = jax.tree.map(lambda a, b: a - b, glam_out, cross)
   return hyper, HypergradInfo(u, info.residual, info.iterations, info.converged,
-                              _tree_norm(inner_g))
+                              tree_norm(inner_g))
 
 
 def make_argmin(inner_loss: Callable, solver: Callable, config: AdjointConfig | None = None):
   """Wraps an inner solver so that ``w*(lam)`` is differentiable by the IFT (via `custom_root`).
 
   The optimality condition is ``d_w L_T(w, lam, *args) = 0``; the adjoint operator is the Hessian
-  (symmetric), so the default adjoint method is CG.
+  (symmetric), so the adjoint method is CG unless ``config.method`` says otherwise. The forward
+  check of `custom_root` applies: ``|d_w L_T(w*)| <= forward_tol (1 + |w*|)`` or the
+  non-convergence policy acts.
 
   Args:
     inner_loss: ``L_T(w, lam, *args)``.
@@ -153,7 +150,7 @@ def make_argmin(inner_loss: Callable, solver: Callable, config: AdjointConfig | 
     -0.75
   """
   optimality = jax.grad(inner_loss)
-  return custom_root(optimality, config=config or AdjointConfig(method="cg"))(solver)
+  return custom_root(optimality, config=config, symmetric=True)(solver)
 
 
 def unrolled_hypergradient(inner_step: Callable, outer_loss: Callable, w0: PyTree, lam: PyTree,
@@ -472,7 +469,7 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
     else:
       g_phi, state, val = unrolled_step(state, phi, inner_args, outer_args)
     history["outer_loss"].append(float(val))
-    history["hypergrad_norm"].append(float(_tree_norm(g_phi)))
+    history["hypergrad_norm"].append(float(tree_norm(g_phi)))
     phi, ostate = outer_update(phi, ostate, g_phi)
     lam_now = constrain(constraints, phi)
     history["hyperparams"].append(jax.tree.map(np.asarray, lam_now))

@@ -152,7 +152,8 @@ def _dense(matvec, b):
 
 
 def linear_solve(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree | None = None,
-                 config: AdjointConfig | None = None, method: str | None = None):
+                 config: AdjointConfig | None = None, method: str | None = None, *,
+                 symmetric: bool = False):
   """Solves ``A x = b`` for a matrix-free linear operator on pytrees.
 
   Args:
@@ -161,6 +162,8 @@ def linear_solve(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree | Non
     x0: initial guess; defaults to ``b`` if ``config.warm_start`` else zeros.
     config: an `AdjointConfig` (method, tolerances, maxiter, ridge, ...).
     method: overrides ``config.method``.
+    symmetric: whether ``A`` is symmetric positive definite; decides the method when neither
+      ``method`` nor ``config.method`` does (CG if True, GMRES if False).
 
   Returns:
     ``(x, info)`` with ``x`` shaped like ``b`` and ``info`` a `SolveInfo`. Non-convergence is
@@ -174,13 +177,14 @@ def linear_solve(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree | Non
     >>> import jax.numpy as jnp
     >>> a = jnp.array([[4., 1.], [1., 3.]])
     >>> x, info = linear_solve(lambda v: a @ v, jnp.array([1., 2.]),
-    ...                        config=AdjointConfig(tol=1e-6))
+    ...                        config=AdjointConfig(tol=1e-6), symmetric=True)   # CG
     >>> bool(info.converged), jnp.allclose(a @ x, jnp.array([1., 2.]), atol=1e-5)
     (True, Array(True, dtype=bool))
   """
   config = config or AdjointConfig()
   if method is not None:
     config = config.replace(method=method)
+  config = config.resolve(symmetric)
   flat_b, unravel = ravel_pytree(b)
   if flat_b.size == 0:
     z = jnp.zeros((), flat_b.dtype)

@@ -170,3 +170,45 @@ def test_bad_inputs():
     kept_subspace_projector(c, 2, config=AdjointConfig(method="gmres"))
   with pytest.raises(ValueError, match="square"):
     kept_subspace_projector(w, 2)
+
+
+def _svd_reference(w, c, r, mode, damping):
+  """Delta W0 from a dense float64 numpy thin SVD of W_m C~ (the paper's recipe, transposed)."""
+  w = np.asarray(w, np.float64)
+  c = np.asarray(c, np.float64)
+  ct = c + damping * np.mean(np.diag(c)) * np.eye(c.shape[0])
+  u, s, vt = np.linalg.svd(w.T @ ct, full_matrices=False)
+  kept = slice(0, r) if mode == "ipa" else slice(len(s) - r, len(s))
+  return (u[:, kept] @ np.diag(s[kept]) @ vt[kept] @ np.linalg.inv(ct)).T
+
+
+@pytest.mark.parametrize("mode", ["ipa", "kpa"])
+@pytest.mark.parametrize("d_in,d_out", [(12, 8), (10, 10), (8, 12)])
+def test_wide_square_and_tall_layers_match_dense_svd_and_fd(d_in, d_out, mode):
+  """KPA on a wide layer (d_in > d_out) used to keep structural zeros: Delta W0 ~ 0, no gradient."""
+  rng = np.random.default_rng(d_in * 100 + d_out)
+  x = rng.normal(size=(200, d_in)) * np.linspace(0.5, 2.0, d_in)
+  c = jnp.asarray(x.T @ x / 200)
+  w = jnp.asarray(rng.normal(size=(d_in, d_out)))
+  target = rng.normal(size=(d_in, d_out))
+  ref = _svd_reference(w, c, R, mode, DAMP)
+  np.testing.assert_allclose(corda_delta(w, c, R, mode, DAMP, CFG), ref,
+                             atol=1e-10 * np.linalg.norm(ref))
+  loss = lambda d, p=None: jnp.sum(
+      (corda_delta(w, c, R, mode, d, CFG, diagnostics=p) - target) ** 2)
+  ref_loss = lambda d: np.sum((_svd_reference(w, c, R, mode, d) - target) ** 2)
+  fd = (ref_loss(DAMP + 1e-5) - ref_loss(DAMP - 1e-5)) / 2e-5
+  g, diag = jax.grad(loss, argnums=(0, 1))(DAMP, AdjointDiagnostics.zeros())
+  assert abs(float(g) - fd) <= 1e-6 * max(1.0, abs(fd)), (float(g), fd)
+  assert float(diag.converged) == 1.0 and float(diag.forward_converged) == 1.0
+  full = min(d_in, d_out)
+  np.testing.assert_allclose(corda_delta(w, c, full, mode, DAMP, CFG),
+                             _svd_reference(w, c, full, mode, DAMP), atol=1e-10)
+
+
+def test_rank_above_the_number_of_singular_values_is_rejected():
+  w = jnp.ones((6, 4))
+  with pytest.raises(ValueError, match=r"min\(d_in, d_out\)"):
+    corda_delta(w, jnp.eye(6), 5)
+  with pytest.raises(ValueError, match=r"min\(d_in, d_out\)"):
+    corda_delta(w.T, jnp.eye(4), 5)

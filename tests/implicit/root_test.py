@@ -41,7 +41,7 @@ def closed_form_hypergrad(lam, x, y, xv, yv):
 def cg_inner_solver(w0, lam, x, y):
   """An iterative forward solver (a while loop: not differentiable without custom_root)."""
   w, _ = linear_solve(lambda v: x.T @ (x @ v) + lam * v, x.T @ y, x0=w0,
-                      config=AdjointConfig(tol=1e-15, maxiter=500))
+                      config=AdjointConfig(tol=1e-15, maxiter=500), symmetric=True)
   return w
 
 
@@ -79,7 +79,7 @@ def test_root_and_fixed_point_forms_agree_with_fd_and_unrolling():
   eta = 1.0 / (lmax + 5.0)
   gd_map = lambda w, lam, a, b: w - eta * ridge_grad(w, lam, a, b)
 
-  root_solver = custom_root(ridge_grad, config=TIGHT)(cg_inner_solver)
+  root_solver = custom_root(ridge_grad, config=TIGHT, symmetric=True)(cg_inner_solver)
   fp_solver = custom_fixed_point(gd_map, config=TIGHT.replace(method="gmres"))(
       fixed_point_iteration(gd_map, tol=1e-15, maxiter=100000))
   fp_neumann = custom_fixed_point(gd_map, config=TIGHT.replace(method="neumann",
@@ -126,7 +126,7 @@ def test_tanh_fixed_point_all_solvers(method):
 
 def test_jit_and_vmap_compose():
   x, y, xv, yv = ridge_data()
-  solver = custom_root(ridge_grad, config=TIGHT)(cg_inner_solver)
+  solver = custom_root(ridge_grad, config=TIGHT, symmetric=True)(cg_inner_solver)
   hg = lambda l: jax.grad(lambda l_: outer_loss(solver(jnp.zeros(6), l_, x, y), l_, xv, yv))(l)
   lams = jnp.array([0.1, 1.0, 10.0])
   batched = jax.jit(jax.vmap(hg))(lams)
@@ -136,7 +136,7 @@ def test_jit_and_vmap_compose():
 
 def test_forward_mode_is_blocked_and_documented():
   x, y, _, _ = ridge_data()
-  solver = custom_root(ridge_grad, config=TIGHT)(cg_inner_solver)
+  solver = custom_root(ridge_grad, config=TIGHT, symmetric=True)(cg_inner_solver)
   with pytest.raises(TypeError, match="custom_vjp"):
     jax.jvp(lambda l: solver(jnp.zeros(6), l, x, y), (1.0,), (1.0,))
   import lowrank_jax.implicit._root as root_mod
@@ -147,7 +147,7 @@ def test_diagnostics_probe_and_nonconvergence_policies():
   x, y, xv, yv = ridge_data()
 
   def loss_with(cfg):
-    solver = custom_root(ridge_grad, config=cfg)(cg_inner_solver)
+    solver = custom_root(ridge_grad, config=cfg, symmetric=True)(cg_inner_solver)
     return lambda l, p: outer_loss(solver(jnp.zeros(6), l, x, y, diagnostics=p), l, xv, yv)
 
   _, diag = jax.grad(loss_with(TIGHT), argnums=(0, 1))(1.0, AdjointDiagnostics.zeros())
@@ -272,3 +272,161 @@ def test_has_aux_and_warm_start_config():
   assert abs(float(g) - expected) <= 1e-8 * max(1.0, abs(expected))
   sol, aux = s(jnp.zeros(6), 1.0, x, y)
   assert sol.shape == (6,) and int(aux["iters"]) == 1
+
+
+# ----------------------------------------------------------------------------------------------
+# The forward solver is checked, not trusted; the adjoint method follows the problem's symmetry.
+# ----------------------------------------------------------------------------------------------
+
+
+def _policy_outcomes(grad_fn):
+  """Runs `grad_fn(policy)` under each host policy; returns the warnings and the raised error."""
+  with warnings.catch_warnings(record=True) as rec:
+    warnings.simplefilter("always")
+    jax.block_until_ready(grad_fn("warn"))
+  with pytest.raises(Exception) as raised:
+    jax.block_until_ready(grad_fn("raise"))
+  return [str(r.message) for r in rec], str(raised.value)
+
+
+def test_early_stopped_forward_cg_is_reported_per_policy():
+  """A 3-iteration forward CG: its gradient is off, and every policy now says so."""
+  x, y, xv, yv = ridge_data()
+  lam = 1.0
+
+  def cg3(w0, l, a, b):
+    return linear_solve(lambda v: a.T @ (a @ v) + l * v, a.T @ b, x0=w0,
+                        config=AdjointConfig(tol=1e-15, maxiter=3), symmetric=True)
+
+  def hypergrad(policy, probe=None):
+    cfg = TIGHT.replace(on_nonconvergence=policy)
+    solver = custom_root(ridge_grad, config=cfg, has_aux=True, symmetric=True)(cg3)
+    loss = lambda l, p: outer_loss(solver(jnp.zeros(6), l, x, y, diagnostics=p)[0], l, xv, yv)
+    return jax.grad(loss, argnums=(0, 1))(lam, probe)
+
+  exact = float(closed_form_hypergrad(lam, x, y, xv, yv))
+  g, diag = hypergrad("ignore", AdjointDiagnostics.zeros())
+  assert abs(float(g) - exact) > 1e-3 * abs(exact)           # the failure being reported
+  w3 = np.asarray(cg3(jnp.zeros(6), lam, x, y)[0])
+  h = np.asarray(x.T @ x) + lam * np.eye(6)
+  f_norm = np.linalg.norm(h @ w3 - np.asarray(x.T @ y))
+  np.testing.assert_allclose(float(diag.forward_residual), f_norm / (1 + np.linalg.norm(w3)),
+                             rtol=1e-10)
+  assert float(diag.forward_residual) > 1e-2
+  assert float(diag.forward_iterations) == 3 and float(diag.forward_converged) == 0.0
+  assert float(diag.converged) == 1.0                          # the adjoint itself is fine
+  warned, raised = _policy_outcomes(lambda p: hypergrad(p)[0])
+  assert any("not a root" in m and "after 3 solver iterations" in m for m in warned), warned
+  assert "not a root" in raised
+  g_nan, _ = hypergrad("nan")
+  assert np.isnan(float(g_nan))
+  solver = custom_root(ridge_grad, config=TIGHT.replace(on_nonconvergence="nan"), has_aux=True,
+                       symmetric=True)(cg3)
+  assert np.all(np.isnan(np.asarray(solver(jnp.zeros(6), lam, x, y)[0])))
+
+
+def test_two_iteration_fixed_point_is_reported_and_tight_one_is_not():
+  """x = tanh(A x + B theta) stopped after 2 iterations: gradient off against FD, now reported."""
+  a, b = _tanh_problem()
+  t_map = lambda z, theta: jnp.tanh(a @ z + b @ theta)
+  theta = jnp.array([0.3, -0.2, 0.5])
+  tight = fixed_point_iteration(t_map, tol=1e-15, maxiter=2000)
+  value = lambda th: jnp.sum(jnp.sin(tight(jnp.zeros(5), th)))
+  direction = jnp.array([1.0, 2.0, -1.0]) / np.sqrt(6.0)
+  fd = (float(value(theta + 1e-6 * direction)) - float(value(theta - 1e-6 * direction))) / 2e-6
+
+  def directional(maxiter, policy, probe=None):
+    solver = custom_fixed_point(t_map, config=TIGHT.replace(on_nonconvergence=policy),
+                                has_aux=True)(
+        fixed_point_iteration(t_map, tol=1e-15, maxiter=maxiter, return_info=True))
+    loss = lambda th, p: jnp.sum(jnp.sin(solver(jnp.zeros(5), th, diagnostics=p)[0]))
+    g, diag = jax.grad(loss, argnums=(0, 1))(theta, probe)
+    return jnp.dot(g, direction), diag
+
+  g2, diag = directional(2, "ignore", AdjointDiagnostics.zeros())
+  assert abs(float(g2) - fd) > 1e-3 * abs(fd)
+  assert float(diag.forward_converged) == 0.0 and float(diag.forward_iterations) == 2
+  warned, raised = _policy_outcomes(lambda p: directional(2, p)[0])
+  assert any("not a root" in m for m in warned) and "not a root" in raised
+  assert np.isnan(float(directional(2, "nan")[0]))
+  with warnings.catch_warnings():
+    warnings.simplefilter("error")
+    g_tight, diag = directional(2000, "raise", AdjointDiagnostics.zeros())
+  assert abs(float(g_tight) - fd) <= 1e-6 * abs(fd)
+  assert float(diag.forward_converged) == 1.0 and float(diag.forward_residual) < 1e-14
+  assert 2 < float(diag.forward_iterations) < 2000
+
+
+def test_divergent_iteration_is_reported_not_returned_silently():
+  """x <- 2 x + theta diverges (the root x* = -theta repels): 1e15 is flagged, or NaN."""
+  t_map = lambda z, theta: 2.0 * z + theta
+  theta = jnp.ones(3)
+  iterate = fixed_point_iteration(t_map, tol=1e-10, maxiter=50)
+
+  def solve(policy):
+    return custom_fixed_point(t_map, config=TIGHT.replace(on_nonconvergence=policy))(iterate)(
+        jnp.zeros(3), theta)
+
+  diverged = np.asarray(solve("ignore"))
+  assert np.all(np.abs(diverged) > 1e14)                      # what used to pass silently
+  warned, raised = _policy_outcomes(solve)
+  assert any("not a root" in m for m in warned) and "not a root" in raised
+  assert np.all(np.isnan(np.asarray(solve("nan"))))
+  grad = jax.grad(lambda t: jnp.sum(custom_fixed_point(
+      t_map, config=TIGHT.replace(on_nonconvergence="nan"))(iterate)(jnp.zeros(3), t)))(theta)
+  assert np.all(np.isnan(np.asarray(grad)))
+
+
+def test_default_adjoint_method_follows_the_problem_symmetry():
+  """A config without a method used CG on the non-symmetric I - dT/dx; now GMRES (FD-checked)."""
+  assert AdjointConfig().resolve(symmetric=True).method == "cg"
+  assert AdjointConfig().resolve(symmetric=False).method == "gmres"
+  assert AdjointConfig(method="neumann").resolve(symmetric=False).method == "neumann"
+  a, b = _tanh_problem()
+  t_map = lambda z, theta: jnp.tanh(a @ z + b @ theta)
+  theta = jnp.array([0.3, -0.2, 0.5])
+  iterate = fixed_point_iteration(t_map, tol=1e-15, maxiter=2000)
+  no_method = AdjointConfig(tol=1e-12, on_nonconvergence="ignore")
+
+  def grad_with(cfg, probe=None):
+    solver = custom_fixed_point(t_map, config=cfg)(iterate)
+    return jax.grad(lambda th, p: jnp.sum(jnp.sin(solver(jnp.zeros(5), th, diagnostics=p))),
+                    argnums=(0, 1))(theta, probe)
+
+  value = lambda th: jnp.sum(jnp.sin(iterate(jnp.zeros(5), th)))
+  fd = np.array([(float(value(theta + 1e-6 * e)) - float(value(theta - 1e-6 * e))) / 2e-6
+                 for e in jnp.eye(3)])
+  g_cg, diag_cg = grad_with(no_method.replace(method="cg"), AdjointDiagnostics.zeros())
+  assert float(diag_cg.converged) == 0.0                      # the old default's failure
+  assert np.max(np.abs(np.asarray(g_cg) - fd)) > 1e-4
+  g, diag = grad_with(no_method, AdjointDiagnostics.zeros())
+  assert float(diag.converged) == 1.0
+  np.testing.assert_allclose(np.asarray(g), fd, rtol=1e-6, atol=1e-9)
+  # The same config on a symmetric problem (ridge, F a gradient) solves by CG: at most d steps.
+  x, y, xv, yv = ridge_data()
+  solver = custom_root(ridge_grad, config=no_method, symmetric=True)(cg_inner_solver)
+  _, diag = jax.grad(lambda l, p: outer_loss(solver(jnp.zeros(6), l, x, y, diagnostics=p), l,
+                                             xv, yv), argnums=(0, 1))(1.0,
+                                                                       AdjointDiagnostics.zeros())
+  assert float(diag.converged) == 1.0 and float(diag.iterations) <= 6
+
+
+def test_nan_policy_on_a_starved_adjoint_and_forward_config_validation():
+  x, y, xv, yv = ridge_data()
+  starved = AdjointConfig(method="cg", tol=1e-14, maxiter=2, on_nonconvergence="nan")
+  solver = custom_root(ridge_grad, config=starved, symmetric=True)(cg_inner_solver)
+  g = jax.jit(jax.grad(lambda l: outer_loss(solver(jnp.zeros(6), l, x, y), l, xv, yv)))(1.0)
+  assert np.isnan(float(g))
+  assert np.all(np.isfinite(np.asarray(solver(jnp.zeros(6), 1.0, x, y))))  # forward is fine
+  with pytest.raises(ValueError, match="forward_tol"):
+    AdjointConfig(forward_tol=-1.0)
+  with pytest.raises(ValueError, match="forward_atol"):
+    AdjointConfig(forward_atol=-1.0)
+  # A loose inner solve passes once the caller loosens the forward tolerance.
+  loose = AdjointConfig(forward_tol=1.0, on_nonconvergence="raise")
+  w, info = fixed_point_iteration(lambda z, t: 0.5 * z + t, tol=1e-3, maxiter=100,
+                                  return_info=True)(0.0, 1.0)
+  assert bool(info.converged) and 0 < float(info.residual) <= 1e-3 and int(info.iterations) > 1
+  fp = custom_fixed_point(lambda z, t: 0.5 * z + t, config=loose)(
+      fixed_point_iteration(lambda z, t: 0.5 * z + t, tol=1e-3, maxiter=100))
+  np.testing.assert_allclose(float(jax.grad(lambda t: fp(0.0, t))(1.0)), 2.0, rtol=1e-8)
