@@ -179,6 +179,8 @@ class MethodFacts:
     residual_init: whether `init` replaces the targeted weights by a residual, so that the state
       alone does not give the update to the original weights (a PEFT export needs the initial
       factors).
+    adapter_names: the `Adapter.name`s the factory gives its adapters when they differ from the
+      registry name (CorDA's "corda_ipa" / "corda_kpa"), so an adapter's method can be found.
   """
   factory: Callable[..., Adapter]
   config_kwargs: ConfigKwargsFn
@@ -186,6 +188,7 @@ class MethodFacts:
   rank_allocation: Optional[Callable[[AdapterState], dict]] = None
   peft_exportable: bool = False
   residual_init: bool = False
+  adapter_names: tuple[str, ...] = ()
 
 
 def _identity_config(rank, alpha, targets, total_steps) -> dict:
@@ -194,4 +197,4 @@ def _identity_config(rank, alpha, targets, total_steps) -> dict:
   return {}
 
 
-METHOD_FACTS = {"none": MethodFacts(identity, _identity_config)}
+METHOD_FACTS = {"none": MethodFacts(identity, _identity_config, adapter_names=("identity",))}

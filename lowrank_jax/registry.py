@@ -76,6 +76,18 @@ def facts(name: str) -> base_lib.MethodFacts:
   return found
 
 
+def method_of(adapter: base_lib.Adapter) -> str | None:
+  """The registered method that builds adapters named like `adapter`, or None (e.g. a `chain`).
+
+  A method's adapters carry its registry name or one of its `MethodFacts.adapter_names`; a
+  DiffuseKronA adapter is a KronA adapter (`"krona"`), a `lora(init="pissa")` one is `"pissa"`.
+  """
+  for name in list_methods(available_only=True):
+    if adapter.name == name or adapter.name in facts(name).adapter_names:
+      return name
+  return None
+
+
 def needs_stats(name: str) -> bool:
   """Whether method `name`'s `init` needs calibration statistics."""
   return facts(name).needs_stats

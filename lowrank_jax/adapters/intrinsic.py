@@ -273,4 +273,8 @@ def _config_kwargs(rank, alpha, targets, total_steps):
   return dict(d=64 * rank, projection="fastfood", targets=targets)
 
 
-METHOD_FACTS = {"intrinsic": base_lib.MethodFacts(intrinsic_dimension, _config_kwargs)}
+METHOD_FACTS = {
+    "intrinsic": base_lib.MethodFacts(
+        intrinsic_dimension, _config_kwargs,
+        adapter_names=tuple(f"intrinsic_dimension({p})" for p in PROJECTIONS)),
+}
