@@ -17,6 +17,8 @@ from typing import Any, Optional
 
 import ml_collections
 
+from lowrank_jax import registry
+
 _TRUE, _FALSE = ("true", "1", "yes", "on"), ("false", "0", "no", "off")
 
 
@@ -85,44 +87,23 @@ def adapter_config(method: str, *, rank: int, targets, alpha: Optional[float] = 
                    total_steps: int = 0, **extra) -> ml_collections.ConfigDict:
   """The `config.adapter` sub-config of `method`: its name and factory keyword arguments.
 
-  `rank` is a size knob mapped to each method's own arguments (LoRA-family rank r; IncreLoRA's
-  target rank; AdaLoRA's target rank with 1.5x initial rank; NOLA basis counts 16·r; intrinsic
-  dimension 64·r; KronA has no rank and ignores it). `extra` overrides or adds arguments.
+  `rank` is a size knob; each method's module says what it means there (`MethodFacts.
+  config_kwargs`: LoRA-family rank r, NOLA basis counts 16·r, intrinsic dimension 64·r, KronA
+  ignores it, ...). `extra` overrides or adds arguments.
 
   Args:
     method: a `lowrank_jax.registry` name.
     rank: the size knob.
     targets: regex(es) of the adapted kernels.
-    alpha: LoRA-style alpha (default 2·rank where the method has one).
-    total_steps: run length, for methods whose schedules depend on it (IncreLoRA).
+    alpha: LoRA-style alpha; None leaves it to the method's config default.
+    total_steps: run length, for methods whose schedules depend on it (IncreLoRA, AdaLoRA).
     **extra: more factory arguments.
+
+  Raises:
+    ValueError: an unknown or unavailable method (the message lists the valid names).
   """
   targets = list(targets) if isinstance(targets, (tuple, list)) else targets
-  alpha = float(alpha if alpha is not None else 2 * rank)
-  if method == "none":
-    kw: dict = {}
-  elif method in ("lora", "pissa", "corda"):
-    kw = dict(rank=rank, alpha=alpha, targets=targets, dropout=0.0)
-  elif method in ("sorsa",):
-    kw = dict(rank=rank, alpha=alpha, targets=targets)
-  elif method in ("loldu", "flora"):
-    kw = dict(rank=rank, targets=targets)
-  elif method in ("krona", "diffusekrona"):
-    kw = dict(targets=targets)
-  elif method == "nola":
-    kw = dict(k=16 * rank, l=16 * rank, rank=rank, alpha=alpha, targets=targets)
-  elif method == "intrinsic":
-    kw = dict(d=64 * rank, projection="fastfood", targets=targets)
-  elif method == "increlora":
-    interval = max(total_steps // 10, 1)
-    kw = dict(target_rank=rank, init_rank=1, alpha=alpha, targets=targets,
-              init_warmup=interval, incre_interval=interval)
-  elif method == "adalora":
-    kw = dict(init_r=max(rank + rank // 2, rank + 1), target_r=rank, alpha=alpha, targets=targets,
-              tinit=max(total_steps // 10, 1), tfinal=max(total_steps // 5, 1))
-  else:
-    from lowrank_jax import registry  # pylint: disable=g-import-not-at-top
-    raise ValueError(f"Unknown adapter method {method!r}; valid names: {registry.list_methods()}")
+  kw = registry.facts(method).config_kwargs(rank, alpha, targets, total_steps)
   kw.update(extra)
   return ml_collections.ConfigDict({"method": method, **kw})
 

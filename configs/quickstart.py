@@ -49,7 +49,7 @@ def get_config(arg=None):
   c.dataset.max_eval_examples = 200 if a.runlocal else 1500
   c.dataset.seq_len = 32
   c.dataset.shuffle_seed = a.seed
-  c.adapter = common.adapter_config(a.method, rank=a.rank, alpha=2.0 * a.rank, targets=TARGETS)
+  c.adapter = common.adapter_config(a.method, rank=a.rank, targets=TARGETS)
   c.optimizer.lr = 2e-3
   c.optimizer.head_lr = 2e-2   # best of {5e-3, 2e-2, 5e-2} for the frozen-encoder baseline
   c.optimizer.wd = 0.0

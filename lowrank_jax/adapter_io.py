@@ -7,9 +7,11 @@ Our format (`save_adapter` / `load_adapter`), a directory holding:
                         ``trainable/encoder/layer_0/attention/query/kernel/a``,
                         ``head/head/kernel``.
   adapter_config.json   {"format": "lowrank_jax.adapter", "version": 1, "config": <user dict>,
-                        "tree": <structure of the state>} -- the structure records dicts,
-                        NamedTuples (by class, lowrank_jax classes only), tuples, lists, None and
-                        typed PRNG keys, so `load_adapter` rebuilds the exact pytree.
+                        "adapter": {"name", "method", "hparams"} (with `adapter=`; see
+                        `saved_adapter_info`), "tree": <structure of the state>} -- the structure
+                        records dicts, NamedTuples (by class, lowrank_jax classes only), tuples,
+                        lists, None and typed PRNG keys, so `load_adapter` rebuilds the exact
+                        pytree.
 
 PEFT layout (`export_peft` / `import_peft`), what `peft.PeftModel.from_pretrained(model, dir)`
 reads for a `LoraConfig` adapter:
@@ -35,19 +37,25 @@ sits under ``bert.`` in `BertForSequenceClassification`), for Llama
 `target_modules` lists the short module names (``["query", "value"]``) when they select exactly the
 exported modules, else the full module names.
 
-PiSSA adapters are exported as PEFT does ("pissa -> lora" conversion): with the initial factors
-(a0, b0), ΔW = s·(a·b − a0·b0) = s·[a, a0]·[b; −b0], a rank-2r LoRA of the *original* weights with
-alpha doubled (alpha·√2 for rsLoRA) so that the scale stays alpha/r.
+The exporter reads the method, rank, alpha, rsLoRA and dropout from the adapter (`Adapter.hparams`)
+and refuses methods without a PEFT LoRA layout. Residual-init adapters (PiSSA, CorDA: `init`
+replaced W by W − s·a0·b0) are exported as PEFT does ("pissa -> lora" conversion): with the
+initial factors (a0, b0), ΔW = s·(a·b − a0·b0) = s·[a, a0]·[b; −b0], a rank-2r LoRA of the
+*original* weights with alpha doubled (alpha·√2 for rsLoRA) so that the scale stays alpha/r.
 
 >>> import jax, jax.numpy as jnp, tempfile, lowrank_jax as lj
 >>> from lowrank_jax import adapter_io
 >>> params = {'dense': {'kernel': jnp.ones((4, 3))}}
->>> _, state = lj.lora(rank=2, targets='dense/kernel').init(jax.random.key(0), params)
+>>> adapter = lj.lora(rank=2, targets='dense/kernel')
+>>> _, state = adapter.init(jax.random.key(0), params)
 >>> d = tempfile.mkdtemp()
->>> _ = adapter_io.save_adapter(d, state, {'method': 'lora', 'rank': 2})
+>>> _ = adapter_io.save_adapter(d, state, {'run': 'demo'}, adapter=adapter)
 >>> state2, cfg, _ = adapter_io.load_adapter(d)
->>> cfg['rank'], type(state2.trainable['dense']['kernel']).__name__
-(2, 'LoRAFactors')
+>>> cfg['run'], type(state2.trainable['dense']['kernel']).__name__
+('demo', 'LoRAFactors')
+>>> info = adapter_io.saved_adapter_info(d)
+>>> info['method'], info['hparams']['rank'], info['hparams']['dtype']
+('lora', 2, 'float32')
 """
 from __future__ import annotations
 
@@ -56,13 +64,14 @@ import json
 import math
 import os
 import re
-from typing import Any, Optional, Sequence
+from typing import Any, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import base as base_lib
+from lowrank_jax import registry
 from lowrank_jax import tree as tree_lib
 
 ADAPTER_FILE = "adapter.safetensors"
@@ -136,16 +145,34 @@ def _decode_tree(spec: dict, prefix: str, arrays: dict[str, np.ndarray]) -> Any:
   return x
 
 
+def _jsonable(x: Any) -> Any:
+  """`x` as JSON: mappings and sequences recursively, dtypes by name, other objects by repr."""
+  if isinstance(x, np.generic):
+    x = x.item()
+  if x is None or isinstance(x, (bool, int, float, str)):
+    return x
+  if isinstance(x, Mapping):
+    return {str(k): _jsonable(v) for k, v in x.items()}
+  if isinstance(x, (tuple, list)):
+    return [_jsonable(v) for v in x]
+  try:
+    return jnp.dtype(x).name
+  except TypeError:
+    return repr(x)
+
+
 def save_adapter(path: str, adapter_state: base_lib.AdapterState, config_dict: dict, *,
-                 head: Any = None) -> str:
+                 head: Any = None, adapter: Optional[base_lib.Adapter] = None) -> str:
   """Writes an adapter (and optionally the trained head) to the directory `path`.
 
   Args:
     path: output directory (created).
     adapter_state: the `AdapterState` (trainable and frozen parts are both saved).
-    config_dict: JSON-serializable description (method, its arguments, model, ...), returned by
-      `load_adapter`.
+    config_dict: JSON-serializable description (run, model, ...), returned by `load_adapter`.
     head: optional pytree of fully trained params (e.g. the classification head).
+    adapter: the `Adapter` the state belongs to; its name, registered method and `hparams` are
+      recorded (read them back with `saved_adapter_info`). Dtypes are written by name and
+      callables (e.g. a targets predicate) by repr.
 
   Returns:
     `path`.
@@ -157,6 +184,9 @@ def save_adapter(path: str, adapter_state: base_lib.AdapterState, config_dict: d
           "frozen": _encode_tree(adapter_state.frozen, "frozen", arrays),
           "head": _encode_tree(head, "head", arrays)}
   meta = {"format": "lowrank_jax.adapter", "version": 1, "config": config_dict, "tree": tree}
+  if adapter is not None:
+    meta["adapter"] = {"name": adapter.name, "method": registry.method_of(adapter),
+                       "hparams": _jsonable(adapter.hparams)}
   safetensors.numpy.save_file(arrays, os.path.join(path, ADAPTER_FILE),
                               metadata={"format": "lowrank_jax.adapter"})
   with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
@@ -174,6 +204,24 @@ def load_adapter(path: str) -> tuple[base_lib.AdapterState, dict, Any]:
     FileNotFoundError: the directory lacks the files. ValueError: not our format.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  meta = _read_meta(path)
+  arrays = safetensors.numpy.load_file(os.path.join(path, ADAPTER_FILE))
+  tree = meta["tree"]
+  state = base_lib.AdapterState(_decode_tree(tree["trainable"], "trainable", arrays),
+                                _decode_tree(tree["frozen"], "frozen", arrays))
+  return state, meta["config"], _decode_tree(tree["head"], "head", arrays)
+
+
+def saved_adapter_info(path: str) -> Optional[dict]:
+  """`{"name", "method", "hparams"}` of the adapter saved in `path`, or None if none was given.
+
+  `method` is the registered method (None for combinators such as `chain`); `hparams` are the
+  arguments the adapter was built with, as JSON (see `save_adapter`).
+  """
+  return _read_meta(path).get("adapter")
+
+
+def _read_meta(path: str) -> dict:
   for f in (ADAPTER_FILE, ADAPTER_CONFIG):
     if not os.path.exists(os.path.join(path, f)):
       raise FileNotFoundError(f"{path} is not an adapter directory: {f} is missing"
@@ -183,11 +231,7 @@ def load_adapter(path: str) -> tuple[base_lib.AdapterState, dict, Any]:
     meta = json.load(f)
   if meta.get("format") != "lowrank_jax.adapter":
     raise ValueError(f"{path}/{ADAPTER_CONFIG} is not a lowrank_jax adapter config")
-  arrays = safetensors.numpy.load_file(os.path.join(path, ADAPTER_FILE))
-  tree = meta["tree"]
-  state = base_lib.AdapterState(_decode_tree(tree["trainable"], "trainable", arrays),
-                                _decode_tree(tree["frozen"], "frozen", arrays))
-  return state, meta["config"], _decode_tree(tree["head"], "head", arrays)
+  return meta
 
 
 # =============================================================================================
@@ -215,40 +259,96 @@ def _lora_leaves(state: base_lib.AdapterState) -> dict[str, Any]:
   return flat
 
 
-def export_peft(path: str, state: base_lib.AdapterState, *, model: str, cfg, rank: int,
-                alpha: float, use_rslora: bool = False, target_modules: Optional[Sequence[str]]
-                = None, task_type: Optional[str] = None,
-                base_model_name_or_path: Optional[str] = None, head: Any = None,
-                initial: Optional[base_lib.AdapterState] = None, dropout: float = 0.0) -> str:
+def _peft_method(adapter: base_lib.Adapter) -> str:
+  """The registered method of `adapter` if it has a PEFT LoRA layout, else a ValueError."""
+  exportable = [m for m in registry.list_methods(available_only=True)
+                if registry.facts(m).peft_exportable]
+  method = registry.method_of(adapter)
+  if method is None or not registry.facts(method).peft_exportable:
+    raise ValueError(f"export_peft: adapter {adapter.name!r} has no PEFT LoRA layout; exportable "
+                     f"methods: {exportable}")
+  missing = [k for k in ("rank", "alpha", "use_rslora", "dropout") if k not in adapter.hparams]
+  if missing:
+    raise ValueError(f"export_peft: adapter.hparams lacks {missing}; build the adapter with its "
+                     f"factory (lowrank_jax.{method}) so that it records its arguments")
+  return method
+
+
+def _initial_leaves(method: str, residual_init: bool, flat: dict[str, Any],
+                    initial: Optional[base_lib.AdapterState]) -> Optional[dict[str, Any]]:
+  """The initial factors per path of a residual-init export, checked against the state."""
+  if not residual_init:
+    if initial is not None:
+      raise ValueError(f"export_peft: initial= is only for residual-init methods; {method!r} "
+                       f"adds its update to the unchanged weights, so pass no initial state")
+    return None
+  if initial is None:
+    raise ValueError(f"export_peft: {method!r} replaced the base weights by a residual at init, so "
+                     f"its state alone does not describe an update of the original weights; pass "
+                     f"initial=<the AdapterState its init returned> (base, initial = "
+                     f"adapter.init(...)) to export the LoRA of the original weights")
+  init_flat = _lora_leaves(initial)
+  if sorted(init_flat) != sorted(flat):
+    raise ValueError(f"export_peft: initial= has paths {sorted(init_flat)[:3]}..., the state has "
+                     f"{sorted(flat)[:3]}...; pass the initial state of this adapter")
+  for p, f in flat.items():
+    f0 = init_flat[p]
+    if (np.shape(f0.a), np.shape(f0.b)) != (np.shape(f.a), np.shape(f.b)):
+      raise ValueError(f"export_peft: initial= factors at {p} have shapes {np.shape(f0.a)} x "
+                       f"{np.shape(f0.b)}, the state's {np.shape(f.a)} x {np.shape(f.b)}")
+  return init_flat
+
+
+def export_peft(path: str, adapter: base_lib.Adapter, state: base_lib.AdapterState, *,
+                model: str, cfg, initial: Optional[base_lib.AdapterState] = None,
+                target_modules: Optional[Sequence[str]] = None, task_type: Optional[str] = None,
+                base_model_name_or_path: Optional[str] = None, head: Any = None) -> str:
   """Writes a LoRA-family adapter in the Hugging Face PEFT layout (see module docstring).
+
+  The method, rank r, alpha (None means r), rsLoRA and dropout come from `adapter.hparams`, so the
+  written scale is the one the adapter trained with.
+
+  A head exported with `task_type="SEQ_CLS"` is loaded by PEFT into
+  `BertForSequenceClassification`, whose classifier reads the BERT pooler output (tanh of a dense
+  layer on the [CLS] token's state); `minilm.classify`, which trained it, reads the mean of the
+  token states over the attention mask instead. The exported head therefore meets other features
+  in Hugging Face unless the model there pools by the mean too.
 
   Args:
     path: output directory.
+    adapter: the adapter the state belongs to (a registered PEFT-exportable method: LoRA, PiSSA,
+      CorDA).
     state: the adapter state (`LoRAFactors(a, b)` leaves under kernel paths).
     model: "minilm" or "llama" (which `hf_name_map`).
     cfg: the model config (`MiniLMConfig` / `LlamaConfig`).
-    rank: r of every factor pair.
-    alpha: lora_alpha.
-    use_rslora: scale alpha/√r instead of alpha/r.
+    initial: for residual-init methods (PiSSA, CorDA), required: the state `adapter.init`
+      returned; the export is then the rank-2r LoRA of the original weights. Refused for others.
     target_modules: PEFT `target_modules`; by default the short names if they select exactly the
       exported modules, else the full module names.
     task_type: PEFT task type (None, "FEATURE_EXTRACTION", "SEQ_CLS", "CAUSAL_LM").
     base_model_name_or_path: written to the config.
     head: optional `{'head': {'kernel', 'bias'}}`-style trained head, exported as a module to save.
-    initial: for PiSSA, the initial state: exports the rank-2r LoRA of the original weights.
-    dropout: lora_dropout written to the config.
 
   Returns:
     `path`.
+
+  Raises:
+    ValueError: a method without PEFT layout (named, with the exportable ones), an adapter without
+      its hparams, a missing/unexpected/mismatched `initial`, factors that are not rank-r 2-D
+      LoRA factors, modules without a Hugging Face name, an unknown model.
   """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
+  method = _peft_method(adapter)
+  hp = adapter.hparams
+  rank, use_rslora = int(hp["rank"]), bool(hp["use_rslora"])
+  alpha = float(rank if hp["alpha"] is None else hp["alpha"])
   names = _name_map(model, cfg)
   prefix = PEFT_PREFIX + _hf_prefix(model, task_type)
   flat = _lora_leaves(state)
-  init_flat = _lora_leaves(initial) if initial is not None else None
-  out_rank, out_alpha = rank, float(alpha)
-  if initial is not None:
-    out_rank, out_alpha = 2 * rank, float(alpha) * (math.sqrt(2.0) if use_rslora else 2.0)
+  init_flat = _initial_leaves(method, registry.facts(method).residual_init, flat, initial)
+  out_rank, out_alpha = rank, alpha
+  if init_flat is not None:
+    out_rank, out_alpha = 2 * rank, alpha * (math.sqrt(2.0) if use_rslora else 2.0)
   tensors, modules = {}, []
   for p, f in sorted(flat.items()):
     module, leaf = p.rsplit("/", 1) if "/" in p else ("", p)
@@ -287,7 +387,7 @@ def export_peft(path: str, state: base_lib.AdapterState, *, model: str, cfg, ran
   config = {
       "peft_type": "LORA", "r": out_rank, "lora_alpha": out_alpha,
       "target_modules": list(target_modules), "use_rslora": bool(use_rslora),
-      "lora_dropout": float(dropout), "bias": "none", "fan_in_fan_out": False,
+      "lora_dropout": float(hp["dropout"]), "bias": "none", "fan_in_fan_out": False,
       "init_lora_weights": True, "inference_mode": True, "task_type": task_type,
       "base_model_name_or_path": base_model_name_or_path, "modules_to_save": modules_to_save,
       "rank_pattern": {}, "alpha_pattern": {}, "revision": None,

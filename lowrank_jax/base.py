@@ -12,6 +12,9 @@ True
 """
 from __future__ import annotations
 
+import dataclasses
+import functools
+import inspect
 import types
 from typing import Any, Callable, Mapping, NamedTuple, Optional, Protocol
 
@@ -109,7 +112,89 @@ def count_params(state_or_tree: Any) -> int:
   return int(sum(x.size for x in jax.tree_util.tree_leaves(tree)))
 
 
+def records_hparams(factory: Callable[..., Adapter]) -> Callable[..., Adapter]:
+  """Makes the adapters `factory` builds carry the arguments they were built with.
+
+  The call is bound to the factory's signature with its defaults applied, so `hparams` holds every
+  argument (`rank`, `alpha`, `targets`, `init`, `dropout`, ...), not only those passed. Keyword
+  arguments collected by `**kwargs` are merged in at the top level. A factory that delegates to
+  another decorated factory (`pissa` -> `lora`) keeps the delegate's full set, updated by its
+  own.
+
+  Args:
+    factory: a function returning an `Adapter`.
+
+  Returns:
+    The factory, same signature and docstring, returning adapters with `hparams` filled.
+  """
+  signature = inspect.signature(factory)
+
+  @functools.wraps(factory)
+  def build(*args, **kwargs):
+    bound = signature.bind(*args, **kwargs)
+    bound.apply_defaults()
+    adapter = factory(*args, **kwargs)
+    return adapter._replace(hparams=types.MappingProxyType(
+        {**adapter.hparams, **_flat_arguments(signature, bound.arguments)}))
+
+  return build
+
+
+def _flat_arguments(signature: inspect.Signature, arguments: Mapping[str, Any]) -> dict[str, Any]:
+  flat = {}
+  for name, value in arguments.items():
+    if signature.parameters[name].kind is inspect.Parameter.VAR_KEYWORD:
+      flat.update(value)
+    else:
+      flat[name] = value
+  return flat
+
+
 def identity() -> Adapter:
-  """The adapter that adapts nothing (useful as a baseline and in `partition`)."""
+  """The adapter that adapts nothing (useful as a baseline and in `partition`); no hparams."""
   return Adapter(init=lambda key, params, stats=None: (params, AdapterState({}, {})),
                  apply=lambda base, state, *, rng=None: base, name="identity")
+
+
+ConfigKwargsFn = Callable[[int, Optional[float], Any, int], dict]
+
+
+@dataclasses.dataclass(frozen=True)
+class MethodFacts:
+  """What a runner needs to know about one registered method, declared by the method's module.
+
+  Each method module ends with `METHOD_FACTS = {registry name: MethodFacts(...)}`;
+  `lowrank_jax.registry` reads it when the method is asked for.
+
+  Attributes:
+    factory: builds the adapter from keyword arguments.
+    config_kwargs: `(rank, alpha, targets, total_steps) -> factory kwargs`, what the generic size
+      knob `rank` means for this method (LoRA rank, NOLA basis counts, subspace dimension, ...).
+      `alpha` is None when the caller leaves it to the method's default; `total_steps` (the run
+      length, 0 when unknown) sizes schedules that depend on it.
+    needs_stats: whether `init` needs calibration statistics (`lowrank_jax.calibrate.collect`).
+    rank_allocation: `state -> {path: active rank}` for methods whose ranks change during
+      training, else None.
+    peft_exportable: whether `lowrank_jax.adapter_io.export_peft` writes its state as a PEFT LoRA.
+    residual_init: whether `init` replaces the targeted weights by a residual, so that the state
+      alone does not give the update to the original weights (a PEFT export needs the initial
+      factors).
+    adapter_names: the `Adapter.name`s the factory gives its adapters when they differ from the
+      registry name (CorDA's "corda_ipa" / "corda_kpa"), so an adapter's method can be found.
+  """
+  factory: Callable[..., Adapter]
+  config_kwargs: ConfigKwargsFn
+  needs_stats: bool = False
+  rank_allocation: Optional[Callable[[AdapterState], dict]] = None
+  peft_exportable: bool = False
+  residual_init: bool = False
+  adapter_names: tuple[str, ...] = ()
+
+
+def _identity_config(rank, alpha, targets, total_steps) -> dict:
+  """The frozen-base baseline takes no arguments: only the head trains."""
+  del rank, alpha, targets, total_steps
+  return {}
+
+
+METHOD_FACTS = {"none": MethodFacts(identity, _identity_config, adapter_names=("identity",))}

@@ -10,6 +10,7 @@
 """
 from __future__ import annotations
 
+import types
 from typing import Any, Callable, Mapping, Union
 
 import jax
@@ -26,7 +27,8 @@ def chain(*adapters: base_lib.Adapter) -> base_lib.Adapter:
 
   `init` runs each adapter's init on the base left by the previous one, so a residual method
   followed by another on the same leaf sees the residual. State: `AdapterState(tuple of
-  trainables, tuple of frozens)`.
+  trainables, tuple of frozens)`. `hparams`: `{"adapters": ({"name", "hparams"} of each, in
+  order)}`.
   """
   if not adapters:
     raise ValueError("chain: needs at least one adapter")
@@ -67,7 +69,14 @@ def chain(*adapters: base_lib.Adapter) -> base_lib.Adapter:
       return base_lib.AdapterState(tuple(ts), tuple(fs))
 
   return base_lib.Adapter(init, apply, penalty, update,
-                          name="chain(" + ",".join(a.name for a in adapters) + ")")
+                          name="chain(" + ",".join(a.name for a in adapters) + ")",
+                          hparams=types.MappingProxyType(
+                              {"adapters": tuple(_described(a) for a in adapters)}))
+
+
+def _described(adapter: base_lib.Adapter) -> Mapping[str, Any]:
+  """`{"name", "hparams"}` of a combined adapter, for the combinator's own hparams."""
+  return types.MappingProxyType({"name": adapter.name, "hparams": adapter.hparams})
 
 
 def _check_len(what, state, n):
@@ -98,6 +107,10 @@ def partition(adapters: Mapping[str, base_lib.Adapter], labels: Labels) -> base_
     labels: a callable `(path, leaf) -> label` or a pytree of labels shaped like params. A label
       of `None` leaves that leaf untouched. Each adapter sees only its own leaves (the others are
       hidden), so its `targets` are matched within its label.
+
+  Returns:
+    An `Adapter` whose `hparams` are `{"adapters": {label: {"name", "hparams"}}, "labels":
+    labels}`.
 
   Raises:
     ValueError: a label without adapter, or an adapter whose label is never used.
@@ -149,5 +162,8 @@ def partition(adapters: Mapping[str, base_lib.Adapter], labels: Labels) -> base_
         ts[n], fs[n] = s.trainable, s.frozen
       return base_lib.AdapterState(ts, fs)
 
+  hparams = {"adapters": types.MappingProxyType({n: _described(adapters[n]) for n in names}),
+             "labels": labels}
   return base_lib.Adapter(init, apply, penalty, update,
-                          name="partition(" + ",".join(f"{n}={adapters[n].name}" for n in names) + ")")
+                          name="partition(" + ",".join(f"{n}={adapters[n].name}" for n in names) + ")",
+                          hparams=types.MappingProxyType(hparams))

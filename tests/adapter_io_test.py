@@ -1,6 +1,7 @@
 """Adapter files: our format round trip, and the Hugging Face PEFT layout (built by hand too)."""
 import json
 import os
+import re
 import tempfile
 
 from absl.testing import absltest
@@ -52,9 +53,14 @@ class OwnFormatTest(absltest.TestCase):
                                    "pair": (jnp.zeros(2), None)})
     head = {"head": {"kernel": jnp.ones((64, 5)), "bias": jnp.zeros(5)}}
     d = tempfile.mkdtemp()
-    adapter_io.save_adapter(d, state, {"method": "lora", "rank": 4}, head=head)
+    adapter_io.save_adapter(d, state, {"method": "lora", "rank": 4}, head=head, adapter=adapter)
     state2, cfg, head2 = adapter_io.load_adapter(d)
     self.assertEqual(cfg, {"method": "lora", "rank": 4})
+    self.assertEqual(adapter_io.saved_adapter_info(d), {
+        "name": "lora", "method": "lora",
+        "hparams": {"rank": 4, "alpha": 8.0, "targets": MINILM_QV, "dropout": 0.0,
+                    "use_rslora": False, "init": "kaiming_uniform", "niter": None,
+                    "kernel_axes": None, "dtype": "float32", "impl": "custom_vjp"}})
     chex.assert_trees_all_equal(state.trainable, state2.trainable)
     chex.assert_trees_all_equal_structs(state.trainable, state2.trainable)
     self.assertIsInstance(state2.trainable["encoder"]["layer_0"]["attention"]["query"]["kernel"],
@@ -66,6 +72,11 @@ class OwnFormatTest(absltest.TestCase):
     chex.assert_trees_all_equal(head, head2)
     names = safetensors.numpy.load_file(os.path.join(d, adapter_io.ADAPTER_FILE))
     self.assertIn("trainable/encoder/layer_0/attention/query/kernel/a", names)
+
+  def test_without_adapter_no_info(self):
+    d = tempfile.mkdtemp()
+    adapter_io.save_adapter(d, lj.EmptyState, {"run": 1})
+    self.assertIsNone(adapter_io.saved_adapter_info(d))
 
   def test_not_an_adapter_dir(self):
     with self.assertRaisesRegex(FileNotFoundError, "not an adapter directory"):
@@ -82,7 +93,7 @@ class PeftTest(parameterized.TestCase):
     _, state = adapter.init(jax.random.key(1), params)
     state = _randomize(state, jax.random.key(2))
     d = tempfile.mkdtemp()
-    adapter_io.export_peft(d, state, model=model, cfg=cfg, rank=4, alpha=8.0)
+    adapter_io.export_peft(d, adapter, state, model=model, cfg=cfg)
     with open(os.path.join(d, adapter_io.PEFT_CONFIG)) as f:
       pcfg = json.load(f)
     self.assertEqual((pcfg["peft_type"], pcfg["r"], pcfg["lora_alpha"]), ("LORA", 4, 8.0))
@@ -141,8 +152,8 @@ class PeftTest(parameterized.TestCase):
     adapter = lj.lora(rank=2, targets=r"encoder/layer_0/attention/query/kernel")
     _, state = adapter.init(jax.random.key(1), params)
     d = tempfile.mkdtemp()
-    adapter_io.export_peft(d, state, model="minilm", cfg=cfg, rank=2, alpha=2.0,
-                           task_type="SEQ_CLS", head={"head": params["head"]})
+    adapter_io.export_peft(d, adapter, state, model="minilm", cfg=cfg, task_type="SEQ_CLS",
+                           head={"head": params["head"]})
     names = set(safetensors.numpy.load_file(os.path.join(d, adapter_io.PEFT_WEIGHTS)))
     self.assertIn("base_model.model.bert.encoder.layer.0.attention.self.query.lora_A.weight",
                   names)
@@ -161,8 +172,7 @@ class PeftTest(parameterized.TestCase):
     base, init_state = adapter.init(jax.random.key(0), params)
     trained = _randomize(init_state, jax.random.key(1))
     d = tempfile.mkdtemp()
-    adapter_io.export_peft(d, trained, model="llama", cfg=cfg, rank=2, alpha=4.0,
-                           initial=init_state)
+    adapter_io.export_peft(d, adapter, trained, model="llama", cfg=cfg, initial=init_state)
     lora_adapter, lora_state, info = adapter_io.import_peft(d, model="llama", cfg=cfg)
     self.assertEqual((info["r"], info["lora_alpha"]), (4, 8.0))
     chex.assert_trees_all_close(lj.merge(lora_adapter.apply(params, lora_state)),
@@ -171,12 +181,12 @@ class PeftTest(parameterized.TestCase):
   def test_errors(self):
     params, cfg = _minilm_tiny()
     with self.assertRaisesRegex(ValueError, r"Unknown model 'gpt2'.*valid"):
-      adapter_io.export_peft(tempfile.mkdtemp(), lj.EmptyState, model="gpt2", cfg=cfg, rank=1,
-                             alpha=1.0)
+      adapter_io.export_peft(tempfile.mkdtemp(), lj.lora(1), lj.EmptyState, model="gpt2",
+                             cfg=cfg)
     _, state = lj.lora(rank=2, targets=MINILM_QV).init(jax.random.key(0), params)
     with self.assertRaisesRegex(ValueError, "not rank-4"):
-      adapter_io.export_peft(tempfile.mkdtemp(), state, model="minilm", cfg=cfg, rank=4,
-                             alpha=4.0)
+      adapter_io.export_peft(tempfile.mkdtemp(), lj.lora(rank=4, targets=MINILM_QV), state,
+                             model="minilm", cfg=cfg)
     path = tempfile.mkdtemp()
     safetensors.numpy.save_file(
         {"base_model.model.foo.lora_A.weight": np.zeros((1, 2), np.float32)},
@@ -189,6 +199,104 @@ class PeftTest(parameterized.TestCase):
       json.dump({"peft_type": "IA3", "r": 1}, f)
     with self.assertRaisesRegex(ValueError, "only peft_type 'LORA'"):
       adapter_io.import_peft(path, model="minilm", cfg=cfg)
+
+
+def _peft_files(path):
+  with open(os.path.join(path, adapter_io.PEFT_CONFIG)) as f:
+    pcfg = json.load(f)
+  return pcfg, safetensors.numpy.load_file(os.path.join(path, adapter_io.PEFT_WEIGHTS))
+
+
+def _peft_delta(pcfg, tensors, hf):
+  """ΔW in PyTorch (d_out, d_in) layout by PEFT's definition: scale·lora_B·lora_A, scale =
+  lora_alpha/r, or lora_alpha/√r with use_rslora; float64."""
+  r = pcfg["r"]
+  scale = pcfg["lora_alpha"] / (np.sqrt(r) if pcfg["use_rslora"] else r)
+  lora_a = tensors[f"base_model.model.{hf}.lora_A.weight"].astype(np.float64)
+  lora_b = tensors[f"base_model.model.{hf}.lora_B.weight"].astype(np.float64)
+  return scale * lora_b @ lora_a
+
+
+LLAMA_Q = "layers/layer_0/attention/q_proj/kernel"
+LLAMA_Q_HF = "model.layers.0.self_attn.q_proj"
+
+
+class PeftScaleTest(parameterized.TestCase):
+  """The exported factors and scale give the ΔW the adapter applies, derived by hand."""
+
+  @parameterized.parameters((3, 5.0, False), (3, 5.0, True), (4, None, False))
+  def test_lora_delta_matches_hand_derivation(self, rank, alpha, use_rslora):
+    params, cfg = _llama_tiny()
+    adapter = lj.lora(rank=rank, alpha=alpha, targets=LLAMA_Q, use_rslora=use_rslora)
+    _, state = adapter.init(jax.random.key(1), params)
+    state = _randomize(state, jax.random.key(2))
+    d = tempfile.mkdtemp()
+    adapter_io.export_peft(d, adapter, state, model="llama", cfg=cfg)
+    pcfg, tensors = _peft_files(d)
+    f = tree_lib.unnest(state.trainable)[LLAMA_Q]
+    a, b = np.asarray(f.a, np.float64), np.asarray(f.b, np.float64)
+    alpha_used = rank if alpha is None else alpha      # lora's documented default alpha = r
+    s = alpha_used / (np.sqrt(rank) if use_rslora else rank)
+    want_torch = (s * a @ b).T                          # our kernel is (d_in, d_out)
+    np.testing.assert_allclose(_peft_delta(pcfg, tensors, LLAMA_Q_HF), want_torch, rtol=1e-6,
+                               atol=1e-6)
+    self.assertEqual((pcfg["r"], pcfg["lora_alpha"], pcfg["use_rslora"]),
+                     (rank, float(alpha_used), use_rslora))
+
+  def test_pissa_delta_is_update_of_original_weights(self):
+    params, cfg = _llama_tiny()
+    rank, alpha = 2, 3.0
+    adapter = lj.pissa(rank=rank, alpha=alpha, targets=LLAMA_Q, use_rslora=True)
+    base, initial = adapter.init(jax.random.key(0), params)
+    trained = _randomize(initial, jax.random.key(1))
+    d = tempfile.mkdtemp()
+    adapter_io.export_peft(d, adapter, trained, model="llama", cfg=cfg, initial=initial)
+    pcfg, tensors = _peft_files(d)
+    f = tree_lib.unnest(trained.trainable)[LLAMA_Q]
+    f0 = tree_lib.unnest(initial.trainable)[LLAMA_Q]
+    s = alpha / np.sqrt(rank)
+    as64 = lambda x: np.asarray(x, np.float64)
+    want = s * (as64(f.a) @ as64(f.b) - as64(f0.a) @ as64(f0.b))
+    np.testing.assert_allclose(_peft_delta(pcfg, tensors, LLAMA_Q_HF), want.T, rtol=1e-6,
+                               atol=1e-6)
+    # W_original + ΔW is what the adapter applies on its residual base.
+    w0 = as64(tree_lib.unnest(params)[LLAMA_Q])
+    adapted = as64(tree_lib.unnest(lj.merge(adapter.apply(base, trained)))[LLAMA_Q])
+    np.testing.assert_allclose(w0 + want, adapted, rtol=1e-4, atol=1e-4)
+
+  def test_residual_init_needs_matching_initial(self):
+    params, cfg = _llama_tiny()
+    adapter = lj.pissa(rank=2, targets=LLAMA_Q)
+    _, initial = adapter.init(jax.random.key(0), params)
+    with self.assertRaisesRegex(ValueError, r"'pissa' replaced the base weights.*pass initial="):
+      adapter_io.export_peft(tempfile.mkdtemp(), adapter, initial, model="llama", cfg=cfg)
+    _, other = lj.pissa(rank=2, targets=LLAMA_QV).init(jax.random.key(0), params)
+    with self.assertRaisesRegex(ValueError, "initial= has paths"):
+      adapter_io.export_peft(tempfile.mkdtemp(), adapter, initial, model="llama", cfg=cfg,
+                             initial=other)
+    _, rank1 = lj.pissa(rank=1, targets=LLAMA_Q).init(jax.random.key(0), params)
+    with self.assertRaisesRegex(ValueError, f"initial= factors at {LLAMA_Q} have shapes"):
+      adapter_io.export_peft(tempfile.mkdtemp(), adapter, initial, model="llama", cfg=cfg,
+                             initial=rank1)
+    lora = lj.lora(rank=2, targets=LLAMA_Q)
+    _, state = lora.init(jax.random.key(0), params)
+    with self.assertRaisesRegex(ValueError, "initial= is only for residual-init methods"):
+      adapter_io.export_peft(tempfile.mkdtemp(), lora, state, model="llama", cfg=cfg,
+                             initial=state)
+
+  def test_refuses_methods_without_peft_layout(self):
+    params, cfg = _llama_tiny()
+    for adapter in (lj.sorsa(2, targets=LLAMA_Q),
+                    lj.chain(lj.lora(2, targets=LLAMA_Q))):
+      _, state = adapter.init(jax.random.key(0), params)
+      with self.assertRaisesRegex(
+          ValueError, rf"adapter '{re.escape(adapter.name)}' has no PEFT LoRA layout; "
+          r"exportable methods: \['corda', 'lora', 'pissa'\]"):
+        adapter_io.export_peft(tempfile.mkdtemp(), adapter, state, model="llama", cfg=cfg)
+    bare = lj.lora(2, targets=LLAMA_Q)._replace(hparams={})
+    _, state = bare.init(jax.random.key(0), params)
+    with self.assertRaisesRegex(ValueError, r"adapter.hparams lacks \['rank', 'alpha'"):
+      adapter_io.export_peft(tempfile.mkdtemp(), bare, state, model="llama", cfg=cfg)
 
 
 if __name__ == "__main__":

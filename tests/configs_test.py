@@ -42,6 +42,17 @@ class ParseArgTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"Unknown adapter method 'foo'; valid names: \[.*'lora'"):
       common.adapter_config("foo", rank=2, targets=[".*"])
 
+  def test_adapter_config_reads_the_method_facts(self):
+    config = lambda method, **kw: common.adapter_config(method, rank=4, targets=["x"], **kw)
+    self.assertEqual((config("lora").rank, config("lora").alpha), (4, 8.0))
+    self.assertEqual(config("lora", alpha=3.0).alpha, 3.0)
+    self.assertEqual(config("sorsa").alpha, 4.0)            # SORSA's own scale alpha/r = 1
+    self.assertEqual((config("nola").k, config("nola").l), (64, 64))
+    self.assertEqual(config("intrinsic").d, 256)
+    self.assertEqual(config("krona").to_dict(), {"method": "krona", "targets": ["x"]})
+    self.assertEqual(config("increlora", total_steps=50).incre_interval, 5)
+    self.assertEqual(config("lora", dropout=0.1).dropout, 0.1)
+
   def test_arg(self):
     self.assertEqual(common.arg(method="lora", rank=4), {"arg": "method=lora,rank=4"})
 
@@ -77,6 +88,18 @@ class SweepExpandTest(absltest.TestCase):
         add(arg="rank=1")
     with self.assertRaisesRegex(ValueError, "duplicate points"):
       sweep_lib.expand(Module)
+
+
+class DigitsSweepTest(absltest.TestCase):
+
+  def test_every_method_but_the_baseline_and_one_point_where_rank_is_ignored(self):
+    from configs import digits_sweep  # pylint: disable=g-import-not-at-top
+    from lowrank_jax import registry  # pylint: disable=g-import-not-at-top
+    points = [p.name for p in sweep_lib.expand(digits_sweep)]
+    methods = {n.split("_")[0].split("-", 1)[1] for n in points}
+    self.assertEqual(methods, set(registry.list_methods()) - {"none"})
+    for method, n in (("lora", 2), ("krona", 1), ("diffusekrona", 1)):
+      self.assertLen([p for p in points if p.startswith(f"method-{method}_")], n, method)
 
 
 class ConfigsTest(parameterized.TestCase):

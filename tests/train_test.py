@@ -144,7 +144,7 @@ class RegistryTest(absltest.TestCase):
     adapters_dir = os.path.join(os.path.dirname(registry.__file__), "adapters")
     modules = {f[:-3] for f in os.listdir(adapters_dir)
                if f.endswith(".py") and not f.startswith("_")}
-    registered = {m.rsplit(".", 1)[-1] for m, _ in registry.METHODS.values()}
+    registered = {m.rsplit(".", 1)[-1] for m in registry.METHODS.values()}
     self.assertEmpty(modules - registered - {"__init__"})
 
 

@@ -52,7 +52,7 @@ from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import _leafwise
-from lowrank_jax.adapters.increlora import TripletFactors, orth_residuals
+from lowrank_jax.adapters.increlora import TripletFactors, orth_residuals, rank_allocation
 
 
 class AdaLoRABuffers(NamedTuple):
@@ -80,6 +80,7 @@ def budget_schedule(step, *, init_bgt: int, target_bgt: int, tinit: int, tfinal:
   return budget.astype(jnp.int32), (step > tinit) & ~final, final
 
 
+@base_lib.records_hparams
 def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
             targets: targeting.Targets = r".*kernel", *, total_steps: int, tinit: int = 0,
             tfinal: int = 0, deltaT: int = 1, beta1: float = 0.85, beta2: float = 0.85,
@@ -205,3 +206,21 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
                              apply_leaf=apply_leaf, penalty_leaf=penalty_leaf,
                              kernel_axes=kernel_axes, update=update)
   return inner
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` is the average target rank r, pruned from an initial max(1.5·r, r + 1); alpha defaults
+  to 2·r. Pruning runs from `total_steps // 10` to `total_steps // 5` (each at least 1); the
+  factory's own `total_steps` is left to the trainer."""
+  return dict(init_r=max(rank + rank // 2, rank + 1), target_r=rank,
+              alpha=float(2 * rank if alpha is None else alpha), targets=targets,
+              tinit=max(total_steps // 10, 1), tfinal=max(total_steps // 5, 1))
+
+
+METHOD_FACTS = {
+    "adalora": base_lib.MethodFacts(adalora, _config_kwargs, rank_allocation=rank_allocation),
+}

@@ -55,6 +55,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import _kernels
+from lowrank_jax import base as base_lib
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
 from lowrank_jax.adapters.lora import (LoRAFactors, lora_scale, lowrank_apply_leaf,
@@ -150,6 +151,7 @@ def corda_decompose(w, cov, rank: int, mode: str = "ipa", *, scale: float = 1.0,
   return CordaDecomposition(a, b, resid, delta, s, err)
 
 
+@base_lib.records_hparams
 def corda(rank: int = 8, alpha: Optional[float] = None,
           targets: targeting.Targets = r".*kernel", *, mode: str = "ipa",
           damping: float = 0.01, damping_tol: float = 0.05, gauge: str = "official",
@@ -226,3 +228,21 @@ def damping_used(state) -> dict[str, float]:
   """`{path: δ}` actually used per target (for logging)."""
   from lowrank_jax import tree as tree_lib
   return {p: float(f.damping) for p, f in tree_lib.unnest(state.frozen).items()}
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` is the adapter rank r; alpha defaults to 2·r (scale 2); no dropout."""
+  del total_steps
+  return dict(rank=rank, alpha=float(2 * rank if alpha is None else alpha), targets=targets,
+              dropout=0.0)
+
+
+METHOD_FACTS = {
+    "corda": base_lib.MethodFacts(corda, _config_kwargs, needs_stats=True, peft_exportable=True,
+                                  residual_init=True,
+                                  adapter_names=tuple(f"corda_{mode}" for mode in MODES)),
+}

@@ -31,6 +31,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
@@ -122,6 +123,7 @@ class Tucker(structured.Additive):
     return y + (h @ u_out.T).astype(y.dtype)
 
 
+@base_lib.records_hparams
 def flora(rank: Union[int, Sequence[int]] = 8, targets: targeting.Targets = r".*kernel", *,
           scale: float = 1.0, kernel_axes: targeting.AxesSpec = None, dtype=jnp.float32):
   """FLoRA (Tucker) on the targeted kernels, N-D kernels kept N-D (see the module docstring).
@@ -178,3 +180,16 @@ def flora(rank: Union[int, Sequence[int]] = 8, targets: targeting.Targets = r".*
 
   return _leafwise.leafwise("flora", targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
                             kernel_axes=kernel_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` is every Tucker mode's rank r (capped by the mode size); FLoRA has no alpha."""
+  del alpha, total_steps
+  return dict(rank=rank, targets=targets)
+
+
+METHOD_FACTS = {"flora": base_lib.MethodFacts(flora, _config_kwargs)}

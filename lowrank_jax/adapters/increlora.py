@@ -150,6 +150,7 @@ def rank_allocation_arrays(state: base_lib.AdapterState) -> dict[str, jax.Array]
   return out
 
 
+@base_lib.records_hparams
 def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] = None,
               targets: targeting.Targets = r".*kernel", *, total_rank: Optional[int] = None,
               add_r: Optional[int] = None, max_rank: Optional[int] = None, top_h: int = 2,
@@ -331,3 +332,19 @@ def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] =
   return base_lib.Adapter(init=init, apply=inner.apply, penalty=inner.penalty, update=update,
                           name="increlora")
 
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` is the average target rank, grown from 1; alpha defaults to 2·r. Ranks grow every
+  `total_steps // 10` steps (at least 1) after a warmup of that length."""
+  interval = max(total_steps // 10, 1)
+  return dict(target_rank=rank, init_rank=1, alpha=float(2 * rank if alpha is None else alpha),
+              targets=targets, init_warmup=interval, incre_interval=interval)
+
+
+METHOD_FACTS = {
+    "increlora": base_lib.MethodFacts(increlora, _config_kwargs, rank_allocation=rank_allocation),
+}

@@ -132,6 +132,7 @@ def _float_leaf(path, leaf) -> bool:
   return hasattr(leaf, "dtype") and jnp.issubdtype(leaf.dtype, jnp.floating)
 
 
+@base_lib.records_hparams
 def intrinsic_dimension(d: int, projection: str = "fastfood",
                         targets: Optional[targeting.Targets] = None, *,
                         density: Optional[float] = None, dtype=jnp.float32) -> base_lib.Adapter:
@@ -260,3 +261,20 @@ def intrinsic_dimension(d: int, projection: str = "fastfood",
     return tree_lib.replace_by_name(base, out, is_leaf=structured.is_structured)
 
   return base_lib.Adapter(init=init, apply=apply, name=f"intrinsic_dimension({projection})")
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` sets the subspace dimension d = 64·r (Fastfood projection); no alpha."""
+  del alpha, total_steps
+  return dict(d=64 * rank, projection="fastfood", targets=targets)
+
+
+METHOD_FACTS = {
+    "intrinsic": base_lib.MethodFacts(
+        intrinsic_dimension, _config_kwargs,
+        adapter_names=tuple(f"intrinsic_dimension({p})" for p in PROJECTIONS)),
+}

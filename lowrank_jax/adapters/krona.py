@@ -33,6 +33,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
@@ -222,6 +223,7 @@ class Kron(structured.Additive):
     return y + d.astype(y.dtype)
 
 
+@base_lib.records_hparams
 def krona(a1: Optional[int] = None, a2: Optional[int] = None,
           targets: targeting.Targets = r".*kernel", *, scale: float = 1.0,
           init: str = "diffusekrona", kernel_axes: targeting.AxesSpec = None,
@@ -300,7 +302,24 @@ def krona(a1: Optional[int] = None, a2: Optional[int] = None,
                             kernel_axes=kernel_axes)
 
 
+@base_lib.records_hparams
 def diffusekrona(a1: int = 64, a2: int = 8, targets: targeting.Targets = r".*kernel", **kwargs):
   """DiffuseKronA: `krona` with the official defaults a1 = 64, a2 = 8 and its init."""
   kwargs.setdefault("init", "diffusekrona")
   return krona(a1, a2, targets, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """KronA has no rank or alpha: the factor shapes come from each kernel; `rank` is ignored."""
+  del rank, alpha, total_steps
+  return dict(targets=targets)
+
+
+METHOD_FACTS = {
+    "krona": base_lib.MethodFacts(krona, _config_kwargs),
+    "diffusekrona": base_lib.MethodFacts(diffusekrona, _config_kwargs),
+}

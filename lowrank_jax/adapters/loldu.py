@@ -30,6 +30,7 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
+from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
@@ -112,6 +113,7 @@ def _init_z(key, method: str, d_r: jax.Array) -> jax.Array:
   return jnp.zeros((r,), jnp.float32)
 
 
+@base_lib.records_hparams
 def loldu(rank: int = 4, alpha: float = 1.0, targets: targeting.Targets = r".*kernel", *,
           init: str = "lu", train_sigma: bool = False, kernel_axes: targeting.AxesSpec = None,
           dtype=jnp.float32):
@@ -172,3 +174,16 @@ def loldu(rank: int = 4, alpha: float = 1.0, targets: targeting.Targets = r".*ke
 
   return _leafwise.leafwise("loldu", targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
                             kernel_axes=kernel_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` is the number r of pivots kept; alpha is LoLDU's own (default 1) and not set here."""
+  del alpha, total_steps
+  return dict(rank=rank, targets=targets)
+
+
+METHOD_FACTS = {"loldu": base_lib.MethodFacts(loldu, _config_kwargs, residual_init=True)}

@@ -20,6 +20,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import _kernels
+from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
@@ -57,6 +58,7 @@ def randomized_svd(key, w, rank: int, niter: int, oversample: int = 0):
   return (y @ u_small)[:, :rank], s[:rank], vt[:rank]
 
 
+@base_lib.records_hparams
 def lora(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targets = r".*kernel",
          *, dropout: float = 0.0, use_rslora: bool = False, init: str = "kaiming_uniform",
          niter: Optional[int] = None, kernel_axes: targeting.AxesSpec = None,
@@ -142,7 +144,26 @@ def lowrank_apply_leaf(name: str, scale: float, dropout: float, impl: str):
   return apply_leaf
 
 
+@base_lib.records_hparams
 def pissa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targets = r".*kernel",
           *, niter: Optional[int] = None, **kwargs):
   """PiSSA: `lora(..., init="pissa")` (see module docstring). Dropout should stay 0."""
   return lora(rank, alpha, targets, init="pissa", niter=niter, **kwargs)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` is the LoRA rank r; alpha defaults to 2·r (scale 2); no dropout."""
+  del total_steps
+  return dict(rank=rank, alpha=float(2 * rank if alpha is None else alpha), targets=targets,
+              dropout=0.0)
+
+
+METHOD_FACTS = {
+    "lora": base_lib.MethodFacts(lora, _config_kwargs, peft_exportable=True),
+    "pissa": base_lib.MethodFacts(pissa, _config_kwargs, peft_exportable=True,
+                                  residual_init=True),
+}

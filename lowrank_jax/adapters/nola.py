@@ -39,6 +39,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import _kernels
+from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
@@ -227,6 +228,7 @@ class NOLAWeight(structured.Additive):
     return self.lowrank().embed(ids)
 
 
+@base_lib.records_hparams
 def nola(k: int = 512, l: int = 512, rank: int = 8, alpha: Optional[float] = None,
          targets: targeting.Targets = r".*kernel", *, variant: str = "lm",
          shared_bases: bool = False, seed: Optional[int] = None, generator: str = "hash",
@@ -312,3 +314,18 @@ def nola(k: int = 512, l: int = 512, rank: int = 8, alpha: Optional[float] = Non
 
   adapter = inner(jax.random.key(0))
   return adapter._replace(init=init)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` is the rank r of the generated factors, with k = l = 16·r random bases each; alpha
+  defaults to 2·r (scale 2)."""
+  del total_steps
+  return dict(k=16 * rank, l=16 * rank, rank=rank,
+              alpha=float(2 * rank if alpha is None else alpha), targets=targets)
+
+
+METHOD_FACTS = {"nola": base_lib.MethodFacts(nola, _config_kwargs)}

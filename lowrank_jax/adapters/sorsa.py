@@ -31,6 +31,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import _kernels
+from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
@@ -122,6 +123,7 @@ def orthonormal_regularizer(a: jax.Array, b: jax.Array) -> jax.Array:
   return _safe_fro(a2.T @ a2 - eye) + _safe_fro(b2 @ b2.T - eye)
 
 
+@base_lib.records_hparams
 def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targets = r".*kernel",
           *, gamma: float = DEFAULT_GAMMA, base_lr: Optional[float] = None,
           kernel_axes: targeting.AxesSpec = None, dtype=jnp.float32):
@@ -185,3 +187,17 @@ def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targe
   return _leafwise.leafwise("sorsa", targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
                             penalty_leaf=penalty_leaf if weight > 0 else None,
                             kernel_axes=kernel_axes)
+
+
+# ---------------------------------------------------------------------------------------------
+# Method facts, read by `lowrank_jax.registry`.
+# ---------------------------------------------------------------------------------------------
+
+def _config_kwargs(rank, alpha, targets, total_steps):
+  """`rank` is the number r of trainable singular triplets; alpha defaults to r, SORSA's own
+  scale 1."""
+  del total_steps
+  return dict(rank=rank, alpha=float(rank if alpha is None else alpha), targets=targets)
+
+
+METHOD_FACTS = {"sorsa": base_lib.MethodFacts(sorsa, _config_kwargs, residual_init=True)}

@@ -228,6 +228,11 @@ def classify(params: dict, cfg: MiniLMConfig, batch: Mapping[str, jax.Array], *,
   """Class logits (B, num_classes) from the `head` on the mean-pooled token states.
 
   `batch` holds `input_ids`, `attention_mask` and optionally `token_type_ids`.
+
+  Pooling is the mean of the last token states over the attention mask (as sentence-transformers
+  does for all-MiniLM-L6-v2), not Hugging Face `BertForSequenceClassification`'s pooler, a tanh
+  dense layer on the [CLS] state. A head exported to PEFT with `task_type="SEQ_CLS"` is loaded
+  into the latter, so there it meets the pooler's features, not the ones it was trained on.
   """
   if "head" not in params:
     raise ValueError("params have no 'head'; call add_classifier_head(key, params, num_classes)")
