@@ -361,7 +361,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   adapter = registry.make_adapter(method, **adapter_kwargs(config))
   head_flat, head_paths = split_head(model.params, config.head)
   stats = None
-  if method in registry.NEEDS_STATS:
+  if registry.needs_stats(method):
     stats = _calibrate(config, model, train_source, transform,
                        adapter_kwargs(config).get("targets"))
   base, ad_state = adapter.init(k_adapter, model.params, stats)
@@ -526,9 +526,9 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
                             {"method": method, "adapter": config.adapter.to_dict(),
                              "model": config.model.to_dict(), "head": config.head,
                              "dataset": dcfg.name, "step": total},
-                            head=host["head"])
+                            head=host["head"], adapter=adapter)
     if config.get("export_peft", False):
-      _export_peft(config, model, host, os.path.join(workdir, "peft"))
+      _export_peft(config, model, adapter, host, os.path.join(workdir, "peft"))
   results = {"method": method, "accuracy": ev["accuracy"], "eval_loss": ev["eval_loss"],
              "trainable_params": n_trainable, "adapter_params": n_adapter, "head_params": n_head,
              "steps": total, "resumed_from": start, "train_s": train_s,
@@ -576,7 +576,7 @@ def load_trained(config: ml_collections.ConfigDict, adapter_path: str) -> tuple[
                      f"{config.adapter.method!r}")
   adapter = registry.make_adapter(config.adapter.method, **adapter_kwargs(config))
   stats = None
-  if config.adapter.method in registry.NEEDS_STATS:
+  if registry.needs_stats(config.adapter.method):
     source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
     stats = _calibrate(config, model, source, make_transform(dcfg, model.tokenizer),
                        adapter_kwargs(config).get("targets"))
@@ -629,17 +629,10 @@ def _calibrate(config, model: Model, train_source, transform, targets):
                            sample_scale="corda" if config.adapter.method == "corda" else None)
 
 
-def _export_peft(config, model: Model, host: dict, path: str):
+def _export_peft(config, model: Model, adapter: base_lib.Adapter, host: dict, path: str):
   from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
-  if config.adapter.method not in ("lora", "pissa") or model.family != "minilm":
-    raise ValueError(f"export_peft supports LoRA-family adapters on MiniLM/Llama, not "
-                     f"{config.adapter.method!r} on {config.model.name!r}")
-  if config.adapter.method == "pissa":
-    raise ValueError("export_peft of PiSSA needs the initial factors; call "
-                     "adapter_io.export_peft(..., initial=...) from Python")
-  kw = config.adapter
+  if model.family != "minilm":
+    raise ValueError(f"export_peft supports MiniLM runs, not {config.model.name!r}")
   adapter_io.export_peft(
-      path, base_lib.AdapterState(host["adapter"], host["frozen"]), model="minilm",
-      cfg=model.hf_cfg, rank=kw.rank, alpha=kw.get("alpha", kw.rank),
-      use_rslora=kw.get("use_rslora", False),
-      base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+      path, adapter, base_lib.AdapterState(host["adapter"], host["frozen"]), model="minilm",
+      cfg=model.hf_cfg, base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
