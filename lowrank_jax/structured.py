@@ -123,6 +123,14 @@ def embed(ids: jax.Array, w: Any) -> jax.Array:
   return jnp.take(w, ids, axis=0)
 
 
+def compute_dtype(*arrays: Any):
+  """The dtype to form dense values in: the promoted dtype of `arrays` and float32.
+
+  bf16/fp16 inputs are computed in float32, float64 inputs (with `jax_enable_x64`) stay float64.
+  """
+  return jnp.result_type(jnp.float32, *arrays)
+
+
 def _dropout(x, rate, key):
   if key is None or rate == 0.0:
     return x
@@ -138,7 +146,11 @@ class Additive(Structured):
   """A structured weight of the form `base + delta()`: shape and dtype are the base's.
 
   Subclasses (flax dataclasses) have a `base` field (dense or structured) and implement
-  `delta()`, the dense update in fp32 (used only by `materialize`/`merge`, never in the step).
+  `delta(dtype)`, the dense update computed in `compute_dtype(dtype, *factors)` (used only by
+  `materialize`/`merge`, never in the step). `materialize` forms the update and the sum in
+  `compute_dtype(base)` and casts to the base's dtype: a bf16 base is summed in float32 and
+  rounded once, a float64 base is not rounded to float32 (a float64 base with float32 factors at
+  init merges to the base exactly).
   """
 
   @property
@@ -149,12 +161,14 @@ class Additive(Structured):
   def dtype(self):
     return self.base.dtype
 
-  def delta(self) -> jax.Array:
+  def delta(self, dtype=jnp.float32) -> jax.Array:
     raise NotImplementedError
 
   def materialize(self):
     base = materialize(self.base)
-    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
+    delta = self.delta(compute_dtype(base))
+    dt = compute_dtype(base, delta)
+    return (base.astype(dt) + delta.astype(dt)).astype(base.dtype)
 
 
 @flax.struct.dataclass
@@ -183,9 +197,9 @@ class LowRank(Additive):
   def rank(self) -> int:
     return self.a.shape[-1]
 
-  def delta(self) -> jax.Array:
-    d = jnp.tensordot(self.a.astype(jnp.float32), self.b.astype(jnp.float32), axes=1)
-    return d * self.scale
+  def delta(self, dtype=jnp.float32) -> jax.Array:
+    dt = compute_dtype(dtype, self.a, self.b, self.scale)
+    return jnp.tensordot(self.a.astype(dt), self.b.astype(dt), axes=1) * jnp.asarray(self.scale, dt)
 
   def matmul(self, x, in_ndim: int = 1):
     if in_ndim != self.in_ndim:

@@ -73,9 +73,10 @@ class Tucker(structured.Additive):
   scale: float = flax.struct.field(pytree_node=False, default=1.0)
   in_ndim: int = flax.struct.field(pytree_node=False, default=1)
 
-  def delta(self) -> jax.Array:
-    f32 = [u.astype(jnp.float32) for u in self.factors]
-    return tucker_product(self.core.astype(jnp.float32) * self.scale, f32)
+  def delta(self, dtype=jnp.float32) -> jax.Array:
+    dt = structured.compute_dtype(dtype, self.core, self.scale, *self.factors)
+    return tucker_product(self.core.astype(dt) * jnp.asarray(self.scale, dt),
+                          [u.astype(dt) for u in self.factors])
 
   def _branch(self, x, m):
     """Factored x ⋅ ΔW contracting the last m axes of x with the first m modes."""

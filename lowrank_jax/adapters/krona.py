@@ -195,8 +195,9 @@ class Kron(structured.Additive):
   in_ndim: int = flax.struct.field(pytree_node=False, default=1)
   impl: str = flax.struct.field(pytree_node=False, default="auto")
 
-  def delta(self) -> jax.Array:
-    d = jnp.kron(self.a.astype(jnp.float32), self.b.astype(jnp.float32)) * self.scale
+  def delta(self, dtype=jnp.float32) -> jax.Array:
+    dt = structured.compute_dtype(dtype, self.a, self.b, self.scale)
+    d = jnp.kron(self.a.astype(dt), self.b.astype(dt)) * jnp.asarray(self.scale, dt)
     return d.reshape(self.shape)
 
   def matmul(self, x, in_ndim: int = 1):

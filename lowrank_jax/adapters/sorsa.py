@@ -51,10 +51,10 @@ class DiagLowRankMixin:
   def _factors(self):
     raise NotImplementedError
 
-  def delta(self) -> jax.Array:
+  def delta(self, dtype=jnp.float32) -> jax.Array:
     a, d, b = self._factors()
-    return jnp.tensordot(a.astype(jnp.float32) * d.astype(jnp.float32), b.astype(jnp.float32),
-                         axes=1)
+    dt = structured.compute_dtype(dtype, a, d, b)
+    return jnp.tensordot(a.astype(dt) * d.astype(dt), b.astype(dt), axes=1)
 
   def matmul(self, x, in_ndim: int = 1):
     a, d, b = self._factors()
@@ -164,12 +164,15 @@ def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targe
   def init_leaf(key, info, w, stats):
     del key, stats
     _leafwise.check_rank("sorsa", info, rank)
-    w2 = w.reshape(info.d_in, info.d_out).astype(jnp.float32)
+    dt = structured.compute_dtype(w)          # float32, or float64 for a float64 base
+    w2 = w.reshape(info.d_in, info.d_out).astype(dt)
     u, sv, vt = jnp.linalg.svd(w2, full_matrices=False)   # w2 = u diag(sv) vt
-    a, s, b = u[:, :rank], sv[:rank], vt[:rank]
-    resid = (w2 - scale * ((a * s) @ b)).reshape(info.shape).astype(info.dtype)
-    return resid, SORSAState(a.reshape(info.in_shape + (rank,)).astype(dtype), s.astype(dtype),
-                             b.reshape((rank,) + info.out_shape).astype(dtype)), None
+    # The residual subtracts the factors as stored (in `dtype`), so W' = W exactly at init.
+    a, s, b = (x.astype(dtype) for x in (u[:, :rank], sv[:rank], vt[:rank]))
+    principal = (a.astype(dt) * s.astype(dt)) @ b.astype(dt)
+    resid = (w2 - scale * principal).reshape(info.shape).astype(info.dtype)
+    return resid, SORSAState(a.reshape(info.in_shape + (rank,)), s,
+                             b.reshape((rank,) + info.out_shape)), None
 
   def apply_leaf(path, base_leaf, t, f, rng):
     del f, rng
