@@ -3,9 +3,11 @@
 SORSA is a PiSSA-style principal-SVD adapter kept in explicit U, Σ, V form. The SVD of the
 pretrained weight (fp32) splits it into a trainable principal part W_p = U_p diag(S_p) V_pᵀ (top r
 triplets) and a frozen residual W_r = W − s·W_p; the effective weight is W' = W_r + s·U_p diag(S_p)
-V_pᵀ, so W' = W at init. An orthonormality regularizer ‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F (Frobenius
-norms, *not* squared), averaged over adapted matrices, keeps the singular vectors orthonormal so
-that scaling moves into S_p. PiSSA (`lowrank_jax.pissa`) is its comparator.
+V_pᵀ, so W' = W at init. An orthonormality regularizer keeps the singular vectors orthonormal so
+that scaling moves into S_p: L_reg is the mean, over all 2n adapted matrices of the n targets, of
+‖U_pᵀU_p − I‖_F and ‖V_pᵀV_p − I‖_F (Frobenius norms, *not* squared), as the official `calc_ortho`
+(sum of the norms divided by the number of matrices). PiSSA (`lowrank_jax.pissa`) is its
+comparator.
 
 Layout. Our kernels are stored (d_in, d_out) (y = x @ W), i.e. Wᵀ in the card's PyTorch layout.
 With the card's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
@@ -15,12 +17,16 @@ With the card's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
 and ΔW = scale · a diag(s) b. The factored product is x@W_r + scale·((x@a)·s)@b with a
 hand-written backward of skinny contractions (`diag_branch`), never a d_in×d_out array.
 
-How γ enters (a choice; the card's pitfall 1): `adapter.penalty(state)` returns γ·L_reg, so the
-loss is task + γ·L_reg and its gradient adds γ∇L_reg. The official code back-propagates
-(γ/η_base)·L_reg after clipping the task gradient; pass `base_lr=η_base` to get that scaling
-((γ/η_base)·L_reg, which matches the paper's SGD update θ ← θ − η∇L − γ∇L_reg). Gradient clipping
-order is the trainer's business. The norm uses a safe square root: its gradient is 0 (not NaN)
-where U_pᵀU_p = I exactly.
+How γ enters. The official trainer back-propagates `(gamma / learning_rate)·L_reg` after clipping
+the task gradient, where `learning_rate` is the run's configured (peak) learning rate η_base, not
+the scheduled one; with γ = 4e-4 (the official default and scripts, lr 3e-5 there). Under SGD this
+is the paper's update θ ← θ − η_t∇L_task − (η_t/η_base)·γ∇L_reg: the regularizer moves by γ at
+the peak learning rate whatever η_base is. `adapter.penalty(state)` returns (γ/η_base)·L_reg with
+`base_lr=η_base`, the official recipe; pass the learning rate the run uses. Without `base_lr` the
+weight is γ itself (η_base = 1), which is not the official recipe unless the run's learning rate
+is 1. Gradient clipping order is the trainer's business (here the penalty is clipped with the task
+gradient). The norm uses a safe square root: its gradient is 0 (not NaN) where U_pᵀU_p = I
+exactly.
 """
 from __future__ import annotations
 
@@ -108,18 +114,23 @@ class SORSAWeight(DiagLowRankMixin, structured.Additive):
 
 def _safe_fro(m: jax.Array) -> jax.Array:
   """Frobenius norm whose gradient is 0 (not NaN) at m = 0."""
-  sq = jnp.sum(jnp.square(m.astype(jnp.float32)))
+  sq = jnp.sum(jnp.square(m.astype(structured.compute_dtype(m))))
   pos = sq > 0
   return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
 
 
 def orthonormal_regularizer(a: jax.Array, b: jax.Array) -> jax.Array:
-  """‖aᵀa − I‖_F + ‖b bᵀ − I‖_F for a (*in, r) = V_p and b (r, *out) = U_pᵀ (not squared)."""
+  """(‖aᵀa − I‖_F + ‖b bᵀ − I‖_F) / 2 for a (*in, r) = V_p and b (r, *out) = U_pᵀ (not squared).
+
+  The mean over the module's two matrices; its mean over modules is the official average over
+  all adapted matrices.
+  """
   r = a.shape[-1]
-  a2 = a.reshape(-1, r).astype(jnp.float32)
-  b2 = b.reshape(r, -1).astype(jnp.float32)
-  eye = jnp.eye(r, dtype=jnp.float32)
-  return _safe_fro(a2.T @ a2 - eye) + _safe_fro(b2 @ b2.T - eye)
+  dt = structured.compute_dtype(a, b)
+  a2 = a.reshape(-1, r).astype(dt)
+  b2 = b.reshape(r, -1).astype(dt)
+  eye = jnp.eye(r, dtype=dt)
+  return 0.5 * (_safe_fro(a2.T @ a2 - eye) + _safe_fro(b2 @ b2.T - eye))
 
 
 def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targets = r".*kernel",
@@ -131,9 +142,9 @@ def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targe
     rank: number r of principal singular triplets made trainable (1 <= r <= min(d_in, d_out)).
     alpha: if given, scale s = alpha / r; None gives s = 1 (the official scripts).
     targets: regex(es) over `/`-joined paths, or a callable `(path, leaf) -> bool`.
-    gamma: orthonormal-regularizer weight γ >= 0 (card default 4e-4).
-    base_lr: if given, `penalty` returns (γ / base_lr)·L_reg (the official code's scaling) instead
-      of γ·L_reg.
+    gamma: orthonormal-regularizer strength γ >= 0 (official default 4e-4).
+    base_lr: the run's configured (peak) learning rate η_base; `penalty` returns (γ/η_base)·L_reg,
+      the official trainer's weight. None gives γ·L_reg (η_base = 1, not the official recipe).
     kernel_axes: in/out axes for targets with more than 2 dims (see `targeting.kernel_axes`).
     dtype: adapter parameter dtype (fp32 by default).
 
