@@ -3,16 +3,22 @@ the comparator of IncreLoRA (`increlora.py`).
 
 SVD-form update, our flax layout (W_k (d_in, d_out)):
 
-    ΔW_k = α/(r + 1e-5) · Σ_i m_i λ_i · a_i b_iᵀ = s·(a·diag(m ⊙ λ))·b,   a (d_in, r), b (r, d_out)
+    ΔW_k = α/(r + 1e-5) · Σ_i c_i λ_i · a_i b_iᵀ = s·(a·diag(c ⊙ λ))·b,   a (d_in, r), b (r, d_out)
 
 = PEFT's `lora_B (lora_A ⊙ lora_E)` transposed (P = lora_B = bᵀ, Q = lora_A = aᵀ, Λ = lora_E = λ).
 r = `init_r` slots per module; PEFT keeps `ranknum` = r fixed, so the scale does not change when
-triplets are pruned (UNCONFIRMED: as summarised in METHODS.md, not run here). Init (PEFT):
-a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0). The mask m (frozen buffer) replaces PEFT's in-place
-`masked_fill` of E; pruned λ's are also set to 0.
+triplets are pruned. Init (PEFT): a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0).
+
+Pruning, as PEFT's in-place `masked_fill_` of E. The frozen mask m records the last allocation.
+During the budgeting phase c = 1: a pruning step sets the pruned λ's to 0 in the state, but they
+stay in the product, so they keep their gradient, train on, and a triplet whose score climbs back
+into the budget at a later pruning step is re-activated (part of the method). Once the final mask
+is fixed (`fixed` = 1), c = m: pruned λ's are hard-masked (gradient exactly 0) and kept at 0, as
+PEFT re-applies the final rank pattern after every step.
 
 `adapter.update(state, grads, step)` (every step, in the jitted step, gradients of
-`state.trainable`):
+`state.trainable`; `update_grad="total"`: the scores see the gradient of task loss + orthogonal
+penalty, as PEFT's `p.grad`):
 
 * while `step < T − max(tfinal, 1)` (T = total_steps, PEFT's `total_step`): element-wise
   sensitivity |θ·∇θ| of a, b, λ, smoothed
@@ -58,11 +64,13 @@ from lowrank_jax.adapters.increlora import TripletFactors, orth_residuals
 class AdaLoRABuffers(NamedTuple):
   """Frozen per-module buffers (changed only by `adapter.update`).
 
-  mask (r,) fp32 in {0, 1}; ipt/unc: EMAs of the element sensitivity of a, b and λ.
+  mask (r,) fp32 in {0, 1}: the last allocation; ipt/unc: EMAs of the element sensitivity of a, b
+  and λ; fixed: fp32 scalar, 1 once the final mask is fixed (pruned λ's are then hard-masked).
   """
   mask: jax.Array
   ipt: TripletFactors
   unc: TripletFactors
+  fixed: jax.Array
 
   def active_rank(self):
     return jnp.sum(self.mask > 0).astype(jnp.int32)
@@ -140,14 +148,15 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     zeros = TripletFactors(jnp.zeros(a.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32),
                            jnp.zeros((init_r,), jnp.float32))
     return None, TripletFactors(a, b, lam), AdaLoRABuffers(jnp.ones((init_r,), jnp.float32),
-                                                            zeros, zeros)
+                                                            zeros, zeros, jnp.zeros((), jnp.float32))
 
   def apply_leaf(path, base_leaf, t, f, rng):
     shape = tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:])
     if shape != tuple(base_leaf.shape):
       raise ValueError(f"adalora: state for {path} has factors {t.a.shape} x {t.b.shape}, "
                        f"params leaf has shape {tuple(base_leaf.shape)}; mismatched trees")
-    c = t.lam * f.mask.astype(t.lam.dtype)
+    hard_mask = jnp.where(f.fixed > 0, f.mask, jnp.ones_like(f.mask))
+    c = t.lam * hard_mask.astype(t.lam.dtype)
     return structured.LowRank(base_leaf, t.a * c, t.b, scale,
                               dropout_key=rng if dropout > 0 else None,
                               dropout_rate=dropout, impl=impl)
@@ -193,15 +202,19 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     keep = (pos < budget).astype(jnp.float32)
     prune_now = (cubic_phase & (step % deltaT == 0)) | (final & (jnp.sum(masks0) != budget))
     masks = jnp.where(prune_now, keep, masks0)
+    zero_pruned = prune_now | final
     new_t, new_f = {}, {}
     for k, p in enumerate(paths):
       m = masks[k * init_r:(k + 1) * init_r].astype(f[p].mask.dtype)
       tp = t[p]
-      new_t[p] = TripletFactors(tp.a, tp.b, jnp.where(m > 0, tp.lam, jnp.zeros_like(tp.lam)))
-      new_f[p] = AdaLoRABuffers(m, ipts[p], uncs[p])
+      lam = jnp.where(zero_pruned & (m == 0), jnp.zeros_like(tp.lam), tp.lam)
+      new_t[p] = TripletFactors(tp.a, tp.b, lam)
+      fixed = jnp.where(final, 1.0, f[p].fixed).astype(f[p].fixed.dtype)
+      new_f[p] = AdaLoRABuffers(m, ipts[p], uncs[p], fixed)
     return base_lib.AdapterState(tree_lib.nest(new_t), tree_lib.nest(new_f))
 
   inner = _leafwise.leafwise("adalora", targets=targets, init_leaf=init_leaf,
                              apply_leaf=apply_leaf, penalty_leaf=penalty_leaf,
                              kernel_axes=kernel_axes, update=update)
-  return inner
+  # The scores see PEFT's `p.grad`: the gradient of task loss + orthogonal penalty.
+  return inner._replace(update_grad="total")
