@@ -147,8 +147,9 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     lam = jnp.zeros((init_r,), dtype)
     zeros = TripletFactors(jnp.zeros(a.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32),
                            jnp.zeros((init_r,), jnp.float32))
-    return None, TripletFactors(a, b, lam), AdaLoRABuffers(jnp.ones((init_r,), jnp.float32),
-                                                            zeros, zeros, jnp.zeros((), jnp.float32))
+    buffers = AdaLoRABuffers(jnp.ones((init_r,), jnp.float32), zeros, zeros,
+                             jnp.zeros((), jnp.float32))
+    return None, TripletFactors(a, b, lam), buffers
 
   def apply_leaf(path, base_leaf, t, f, rng):
     shape = tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:])
@@ -215,6 +216,5 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
 
   inner = _leafwise.leafwise("adalora", targets=targets, init_leaf=init_leaf,
                              apply_leaf=apply_leaf, penalty_leaf=penalty_leaf,
-                             kernel_axes=kernel_axes, update=update)
-  # The scores see PEFT's `p.grad`: the gradient of task loss + orthogonal penalty.
-  return inner._replace(update_grad="total")
+                             kernel_axes=kernel_axes, update=update, update_grad="total")
+  return inner
