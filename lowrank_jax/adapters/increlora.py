@@ -34,7 +34,7 @@ reaches.
 * at step t > init_warmup with t % incre_interval == 0, while the active total is below the budget,
   the `top_h` highest-scoring modules (with free slots) gain `add_r` rank each, clipped so that the
   total lands exactly on the budget (the official `>=` threshold can select more than top_h modules
-  on ties and overshoot; METHODS.md §4(j)).
+  on ties and overshoot).
 
 Importance, `importance=`:
 
@@ -56,9 +56,10 @@ Importance, `importance=`:
 Both score the factors the step's forward pass used (kept in `IncreLoRABuffers.prev`) against that
 pass's gradient, as the hook does.
 
-Penalty (official trainer, `lora_type="svd"`): mean over modules of
-‖AAᵀ − I‖_F + ‖BᵀB − I‖_F (norms not squared) over all existing components (active + reserve), in
-our layout ‖aᵀa − I‖ + ‖b bᵀ − I‖, times `orth_reg` (0.1).
+Penalty (official trainer, `lora_type="svd"`): the mean over the 2n matrices of the n modules of
+‖AAᵀ − I‖_F and ‖BᵀB − I‖_F (norms not squared; the official code divides their sum by 2n) over
+all existing components (active + reserve), in our layout ‖aᵀa − I‖ and ‖b bᵀ − I‖, times
+`orth_reg` (0.1).
 
 Restart warm-up (the official `multi_lr`). The official code puts every set of new parameters (the
 λ's of activated components, the a, b of new reserves) in a new optimizer group whose learning rate
@@ -351,7 +352,7 @@ def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] =
     i = jnp.arange(t.lam.shape[0])
     live = i < f.rank + add      # active + reserve: the components that exist
     ra, rb = orth_residuals(t.a, t.b, live)
-    return orth_reg * (ra + rb)
+    return orth_reg * 0.5 * (ra + rb)   # mean over the module's two matrices
 
   def module_score(f, g):
     """The module's importance s (normalized by √(d_in·d_out)) of the factors the forward pass

@@ -9,8 +9,8 @@ that scaling moves into S_p: L_reg is the mean, over all 2n adapted matrices of 
 (sum of the norms divided by the number of matrices). PiSSA (`lowrank_jax.pissa`) is its
 comparator.
 
-Layout. Our kernels are stored (d_in, d_out) (y = x @ W), i.e. Wᵀ in the card's PyTorch layout.
-With the card's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
+Layout. Our kernels are stored (d_in, d_out) (y = x @ W), i.e. Wᵀ in PyTorch's (d_out, d_in) layout.
+With the paper's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
   a = V_p          (*in_shape, r)   (the official `sorsa_A`ᵀ)
   s = S_p          (r,)
   b = U_pᵀ         (r, *out_shape)  (the official `sorsa_B`ᵀ)

@@ -228,12 +228,16 @@ def test_penalty_formula():
   ad = increlora(target_rank=2, init_rank=1, targets=DENSE, add_r=1, orth_reg=0.1)
   base, state = ad.init(jax.random.key(0), testing.tiny_params())
   state = testing.perturb(state, jax.random.key(1))
-  terms = []
-  for path, t in tree_lib.unnest(state.trainable).items():
-    a = np.asarray(t.a, np.float64)[:, :2]          # active (1) + reserve (1) components
-    b = np.asarray(t.b, np.float64)[:2]
-    terms.append(np.linalg.norm(a.T @ a - np.eye(2)) + np.linalg.norm(b @ b.T - np.eye(2)))
-  np.testing.assert_allclose(float(ad.penalty(state)), 0.1 * np.mean(terms), rtol=1e-5)
+  # The official compute_svd_orth_regu: concatenated lora_A (k, d_in) = aᵀ and lora_B
+  # (d_out, k) = bᵀ of the k existing components; Σ of the 2n norms / 2n.
+  total, num = 0.0, 0
+  for t in tree_lib.unnest(state.trainable).values():
+    lora_a = np.asarray(t.a, np.float64)[:, :2].T   # active (1) + reserve (1) components
+    lora_b = np.asarray(t.b, np.float64)[:2].T
+    total += np.linalg.norm(lora_a @ lora_a.T - np.eye(2))
+    total += np.linalg.norm(lora_b.T @ lora_b - np.eye(2))
+    num += 2
+  np.testing.assert_allclose(float(ad.penalty(state)), 0.1 * total / num, rtol=1e-5)
 
 
 def test_rank_allocation_log_under_jit():
