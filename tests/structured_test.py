@@ -1,4 +1,5 @@
-"""Structured weights: `merge` of an additive weight against numpy, per base dtype."""
+"""Structured weights against numpy: `merge` per base dtype, the diagonal-scaled low-rank products
+(scalar and vector d), and dropout."""
 from __future__ import annotations
 
 import jax
@@ -8,7 +9,9 @@ import numpy as np
 import pytest
 
 import lowrank_jax as lj
+from lowrank_jax import structured
 from lowrank_jax import testing
+from lowrank_jax.adapters import sorsa as sorsa_lib
 from lowrank_jax.adapters.krona import krona
 from lowrank_jax.adapters.sorsa import sorsa
 
@@ -81,3 +84,61 @@ def test_float64_merge_at_init_is_the_base_for_other_additive_weights(make):
     merged = np.asarray(lj.merge(make().apply(base, state))["w"]["kernel"])
     assert merged.dtype == np.float64
     np.testing.assert_allclose(merged, w, rtol=0, atol=1e-12)
+
+
+def test_dropout_against_numpy_and_its_errors():
+  x = jnp.asarray(np.random.default_rng(2).standard_normal((4, 7)), jnp.float32)
+  key = jax.random.key(3)
+  keep = np.asarray(jax.random.bernoulli(key, 0.75, x.shape))
+  expected = np.where(keep, np.asarray(x, np.float64) / 0.75, 0.0)
+  np.testing.assert_allclose(np.asarray(structured.dropout(x, 0.25, key, False)), expected,
+                             rtol=1e-6)
+  np.testing.assert_array_equal(structured.dropout(x, 0.25, key, True), x)
+  np.testing.assert_array_equal(structured.dropout(x, 0.0, None, False), x)
+  with pytest.raises(ValueError, match="needs an `rng` key"):
+    structured.dropout(x, 0.25, None, False)
+
+
+def test_lowrank_branch_dropout_is_on_the_branch_input_only():
+  """y = x@W + s·(drop(x)@a)@b with the same mask; no key: deterministic (no dropout)."""
+  w, a, b = _numpy_factors(np.float32)
+  x = np.random.default_rng(4).standard_normal((3, D_IN)).astype(np.float32)
+  key = jax.random.key(5)
+  keep = np.asarray(jax.random.bernoulli(key, 0.5, x.shape))
+  f64 = lambda v: np.asarray(v, np.float64)
+  dropped = np.where(keep, f64(x) / 0.5, 0.0)
+  weight = lj.LowRank(jnp.asarray(w), jnp.asarray(a), jnp.asarray(b), SCALE, dropout_key=key,
+                      dropout_rate=0.5)
+  np.testing.assert_allclose(np.asarray(structured.dense(jnp.asarray(x), weight)),
+                             f64(x) @ f64(w) + SCALE * dropped @ f64(a) @ f64(b), rtol=1e-5,
+                             atol=1e-5)
+  no_key = weight.replace(dropout_key=None)
+  np.testing.assert_allclose(np.asarray(structured.dense(jnp.asarray(x), no_key)),
+                             f64(x) @ (f64(w) + SCALE * f64(a) @ f64(b)), rtol=1e-5, atol=1e-5)
+
+
+def test_diag_lowrank_vector_scale_matches_dense_formula():
+  """A vector d (SORSA's singular values) in the factored matmul, conv and embed products."""
+  rng = np.random.default_rng(6)
+  d = rng.standard_normal(R).astype(np.float32)
+  f64 = lambda v: np.asarray(v, np.float64)
+  w, a, b = _numpy_factors(np.float32)
+  weight = sorsa_lib.SORSAWeight(jnp.asarray(w), jnp.asarray(a), jnp.asarray(d), jnp.asarray(b),
+                                 SCALE)
+  dense_w = f64(w) + SCALE * (f64(a) * f64(d)) @ f64(b)
+  x = rng.standard_normal((3, D_IN)).astype(np.float32)
+  np.testing.assert_allclose(np.asarray(structured.dense(jnp.asarray(x), weight)), f64(x) @ dense_w,
+                             rtol=1e-5, atol=1e-5)
+  ids = jnp.asarray([0, 5, 2])
+  np.testing.assert_allclose(np.asarray(structured.embed(ids, weight)), dense_w[np.asarray(ids)],
+                             rtol=1e-5, atol=1e-5)
+  kw = rng.standard_normal((3, 3, 2, 4)).astype(np.float32)
+  ka = rng.standard_normal((3, 3, 2, R)).astype(np.float32)
+  kb = rng.standard_normal((R, 4)).astype(np.float32)
+  conv_weight = sorsa_lib.SORSAWeight(jnp.asarray(kw), jnp.asarray(ka), jnp.asarray(d),
+                                      jnp.asarray(kb), SCALE)
+  img = jnp.asarray(rng.standard_normal((1, 5, 5, 2)), jnp.float32)
+  dense_k = jnp.asarray(f64(kw) + SCALE * np.tensordot(f64(ka) * f64(d), f64(kb), axes=1),
+                        jnp.float32)
+  np.testing.assert_allclose(np.asarray(structured.conv(img, conv_weight)),
+                             np.asarray(structured.conv(img, dense_k)), rtol=1e-4, atol=1e-4)

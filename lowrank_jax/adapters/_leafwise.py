@@ -145,10 +145,26 @@ def check_int(name: str, field: str, value: Any, lo: int = 1, *, allow_none: boo
     raise ValueError(f"{name}: {field} must be {what}, got {value!r}")
 
 
-def check_shape(info: LeafInfo, leaf: Any, name: str):
-  if tuple(leaf.shape) != info.shape:
-    raise ValueError(f"{name}: {info.path} has shape {tuple(leaf.shape)}, state expects "
-                     f"{info.shape}; mismatched state/params trees")
+def check_state_shape(name: str, path: str, leaf: Any, state_shape: tuple[int, ...],
+                      in_ndim: Optional[int] = None):
+  """The one check, in every `apply_leaf`, that a leaf's state was made for this params leaf.
+
+  `state_shape` is the kernel shape the state implies. States that only know the matricized shape
+  pass `(d_in, d_out)` and `in_ndim`: the leaf is then compared matricized, its first `in_ndim`
+  axes as inputs.
+
+  Raises:
+    ValueError: the shapes differ (naming the path, both shapes, and the likely cause).
+  """
+  shape = tuple(leaf.shape)
+  if in_ndim is not None:
+    shape = (math.prod(shape[:in_ndim]), math.prod(shape[in_ndim:]))
+  if tuple(state_shape) != shape:
+    raise ValueError(f"{name}: the state for {path} implies a kernel of shape "
+                     f"{tuple(state_shape)}, the params leaf has shape {tuple(leaf.shape)}"
+                     f"{' (matricized ' + str(shape) + ')' if in_ndim is not None else ''}; "
+                     f"mismatched state/params trees (was the state made by init on these "
+                     f"params?)")
 
 
 def check_rank(name: str, info: LeafInfo, rank: int):

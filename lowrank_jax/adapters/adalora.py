@@ -58,7 +58,8 @@ from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import _leafwise
-from lowrank_jax.adapters.increlora import TripletFactors, orth_residuals
+from lowrank_jax.adapters import _lowrank
+from lowrank_jax.adapters._triplet import TripletFactors
 
 
 class AdaLoRABuffers(NamedTuple):
@@ -152,10 +153,7 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     return None, TripletFactors(a, b, lam), buffers
 
   def apply_leaf(path, base_leaf, t, f, rng):
-    shape = tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:])
-    if shape != tuple(base_leaf.shape):
-      raise ValueError(f"adalora: state for {path} has factors {t.a.shape} x {t.b.shape}, "
-                       f"params leaf has shape {tuple(base_leaf.shape)}; mismatched trees")
+    _leafwise.check_state_shape("adalora", path, base_leaf, _lowrank.factors_shape(t))
     hard_mask = jnp.where(f.fixed > 0, f.mask, jnp.ones_like(f.mask))
     c = t.lam * hard_mask.astype(t.lam.dtype)
     return structured.LowRank(base_leaf, t.a * c, t.b, scale,
@@ -163,7 +161,7 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
                               dropout_rate=dropout, impl=impl)
 
   def penalty_leaf(t, f):
-    ra, rb = orth_residuals(t.a, t.b, jnp.ones(t.lam.shape, jnp.float32))
+    ra, rb = _lowrank.orth_residuals(t.a, t.b)
     return orth_reg * 0.5 * (ra + rb)   # mean over the module's two matrices
 
   def update(state, grads, step):

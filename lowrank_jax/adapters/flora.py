@@ -170,10 +170,7 @@ def flora(rank: Union[int, Sequence[int]] = 8, targets: targeting.Targets = r".*
 
   def apply_leaf(path, base_leaf, t, f, rng):
     del f, rng
-    if tuple(u.shape[0] for u in t.factors) != tuple(base_leaf.shape):
-      raise ValueError(f"flora: state for {path} has factor dims "
-                       f"{tuple(u.shape[0] for u in t.factors)}, params leaf has shape "
-                       f"{tuple(base_leaf.shape)}; mismatched state/params trees")
+    _leafwise.check_state_shape("flora", path, base_leaf, tuple(u.shape[0] for u in t.factors))
     axes = targeting.kernel_axes(path, tuple(base_leaf.shape), kernel_axes)
     return Tucker(base_leaf, t.core, tuple(t.factors), float(scale), axes.in_ndim)
 

@@ -84,7 +84,7 @@ from outside (not through the optimizer and `update`), replace `prev` with it.
 from __future__ import annotations
 
 import math
-from typing import Any, NamedTuple, Optional
+from typing import NamedTuple, Optional
 
 import jax
 import jax.numpy as jnp
@@ -95,21 +95,15 @@ from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import _leafwise
+from lowrank_jax.adapters import _lowrank
+# rank_allocation(_arrays) serve IncreLoRA and AdaLoRA; importable from here as before.
+from lowrank_jax.adapters._triplet import (TripletFactors, component_inner, rank_allocation,
+                                           rank_allocation_arrays)
 
 # Official add_r map from target_rank (IncreLoRA NLU scripts): {2: 1, 4: 2, 6: 3, 8: 4}.
 _ADD_R = {2: 1, 4: 2, 6: 3, 8: 4}
 IMPORTANCES = ("factored", "elementwise")
 _NEVER = jnp.iinfo(jnp.int32).max       # birth step of a slot that has not started training
-
-
-class TripletFactors(NamedTuple):
-  """Trainable per-module state of SVD-form adapters (IncreLoRA, AdaLoRA).
-
-  a (*in_shape, R) = Aᵀ (PyTorch lora_A transposed), b (R, *out_shape) = Bᵀ, lam (R,) = E.
-  """
-  a: jax.Array
-  b: jax.Array
-  lam: jax.Array
 
 
 class ProbedTriplet(NamedTuple):
@@ -143,33 +137,6 @@ class IncreLoRABuffers(NamedTuple):
     return self.rank
 
 
-def _safe_norm(x):
-  """Unsquared Frobenius norm with a finite gradient at 0."""
-  ss = jnp.sum(jnp.square(x))
-  pos = ss > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, ss, 1.0)), 0.0)
-
-
-def orth_residuals(a, b, live):
-  """(‖aᵀa − I‖_F, ‖b bᵀ − I‖_F) restricted to the slots where `live` (R,) is 1."""
-  r = a.shape[-1]
-  dt = jnp.promote_types(jnp.promote_types(a.dtype, b.dtype), jnp.float32)
-  a2 = a.reshape(-1, r).astype(dt)
-  b2 = b.reshape(r, -1).astype(dt)
-  live = live.astype(dt)
-  m = live[:, None] * live[None, :]
-  eye = jnp.eye(r, dtype=dt)
-  ga = jnp.matmul(a2.T, a2, precision=jax.lax.Precision.HIGHEST)
-  gb = jnp.matmul(b2, b2.T, precision=jax.lax.Precision.HIGHEST)
-  return _safe_norm((ga - eye) * m), _safe_norm((gb - eye) * m)
-
-
-def component_inner(a, grad_a):
-  """c_i·∂L/∂c_i = ⟨ΔW_i, ∂L/∂ΔW⟩ per slot, from the a-factor and its gradient: (R,)."""
-  axes = tuple(range(a.ndim - 1))
-  return jnp.sum(a.astype(jnp.float32) * grad_a.astype(jnp.float32), axis=axes)
-
-
 def factored_score(a, grad_a) -> jax.Array:
   """Σ_i |⟨ΔW_i, ∂L/∂ΔW⟩| over the rank-1 components (not normalized by the size)."""
   return jnp.sum(jnp.abs(component_inner(a, grad_a)))
@@ -200,28 +167,6 @@ def scaled_step(pre: TripletFactors, post, m_ab, m_lam) -> TripletFactors:
   m_b = m_ab.reshape(m_ab.shape + (1,) * (post.b.ndim - 1))
   return TripletFactors(mix(pre.a, post.a, m_ab), mix(pre.b, post.b, m_b),
                         mix(pre.lam, post.lam, m_lam))
-
-
-def rank_allocation(state: base_lib.AdapterState) -> dict[str, int]:
-  """`{path: active rank}` of an IncreLoRA or AdaLoRA state (for logging and plots).
-
-  Works on a concrete state (outside jit); under jit use `rank_allocation_arrays`.
-  """
-  return {p: int(v) for p, v in rank_allocation_arrays(state).items()}
-
-
-def rank_allocation_arrays(state: base_lib.AdapterState) -> dict[str, jax.Array]:
-  """`{path: active rank as an int32 array}`; jittable."""
-  frozen = tree_lib.unnest(state.frozen) if isinstance(state.frozen, dict) else {}
-  out = {}
-  for p, f in frozen.items():
-    if not hasattr(f, "active_rank"):
-      raise ValueError(f"rank_allocation: frozen state at {p} ({type(f).__name__}) is not from "
-                       f"increlora or adalora")
-    out[p] = jnp.asarray(f.active_rank(), jnp.int32)
-  if not out:
-    raise ValueError("rank_allocation: the state has no IncreLoRA/AdaLoRA buffers")
-  return out
 
 
 def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] = None,
@@ -336,10 +281,7 @@ def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] =
     return None, factors, frozen
 
   def apply_leaf(path, base_leaf, t, f, rng):
-    shape = tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:])
-    if shape != tuple(base_leaf.shape):
-      raise ValueError(f"increlora: state for {path} has factors {t.a.shape} x {t.b.shape}, "
-                       f"params leaf has shape {tuple(base_leaf.shape)}; mismatched trees")
+    _leafwise.check_state_shape("increlora", path, base_leaf, _lowrank.factors_shape(t))
     c = coefficients(t, f)
     if elementwise:
       w = structured.materialize(base_leaf)
@@ -351,7 +293,7 @@ def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] =
   def penalty_leaf(t, f):
     i = jnp.arange(t.lam.shape[0])
     live = i < f.rank + add      # active + reserve: the components that exist
-    ra, rb = orth_residuals(t.a, t.b, live)
+    ra, rb = _lowrank.orth_residuals(t.a, t.b, live)
     return orth_reg * 0.5 * (ra + rb)   # mean over the module's two matrices
 
   def module_score(f, g):

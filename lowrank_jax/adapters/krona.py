@@ -289,13 +289,10 @@ def krona(a1: Optional[int] = None, a2: Optional[int] = None,
   def apply_leaf(path, base_leaf, t, f, rng):
     del f, rng
     axes = targeting.kernel_axes(path, tuple(base_leaf.shape), kernel_axes)
-    n_in = axes.in_ndim
-    d_in = math.prod(base_leaf.shape[:n_in])
-    d_out = math.prod(base_leaf.shape[n_in:])
-    if t.a.shape[0] * t.b.shape[0] != d_in or t.a.shape[1] * t.b.shape[1] != d_out:
-      raise ValueError(f"krona: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
-                       f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
-    return Kron(base_leaf, t.a, t.b, float(scale), n_in, impl)
+    _leafwise.check_state_shape("krona", path, base_leaf,
+                                (t.a.shape[0] * t.b.shape[0], t.a.shape[1] * t.b.shape[1]),
+                                in_ndim=axes.in_ndim)
+    return Kron(base_leaf, t.a, t.b, float(scale), axes.in_ndim, impl)
 
   return _leafwise.leafwise("krona", targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
                             kernel_axes=kernel_axes)

@@ -15,7 +15,7 @@ With the paper's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
   s = S_p          (r,)
   b = U_pᵀ         (r, *out_shape)  (the official `sorsa_B`ᵀ)
 and ΔW = scale · a diag(s) b. The factored product is x@W_r + scale·((x@a)·s)@b with a
-hand-written backward of skinny contractions (`diag_branch`), never a d_in×d_out array.
+hand-written backward of skinny contractions (`structured.DiagLowRank`), never a d_in×d_out array.
 
 How γ enters. The official trainer back-propagates `(gamma / learning_rate)·L_reg` after clipping
 the task gradient, where `learning_rate` is the run's configured (peak) learning rate η_base, not
@@ -36,56 +36,12 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax import _kernels
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
+from lowrank_jax.adapters import _lowrank
 
 DEFAULT_GAMMA = 4e-4
-
-
-diag_branch = _kernels.diag_branch  # re-exported: LoLDU imports it from here
-
-
-class DiagLowRankMixin:
-  """Factored products for `base + a diag(d) b` structured weights (SORSA, LoLDU).
-
-  Subclasses provide `base` and `_factors() -> (a (*in, r), d (r,), b (r, *out))` in the adapter
-  dtype; the rank-r branch never forms a d_in×d_out array.
-  """
-
-  def _factors(self):
-    raise NotImplementedError
-
-  def delta(self, dtype=jnp.float32) -> jax.Array:
-    a, d, b = self._factors()
-    dt = structured.compute_dtype(dtype, a, d, b)
-    return jnp.tensordot(a.astype(dt) * d.astype(dt), b.astype(dt), axes=1)
-
-  def matmul(self, x, in_ndim: int = 1):
-    a, d, b = self._factors()
-    if in_ndim != a.ndim - 1:
-      return structured.dense(x, self.materialize(), in_ndim=in_ndim)
-    y = structured.dense(x, self.base, in_ndim=in_ndim)
-    return y + diag_branch(x, a, d, b).astype(y.dtype)
-
-  def conv(self, x, *, strides=1, padding="SAME", dilation=1, feature_group_count=1):
-    a, d, b = self._factors()
-    if feature_group_count != 1 or a.ndim - 1 != len(self.shape) - 1:
-      return structured.conv(x, self.materialize(), strides=strides, padding=padding,
-                             dilation=dilation, feature_group_count=feature_group_count)
-    # A conv with the base's geometry and r output channels, scaled, then a 1x1 conv (matmul).
-    y = structured.conv(x, self.base, strides=strides, padding=padding, dilation=dilation)
-    h = structured.conv(x, a.astype(x.dtype), strides=strides, padding=padding, dilation=dilation)
-    return y + ((h * d.astype(x.dtype)) @ b.astype(x.dtype)).astype(y.dtype)
-
-  def embed(self, ids):
-    a, d, b = self._factors()
-    if a.ndim != 2:
-      return jnp.take(self.materialize(), ids, axis=0)
-    y = structured.embed(ids, self.base)
-    h = jnp.take(a, ids, axis=0) * d
-    return y + (h @ b).astype(y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -100,7 +56,7 @@ class SORSAState(NamedTuple):
 
 
 @flax.struct.dataclass
-class SORSAWeight(DiagLowRankMixin, structured.Additive):
+class SORSAWeight(structured.DiagLowRank):
   """`base + scale · a diag(s) b` (base is the frozen residual W_r)."""
   base: Any
   a: jax.Array
@@ -112,25 +68,14 @@ class SORSAWeight(DiagLowRankMixin, structured.Additive):
     return self.a, self.s * self.scale, self.b
 
 
-def _safe_fro(m: jax.Array) -> jax.Array:
-  """Frobenius norm whose gradient is 0 (not NaN) at m = 0."""
-  sq = jnp.sum(jnp.square(m.astype(structured.compute_dtype(m))))
-  pos = sq > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
-
-
 def orthonormal_regularizer(a: jax.Array, b: jax.Array) -> jax.Array:
   """(‖aᵀa − I‖_F + ‖b bᵀ − I‖_F) / 2 for a (*in, r) = V_p and b (r, *out) = U_pᵀ (not squared).
 
   The mean over the module's two matrices; its mean over modules is the official average over
   all adapted matrices.
   """
-  r = a.shape[-1]
-  dt = structured.compute_dtype(a, b)
-  a2 = a.reshape(-1, r).astype(dt)
-  b2 = b.reshape(r, -1).astype(dt)
-  eye = jnp.eye(r, dtype=dt)
-  return 0.5 * (_safe_fro(a2.T @ a2 - eye) + _safe_fro(b2 @ b2.T - eye))
+  ra, rb = _lowrank.orth_residuals(a, b)
+  return 0.5 * (ra + rb)
 
 
 def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targets = r".*kernel",
@@ -187,9 +132,7 @@ def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targe
 
   def apply_leaf(path, base_leaf, t, f, rng):
     del f, rng
-    if tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:]) != tuple(base_leaf.shape):
-      raise ValueError(f"sorsa: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
-                       f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
+    _leafwise.check_state_shape("sorsa", path, base_leaf, _lowrank.factors_shape(t))
     return SORSAWeight(base_leaf, t.a, t.s, t.b, scale)
 
   def penalty_leaf(t, f):
