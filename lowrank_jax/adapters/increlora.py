@@ -17,8 +17,9 @@ components (the official `ranknum`), so the scale is α/ρ, not α/r. JAX needs 
 * slots [ρ, ρ + add_r) are the reserve ("advance learning"): their a, b train already, c_i is
   fixed at 1e-5 (0 with `advance_learn=False`, and 0 for everyone once the budget is reached —
   the official code zeroes the trailing reserve λ's);
-* the other slots are dormant: c_i = 0, so they get zero gradients (with Adam and no weight decay
-  their N(0, 0.02²) init stays untouched, i.e. they are "created" fresh when reached).
+* the other slots are dormant: c_i = 0, so they get zero gradients, and the restart warm-up below
+  gives them no optimizer step at all (not even weight decay): their N(0, 0.02²) init stays
+  untouched, i.e. they are "created" fresh when reached.
 
 When a module is selected, its reserve becomes active with λ = 1e-5 (continuous with the reserve's
 fixed coefficient) and the next add_r slots become its reserve.
@@ -206,7 +207,8 @@ def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] =
       paper's Σ|ΔW ⊙ G|; costs the dense weight gradient of every target, see the module
       docstring).
     restart_warmup: warm-up length (steps) of the per-component restart warm-up; None uses
-      `init_warmup` (the official scripts set the run's warm-up to init_warmup), 0 turns it off.
+      `init_warmup` (the official scripts set the run's warm-up to init_warmup); 0: new slots
+      take full steps from their start (slots not yet started still take none).
 
   Returns:
     An `Adapter` with `update` (`update_grad="task"`); state `AdapterState(TripletFactors, or
