@@ -28,8 +28,9 @@ penalty, as PEFT's `p.grad`):
 * cubic budget (PEFT `budget_schedule`), over all modules, B_init = init_r·n, B_target = target_r·n:
   t <= tinit: no pruning; tinit < t < T − tfinal: every deltaT steps keep the top
   ⌊(B_init − B_target)·(1 − (t − tinit)/(T − tfinal − tinit))³ + B_target⌋ triplets;
-  t >= T − max(tfinal, 1): the mask is fixed at exactly B_target triplets (ties broken by slot
-  order, so the count is exact; PEFT's `<= kthvalue` threshold can prune more on ties). With
+  t >= T − max(tfinal, 1): at the first such step all triplets are ranked once more and the mask
+  is fixed at exactly B_target triplets (ties broken by slot order, so the count is exact; PEFT's
+  `<= kthvalue` threshold can prune more on ties). With
   `tfinal=0` the last step (t = T − 1, as the runner counts from 0) still fixes the final mask.
   `step` is the runner's step counter (`lowrank_jax.train` passes the 0-based step).
 
@@ -199,7 +200,10 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     order = jnp.argsort(-score, stable=True)
     pos = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
     keep = (pos < budget).astype(jnp.float32)
-    prune_now = (cubic_phase & (step % deltaT == 0)) | (final & (jnp.sum(masks0) != budget))
+    # The first final step re-ranks all triplets once more (PEFT's force_mask at T − tfinal): a
+    # triplet re-activated since the last pruning step can still make the final allocation.
+    first_final = final & (f[paths[0]].fixed == 0)
+    prune_now = (cubic_phase & (step % deltaT == 0)) | first_final
     masks = jnp.where(prune_now, keep, masks0)
     zero_pruned = prune_now | final
     new_t, new_f = {}, {}

@@ -178,3 +178,21 @@ def test_pruned_lambda_keeps_gradient_while_budgeting_and_is_hard_masked_after()
 
 def test_update_sees_total_gradient():
   assert adalora(init_r=3, target_r=2, targets=DENSE, total_steps=4).update_grad == "total"
+
+
+def test_first_final_step_reranks_by_score():
+  """At T − tfinal PEFT re-ranks every triplet (force_mask) even when the previous mask already
+  has the target count: a triplet re-activated since then takes the place of a weaker one."""
+  ad = adalora(init_r=3, target_r=1, targets=DENSE, total_steps=10, tinit=0, tfinal=2)
+  base, state = ad.init(jax.random.key(0), testing.tiny_params())
+  frozen = tree_lib.unnest(state.frozen)
+  strong = jnp.asarray([0.0, 0.0, 1.0])        # slot 2 scores highest (ipt·unc of λ)
+  for p, f in frozen.items():
+    ipt = f.ipt._replace(lam=strong)
+    frozen[p] = f._replace(mask=jnp.asarray([1.0, 0.0, 0.0]), ipt=ipt, unc=ipt)
+  state = lj.AdapterState(state.trainable, tree_lib.nest(frozen))
+  grads = jax.tree_util.tree_map(jnp.zeros_like, state.trainable)
+  final = jax.jit(ad.update)(state, grads, jnp.asarray(8))
+  for f in tree_lib.unnest(final.frozen).values():
+    np.testing.assert_array_equal(np.asarray(f.mask), [0.0, 0.0, 1.0])
+    assert float(f.fixed) == 1.0
