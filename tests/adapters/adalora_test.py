@@ -177,6 +177,7 @@ def test_pruned_lambda_keeps_gradient_while_budgeting_and_is_hard_masked_after()
 
 
 def test_update_sees_total_gradient():
+  """PEFT scores with `p.grad`: the gradient of task loss + orthogonal penalty."""
   assert adalora(init_r=3, target_r=2, targets=DENSE, total_steps=4).update_grad == "total"
 
 
