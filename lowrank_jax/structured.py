@@ -123,22 +123,43 @@ def embed(ids: jax.Array, w: Any) -> jax.Array:
   return jnp.take(w, ids, axis=0)
 
 
-def _dropout(x, rate, key):
-  if key is None or rate == 0.0:
+def compute_dtype(*arrays: Any):
+  """The dtype to form dense values in: the promoted dtype of `arrays` and float32.
+
+  bf16/fp16 inputs are computed in float32, float64 inputs (with `jax_enable_x64`) stay float64.
+  """
+  return jnp.result_type(jnp.float32, *arrays)
+
+
+def dropout(x: jax.Array, rate: float, rng, deterministic: bool) -> jax.Array:
+  """Inverted dropout: zeroes entries with probability `rate`, scales the rest by 1/(1 − rate).
+
+  The identity when `deterministic` or `rate == 0`; otherwise `rng` is required.
+
+  Raises:
+    ValueError: `deterministic=False` with `rate > 0` and no `rng`.
+  """
+  if deterministic or rate == 0.0:
     return x
-  keep = jax.random.bernoulli(key, 1.0 - rate, x.shape)
+  if rng is None:
+    raise ValueError("dropout: deterministic=False with dropout rate > 0 needs an `rng` key")
+  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 # ----------------------------------------------------------------------------------------------
-# LowRank: W' = base + scale * A @ B  (LoRA, PiSSA, CorDA, ...)
+# Additive weights; DiagLowRank: W' = base + a diag(d) b (LoRA & co. with d = scale, SORSA, LoLDU)
 # ----------------------------------------------------------------------------------------------
 
 class Additive(Structured):
   """A structured weight of the form `base + delta()`: shape and dtype are the base's.
 
   Subclasses (flax dataclasses) have a `base` field (dense or structured) and implement
-  `delta()`, the dense update in fp32 (used only by `materialize`/`merge`, never in the step).
+  `delta(dtype)`, the dense update computed in `compute_dtype(dtype, *factors)` (used only by
+  `materialize`/`merge`, never in the step). `materialize` forms the update and the sum in
+  `compute_dtype(base)` and casts to the base's dtype: a bf16 base is summed in float32 and
+  rounded once, a float64 base is not rounded to float32 (a float64 base with float32 factors at
+  init merges to the base exactly).
   """
 
   @property
@@ -149,23 +170,77 @@ class Additive(Structured):
   def dtype(self):
     return self.base.dtype
 
-  def delta(self) -> jax.Array:
+  def delta(self, dtype=jnp.float32) -> jax.Array:
     raise NotImplementedError
 
   def materialize(self):
     base = materialize(self.base)
-    return (base.astype(jnp.float32) + self.delta()).astype(base.dtype)
+    delta = self.delta(compute_dtype(base))
+    dt = compute_dtype(base, delta)
+    return (base.astype(dt) + delta.astype(dt)).astype(base.dtype)
+
+
+class DiagLowRank(Additive):
+  """`base + a diag(d) b` on the matricized kernel, with factored products.
+
+  Subclasses (flax dataclasses) implement `_factors() -> (a (*in_shape, r), d () or (r,),
+  b (r, *out_shape))`: a scalar d is LoRA's scale, a vector d SORSA's singular values or LoLDU's
+  diagonal. The first `len(in_shape)` axes of the kernel are its input axes (flax Dense,
+  DenseGeneral, Conv, Embed). The rank-r branch never forms a d_in×d_out array.
+
+  Subclasses may define the fields `dropout_key`/`dropout_rate` (input dropout of the branch,
+  deterministic without a key) and `impl`: "custom_vjp" (rank-r branch with a hand-written
+  backward of explicit contractions, the default) or "autodiff" (plain `((x@a)·d)@b`, JAX's own
+  backward).
+  """
+  dropout_key = None
+  dropout_rate = 0.0
+  impl = "custom_vjp"
+
+  def _factors(self):
+    raise NotImplementedError
+
+  def _branch_input(self, x):
+    return dropout(x, self.dropout_rate, self.dropout_key, deterministic=self.dropout_key is None)
+
+  def delta(self, dtype=jnp.float32) -> jax.Array:
+    a, d, b = self._factors()
+    dt = compute_dtype(dtype, a, d, b)
+    return jnp.tensordot(a.astype(dt) * jnp.asarray(d, dt), b.astype(dt), axes=1)
+
+  def matmul(self, x, in_ndim: int = 1):
+    a, d, b = self._factors()
+    if in_ndim != a.ndim - 1:
+      return super().matmul(x, in_ndim)
+    y = dense(x, self.base, in_ndim=in_ndim)
+    branch = _kernels.lowrank_branch(self._branch_input(x), a, b, d, self.impl)
+    return y + branch.astype(y.dtype)
+
+  def conv(self, x, *, strides=1, padding="SAME", dilation=1, feature_group_count=1):
+    a, d, b = self._factors()
+    if feature_group_count != 1 or a.ndim - 1 != self.ndim - 1:
+      return super().conv(x, strides=strides, padding=padding, dilation=dilation,
+                          feature_group_count=feature_group_count)
+    # PEFT's conv LoRA: A is a conv with the base's geometry and r output channels, B a 1x1 conv.
+    y = conv(x, self.base, strides=strides, padding=padding, dilation=dilation)
+    h = conv(self._branch_input(x), a.astype(x.dtype), strides=strides, padding=padding,
+             dilation=dilation)
+    return y + ((h * jnp.asarray(d, x.dtype)) @ b.astype(x.dtype)).astype(y.dtype)
+
+  def embed(self, ids):
+    a, d, b = self._factors()
+    if a.ndim != 2:
+      return super().embed(ids)
+    y = embed(ids, self.base)
+    h = jnp.take(a, ids, axis=0) * d
+    return y + (h @ b).astype(y.dtype)
 
 
 @flax.struct.dataclass
-class LowRank(Additive):
-  """`base + scale * (a @ b)` on the matricized kernel.
+class LowRank(DiagLowRank):
+  """`base + scale * (a @ b)`: the `DiagLowRank` with a scalar d = scale (LoRA, PiSSA, CorDA, ...).
 
-  Shapes: base `(*in_shape, *out_shape)`, a `(*in_shape, r)`, b `(r, *out_shape)`; the first
-  `len(in_shape)` axes of the kernel are its input axes (flax Dense, DenseGeneral, Conv, Embed).
-
-  `impl` picks the training product: "custom_vjp" (rank-r branch with a hand-written backward of
-  explicit contractions, the default), "autodiff" (plain `(x@a)@b`, JAX's own backward).
+  Shapes: base `(*in_shape, *out_shape)`, a `(*in_shape, r)`, b `(r, *out_shape)`.
   """
   base: Any
   a: jax.Array
@@ -183,30 +258,5 @@ class LowRank(Additive):
   def rank(self) -> int:
     return self.a.shape[-1]
 
-  def delta(self) -> jax.Array:
-    d = jnp.tensordot(self.a.astype(jnp.float32), self.b.astype(jnp.float32), axes=1)
-    return d * self.scale
-
-  def matmul(self, x, in_ndim: int = 1):
-    if in_ndim != self.in_ndim:
-      return super().matmul(x, in_ndim)
-    xd = _dropout(x, self.dropout_rate, self.dropout_key)
-    y = dense(x, self.base, in_ndim=in_ndim)
-    return y + _kernels.lowrank_branch(xd, self.a, self.b, self.scale, self.impl).astype(y.dtype)
-
-  def conv(self, x, *, strides=1, padding="SAME", dilation=1, feature_group_count=1):
-    if feature_group_count != 1 or self.in_ndim != self.ndim - 1:
-      return super().conv(x, strides=strides, padding=padding, dilation=dilation,
-                          feature_group_count=feature_group_count)
-    # PEFT's conv LoRA: A is a conv with the base's geometry and r output channels, B a 1x1 conv.
-    y = conv(x, self.base, strides=strides, padding=padding, dilation=dilation)
-    xd = _dropout(x, self.dropout_rate, self.dropout_key)
-    h = conv(xd, self.a.astype(x.dtype), strides=strides, padding=padding, dilation=dilation)
-    return y + ((h * self.scale) @ self.b.astype(x.dtype)).astype(y.dtype)
-
-  def embed(self, ids):
-    if self.in_ndim != 1:
-      return super().embed(ids)
-    y = embed(ids, self.base)
-    h = jnp.take(self.a, ids, axis=0)
-    return y + ((h * self.scale) @ self.b).astype(y.dtype)
+  def _factors(self):
+    return self.a, self.scale, self.b

@@ -60,7 +60,8 @@ def flat_stats(stats: Any) -> dict[str, Any]:
 def leafwise(name: str, *, targets: targeting.Targets, init_leaf: InitLeaf,
              apply_leaf: ApplyLeaf, penalty_leaf: Optional[Callable[[Any, Any], jax.Array]] = None,
              kernel_axes: targeting.AxesSpec = None, needs_stats: bool = False,
-             update: Optional[base_lib.UpdateFn] = None) -> base_lib.Adapter:
+             update: Optional[base_lib.UpdateFn] = None,
+             update_grad: str = "total") -> base_lib.Adapter:
   """Makes an `Adapter` from leaf-level functions.
 
   Args:
@@ -75,7 +76,11 @@ def leafwise(name: str, *, targets: targeting.Targets, init_leaf: InitLeaf,
     kernel_axes: in/out axes for kernels of more than 2 dims (see `targeting.kernel_axes`).
     needs_stats: if True, `init` requires calibration statistics for every target.
     update: optional `adapter.update`.
+    update_grad: which gradient `update` sees, "task" or "total" (see `base.Adapter`).
   """
+  if update_grad not in base_lib.UPDATE_GRADS:
+    raise ValueError(f"{name}: update_grad must be one of {base_lib.UPDATE_GRADS}, got "
+                     f"{update_grad!r}")
 
   def init(key, params, stats=None):
     paths = targeting.resolve(params, targets)
@@ -127,7 +132,8 @@ def leafwise(name: str, *, targets: targeting.Targets, init_leaf: InitLeaf,
     terms = [penalty_leaf(t, frozen.get(p)) for p, t in trainable.items()]
     return jnp.mean(jnp.stack(terms)) if terms else jnp.zeros((), jnp.float32)
 
-  return base_lib.Adapter(init=init, apply=apply, penalty=penalty, update=update, name=name)
+  return base_lib.Adapter(init=init, apply=apply, penalty=penalty, update=update, name=name,
+                          update_grad=update_grad)
 
 
 def check_int(name: str, field: str, value: Any, lo: int = 1, *, allow_none: bool = False):
@@ -139,10 +145,26 @@ def check_int(name: str, field: str, value: Any, lo: int = 1, *, allow_none: boo
     raise ValueError(f"{name}: {field} must be {what}, got {value!r}")
 
 
-def check_shape(info: LeafInfo, leaf: Any, name: str):
-  if tuple(leaf.shape) != info.shape:
-    raise ValueError(f"{name}: {info.path} has shape {tuple(leaf.shape)}, state expects "
-                     f"{info.shape}; mismatched state/params trees")
+def check_state_shape(name: str, path: str, leaf: Any, state_shape: tuple[int, ...],
+                      in_ndim: Optional[int] = None):
+  """The one check, in every `apply_leaf`, that a leaf's state was made for this params leaf.
+
+  `state_shape` is the kernel shape the state implies. States that only know the matricized shape
+  pass `(d_in, d_out)` and `in_ndim`: the leaf is then compared matricized, its first `in_ndim`
+  axes as inputs.
+
+  Raises:
+    ValueError: the shapes differ (naming the path, both shapes, and the likely cause).
+  """
+  shape = tuple(leaf.shape)
+  if in_ndim is not None:
+    shape = (math.prod(shape[:in_ndim]), math.prod(shape[in_ndim:]))
+  if tuple(state_shape) != shape:
+    raise ValueError(f"{name}: the state for {path} implies a kernel of shape "
+                     f"{tuple(state_shape)}, the params leaf has shape {tuple(leaf.shape)}"
+                     f"{' (matricized ' + str(shape) + ')' if in_ndim is not None else ''}; "
+                     f"mismatched state/params trees (was the state made by init on these "
+                     f"params?)")
 
 
 def check_rank(name: str, info: LeafInfo, rank: int):

@@ -3,16 +3,22 @@ the comparator of IncreLoRA (`increlora.py`).
 
 SVD-form update, our flax layout (W_k (d_in, d_out)):
 
-    ΔW_k = α/(r + 1e-5) · Σ_i m_i λ_i · a_i b_iᵀ = s·(a·diag(m ⊙ λ))·b,   a (d_in, r), b (r, d_out)
+    ΔW_k = α/(r + 1e-5) · Σ_i c_i λ_i · a_i b_iᵀ = s·(a·diag(c ⊙ λ))·b,   a (d_in, r), b (r, d_out)
 
 = PEFT's `lora_B (lora_A ⊙ lora_E)` transposed (P = lora_B = bᵀ, Q = lora_A = aᵀ, Λ = lora_E = λ).
 r = `init_r` slots per module; PEFT keeps `ranknum` = r fixed, so the scale does not change when
-triplets are pruned (UNCONFIRMED: as summarised in METHODS.md, not run here). Init (PEFT):
-a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0). The mask m (frozen buffer) replaces PEFT's in-place
-`masked_fill` of E; pruned λ's are also set to 0.
+triplets are pruned. Init (PEFT): a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0).
+
+Pruning, as PEFT's in-place `masked_fill_` of E. The frozen mask m records the last allocation.
+During the budgeting phase c = 1: a pruning step sets the pruned λ's to 0 in the state, but they
+stay in the product, so they keep their gradient, train on, and a triplet whose score climbs back
+into the budget at a later pruning step is re-activated (part of the method). Once the final mask
+is fixed (`fixed` = 1), c = m: pruned λ's are hard-masked (gradient exactly 0) and kept at 0, as
+PEFT re-applies the final rank pattern after every step.
 
 `adapter.update(state, grads, step)` (every step, in the jitted step, gradients of
-`state.trainable`):
+`state.trainable`; `update_grad="total"`: the scores see the gradient of task loss + orthogonal
+penalty, as PEFT's `p.grad`):
 
 * while `step < T − max(tfinal, 1)` (T = total_steps, PEFT's `total_step`): element-wise
   sensitivity |θ·∇θ| of a, b, λ, smoothed
@@ -22,8 +28,9 @@ a, b ~ N(0, 0.02²), λ = 0 (ΔW = 0). The mask m (frozen buffer) replaces PEFT'
 * cubic budget (PEFT `budget_schedule`), over all modules, B_init = init_r·n, B_target = target_r·n:
   t <= tinit: no pruning; tinit < t < T − tfinal: every deltaT steps keep the top
   ⌊(B_init − B_target)·(1 − (t − tinit)/(T − tfinal − tinit))³ + B_target⌋ triplets;
-  t >= T − max(tfinal, 1): the mask is fixed at exactly B_target triplets (ties broken by slot
-  order, so the count is exact; PEFT's `<= kthvalue` threshold can prune more on ties). With
+  t >= T − max(tfinal, 1): at the first such step all triplets are ranked once more and the mask
+  is fixed at exactly B_target triplets (ties broken by slot order, so the count is exact; PEFT's
+  `<= kthvalue` threshold can prune more on ties). With
   `tfinal=0` the last step (t = T − 1, as the runner counts from 0) still fixes the final mask.
   `step` is the runner's step counter (`lowrank_jax.train` passes the 0-based step).
 
@@ -52,17 +59,20 @@ from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import _leafwise
-from lowrank_jax.adapters.increlora import TripletFactors, orth_residuals, rank_allocation
+from lowrank_jax.adapters import _lowrank
+from lowrank_jax.adapters._triplet import TripletFactors, rank_allocation
 
 
 class AdaLoRABuffers(NamedTuple):
   """Frozen per-module buffers (changed only by `adapter.update`).
 
-  mask (r,) fp32 in {0, 1}; ipt/unc: EMAs of the element sensitivity of a, b and λ.
+  mask (r,) fp32 in {0, 1}: the last allocation; ipt/unc: EMAs of the element sensitivity of a, b
+  and λ; fixed: fp32 scalar, 1 once the final mask is fixed (pruned λ's are then hard-masked).
   """
   mask: jax.Array
   ipt: TripletFactors
   unc: TripletFactors
+  fixed: jax.Array
 
   def active_rank(self):
     return jnp.sum(self.mask > 0).astype(jnp.int32)
@@ -140,21 +150,20 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     lam = jnp.zeros((init_r,), dtype)
     zeros = TripletFactors(jnp.zeros(a.shape, jnp.float32), jnp.zeros(b.shape, jnp.float32),
                            jnp.zeros((init_r,), jnp.float32))
-    return None, TripletFactors(a, b, lam), AdaLoRABuffers(jnp.ones((init_r,), jnp.float32),
-                                                            zeros, zeros)
+    buffers = AdaLoRABuffers(jnp.ones((init_r,), jnp.float32), zeros, zeros,
+                             jnp.zeros((), jnp.float32))
+    return None, TripletFactors(a, b, lam), buffers
 
   def apply_leaf(path, base_leaf, t, f, rng):
-    shape = tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:])
-    if shape != tuple(base_leaf.shape):
-      raise ValueError(f"adalora: state for {path} has factors {t.a.shape} x {t.b.shape}, "
-                       f"params leaf has shape {tuple(base_leaf.shape)}; mismatched trees")
-    c = t.lam * f.mask.astype(t.lam.dtype)
+    _leafwise.check_state_shape("adalora", path, base_leaf, _lowrank.factors_shape(t))
+    hard_mask = jnp.where(f.fixed > 0, f.mask, jnp.ones_like(f.mask))
+    c = t.lam * hard_mask.astype(t.lam.dtype)
     return structured.LowRank(base_leaf, t.a * c, t.b, scale,
                               dropout_key=rng if dropout > 0 else None,
                               dropout_rate=dropout, impl=impl)
 
   def penalty_leaf(t, f):
-    ra, rb = orth_residuals(t.a, t.b, jnp.ones(t.lam.shape, jnp.float32))
+    ra, rb = _lowrank.orth_residuals(t.a, t.b)
     return orth_reg * 0.5 * (ra + rb)   # mean over the module's two matrices
 
   def update(state, grads, step):
@@ -192,19 +201,25 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     order = jnp.argsort(-score, stable=True)
     pos = jnp.zeros_like(order).at[order].set(jnp.arange(order.shape[0]))
     keep = (pos < budget).astype(jnp.float32)
-    prune_now = (cubic_phase & (step % deltaT == 0)) | (final & (jnp.sum(masks0) != budget))
+    # The first final step re-ranks all triplets once more (PEFT's force_mask at T − tfinal): a
+    # triplet re-activated since the last pruning step can still make the final allocation.
+    first_final = final & (f[paths[0]].fixed == 0)
+    prune_now = (cubic_phase & (step % deltaT == 0)) | first_final
     masks = jnp.where(prune_now, keep, masks0)
+    zero_pruned = prune_now | final
     new_t, new_f = {}, {}
     for k, p in enumerate(paths):
       m = masks[k * init_r:(k + 1) * init_r].astype(f[p].mask.dtype)
       tp = t[p]
-      new_t[p] = TripletFactors(tp.a, tp.b, jnp.where(m > 0, tp.lam, jnp.zeros_like(tp.lam)))
-      new_f[p] = AdaLoRABuffers(m, ipts[p], uncs[p])
+      lam = jnp.where(zero_pruned & (m == 0), jnp.zeros_like(tp.lam), tp.lam)
+      new_t[p] = TripletFactors(tp.a, tp.b, lam)
+      fixed = jnp.where(final, 1.0, f[p].fixed).astype(f[p].fixed.dtype)
+      new_f[p] = AdaLoRABuffers(m, ipts[p], uncs[p], fixed)
     return base_lib.AdapterState(tree_lib.nest(new_t), tree_lib.nest(new_f))
 
   inner = _leafwise.leafwise("adalora", targets=targets, init_leaf=init_leaf,
                              apply_leaf=apply_leaf, penalty_leaf=penalty_leaf,
-                             kernel_axes=kernel_axes, update=update)
+                             kernel_axes=kernel_axes, update=update, update_grad="total")
   return inner
 
 

@@ -58,8 +58,8 @@ from lowrank_jax import _kernels
 from lowrank_jax import base as base_lib
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
-from lowrank_jax.adapters.lora import (LoRAFactors, lora_scale, lowrank_apply_leaf,
-                                       validate_common)
+from lowrank_jax.adapters._lowrank import (LoRAFactors, lora_scale, lowrank_apply_leaf,
+                                           validate_common)
 
 MODES = ("ipa", "kpa")
 GAUGES = ("official", "balanced")

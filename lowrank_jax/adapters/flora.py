@@ -74,9 +74,10 @@ class Tucker(structured.Additive):
   scale: float = flax.struct.field(pytree_node=False, default=1.0)
   in_ndim: int = flax.struct.field(pytree_node=False, default=1)
 
-  def delta(self) -> jax.Array:
-    f32 = [u.astype(jnp.float32) for u in self.factors]
-    return tucker_product(self.core.astype(jnp.float32) * self.scale, f32)
+  def delta(self, dtype=jnp.float32) -> jax.Array:
+    dt = structured.compute_dtype(dtype, self.core, self.scale, *self.factors)
+    return tucker_product(self.core.astype(dt) * jnp.asarray(self.scale, dt),
+                          [u.astype(dt) for u in self.factors])
 
   def _branch(self, x, m):
     """Factored x ⋅ ΔW contracting the last m axes of x with the first m modes."""
@@ -171,10 +172,7 @@ def flora(rank: Union[int, Sequence[int]] = 8, targets: targeting.Targets = r".*
 
   def apply_leaf(path, base_leaf, t, f, rng):
     del f, rng
-    if tuple(u.shape[0] for u in t.factors) != tuple(base_leaf.shape):
-      raise ValueError(f"flora: state for {path} has factor dims "
-                       f"{tuple(u.shape[0] for u in t.factors)}, params leaf has shape "
-                       f"{tuple(base_leaf.shape)}; mismatched state/params trees")
+    _leafwise.check_state_shape("flora", path, base_leaf, tuple(u.shape[0] for u in t.factors))
     axes = targeting.kernel_axes(path, tuple(base_leaf.shape), kernel_axes)
     return Tucker(base_leaf, t.core, tuple(t.factors), float(scale), axes.in_ndim)
 

@@ -196,8 +196,9 @@ class Kron(structured.Additive):
   in_ndim: int = flax.struct.field(pytree_node=False, default=1)
   impl: str = flax.struct.field(pytree_node=False, default="auto")
 
-  def delta(self) -> jax.Array:
-    d = jnp.kron(self.a.astype(jnp.float32), self.b.astype(jnp.float32)) * self.scale
+  def delta(self, dtype=jnp.float32) -> jax.Array:
+    dt = structured.compute_dtype(dtype, self.a, self.b, self.scale)
+    d = jnp.kron(self.a.astype(dt), self.b.astype(dt)) * jnp.asarray(self.scale, dt)
     return d.reshape(self.shape)
 
   def matmul(self, x, in_ndim: int = 1):
@@ -290,13 +291,10 @@ def krona(a1: Optional[int] = None, a2: Optional[int] = None,
   def apply_leaf(path, base_leaf, t, f, rng):
     del f, rng
     axes = targeting.kernel_axes(path, tuple(base_leaf.shape), kernel_axes)
-    n_in = axes.in_ndim
-    d_in = math.prod(base_leaf.shape[:n_in])
-    d_out = math.prod(base_leaf.shape[n_in:])
-    if t.a.shape[0] * t.b.shape[0] != d_in or t.a.shape[1] * t.b.shape[1] != d_out:
-      raise ValueError(f"krona: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
-                       f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
-    return Kron(base_leaf, t.a, t.b, float(scale), n_in, impl)
+    _leafwise.check_state_shape("krona", path, base_leaf,
+                                (t.a.shape[0] * t.b.shape[0], t.a.shape[1] * t.b.shape[1]),
+                                in_ndim=axes.in_ndim)
+    return Kron(base_leaf, t.a, t.b, float(scale), axes.in_ndim, impl)
 
   return _leafwise.leafwise("krona", targets=targets, init_leaf=init_leaf, apply_leaf=apply_leaf,
                             kernel_axes=kernel_axes)

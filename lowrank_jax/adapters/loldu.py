@@ -34,7 +34,6 @@ from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
-from lowrank_jax.adapters.sorsa import DiagLowRankMixin
 
 INITS = ("lu", "uniform", "s_uniform", "normal", "s_normal", "constant", "ones", "zeros")
 
@@ -76,7 +75,7 @@ def permute_rows(l: jax.Array, perm: jax.Array) -> jax.Array:
 
 
 @flax.struct.dataclass
-class LoLDUWeight(DiagLowRankMixin, structured.Additive):
+class LoLDUWeight(structured.DiagLowRank):
   """`base + sigma · U_rᵀ diag(z) (P L_r)ᵀ` in the (d_in, d_out) layout (base = W_res)."""
   base: Any
   z: jax.Array
@@ -164,11 +163,11 @@ def loldu(rank: int = 4, alpha: float = 1.0, targets: targeting.Targets = r".*ke
 
   def apply_leaf(path, base_leaf, t, f, rng):
     del rng
-    n_in = f.ut.ndim - 1 if f is not None else 0
-    if f is None or tuple(f.ut.shape[:-1]) != tuple(base_leaf.shape[:n_in]) or \
-        f.l.shape[0] != math.prod(base_leaf.shape[n_in:]):
-      raise ValueError(f"loldu: state for {path} does not match the params leaf of shape "
-                       f"{tuple(base_leaf.shape)}; mismatched state/params trees")
+    if f is None:
+      raise ValueError(f"loldu: no frozen buffers for {path}; mismatched state/params trees")
+    n_in = f.ut.ndim - 1
+    _leafwise.check_state_shape("loldu", path, base_leaf,
+                                (math.prod(f.ut.shape[:-1]), f.l.shape[0]), in_ndim=n_in)
     sigma = t.sigma if train_sigma else sigma0
     return LoLDUWeight(base_leaf, t.z, f.ut, f.l, f.perm, sigma)
 

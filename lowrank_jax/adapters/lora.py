@@ -14,36 +14,19 @@ iterations (PEFT's `pissa_niter_k`, q = r).
 """
 from __future__ import annotations
 
-from typing import NamedTuple, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
 
 from lowrank_jax import _kernels
 from lowrank_jax import base as base_lib
-from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
+from lowrank_jax.adapters._lowrank import (LoRAFactors, lora_scale, lowrank_apply_leaf,
+                                           validate_common)
 
 INITS = ("kaiming_uniform", "gaussian", "pissa")
-
-
-class LoRAFactors(NamedTuple):
-  """Trainable per-leaf state: a (*in_shape, r), b (r, *out_shape)."""
-  a: jax.Array
-  b: jax.Array
-
-
-def lora_scale(rank: int, alpha: float, use_rslora: bool = False) -> float:
-  return float(alpha) / (rank ** 0.5 if use_rslora else rank)
-
-
-def validate_common(name: str, rank, alpha, dropout):
-  _leafwise.check_int(name, "rank", rank)
-  if alpha is not None and not alpha > 0:
-    raise ValueError(f"{name}: alpha must be > 0, got {alpha!r}")
-  if not 0.0 <= dropout < 1.0:
-    raise ValueError(f"{name}: dropout must be in [0, 1), got {dropout!r}")
 
 
 def randomized_svd(key, w, rank: int, niter: int, oversample: int = 0):
@@ -127,21 +110,6 @@ def lora(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Target
   return _leafwise.leafwise(name, targets=targets, init_leaf=init_leaf,
                             apply_leaf=lowrank_apply_leaf(name, scale, dropout, impl),
                             kernel_axes=kernel_axes)
-
-
-def lowrank_apply_leaf(name: str, scale: float, dropout: float, impl: str):
-  """The `apply_leaf` of every method whose per-leaf state is `LoRAFactors` (LoRA, PiSSA, CorDA)."""
-
-  def apply_leaf(path, base_leaf, t, f, rng):
-    del f
-    if tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:]) != tuple(base_leaf.shape):
-      raise ValueError(f"{name}: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
-                       f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
-    return structured.LowRank(base_leaf, t.a, t.b, scale,
-                              dropout_key=rng if dropout > 0 else None,
-                              dropout_rate=dropout, impl=impl)
-
-  return apply_leaf
 
 
 @base_lib.records_hparams

@@ -211,8 +211,8 @@ class NOLAWeight(structured.Additive):
     return structured.LowRank(self.base, a.reshape(in_shape + (self.rank,)),
                               b.reshape((self.rank,) + out_shape), self.scale)
 
-  def delta(self) -> jax.Array:
-    return self.lowrank().delta()
+  def delta(self, dtype=jnp.float32) -> jax.Array:
+    return self.lowrank().delta(dtype)
 
   def matmul(self, x, in_ndim: int = 1):
     if in_ndim != self.in_ndim:

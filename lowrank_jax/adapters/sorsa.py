@@ -3,24 +3,30 @@
 SORSA is a PiSSA-style principal-SVD adapter kept in explicit U, Σ, V form. The SVD of the
 pretrained weight (fp32) splits it into a trainable principal part W_p = U_p diag(S_p) V_pᵀ (top r
 triplets) and a frozen residual W_r = W − s·W_p; the effective weight is W' = W_r + s·U_p diag(S_p)
-V_pᵀ, so W' = W at init. An orthonormality regularizer ‖U_pᵀU_p − I‖_F + ‖V_pᵀV_p − I‖_F (Frobenius
-norms, *not* squared), averaged over adapted matrices, keeps the singular vectors orthonormal so
-that scaling moves into S_p. PiSSA (`lowrank_jax.pissa`) is its comparator.
+V_pᵀ, so W' = W at init. An orthonormality regularizer keeps the singular vectors orthonormal so
+that scaling moves into S_p: L_reg is the mean, over all 2n adapted matrices of the n targets, of
+‖U_pᵀU_p − I‖_F and ‖V_pᵀV_p − I‖_F (Frobenius norms, *not* squared), as the official `calc_ortho`
+(sum of the norms divided by the number of matrices). PiSSA (`lowrank_jax.pissa`) is its
+comparator.
 
-Layout. Our kernels are stored (d_in, d_out) (y = x @ W), i.e. Wᵀ in the card's PyTorch layout.
-With the card's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
+Layout. Our kernels are stored (d_in, d_out) (y = x @ W), i.e. Wᵀ in PyTorch's (d_out, d_in) layout.
+With the paper's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
   a = V_p          (*in_shape, r)   (the official `sorsa_A`ᵀ)
   s = S_p          (r,)
   b = U_pᵀ         (r, *out_shape)  (the official `sorsa_B`ᵀ)
 and ΔW = scale · a diag(s) b. The factored product is x@W_r + scale·((x@a)·s)@b with a
-hand-written backward of skinny contractions (`diag_branch`), never a d_in×d_out array.
+hand-written backward of skinny contractions (`structured.DiagLowRank`), never a d_in×d_out array.
 
-How γ enters (a choice; the card's pitfall 1): `adapter.penalty(state)` returns γ·L_reg, so the
-loss is task + γ·L_reg and its gradient adds γ∇L_reg. The official code back-propagates
-(γ/η_base)·L_reg after clipping the task gradient; pass `base_lr=η_base` to get that scaling
-((γ/η_base)·L_reg, which matches the paper's SGD update θ ← θ − η∇L − γ∇L_reg). Gradient clipping
-order is the trainer's business. The norm uses a safe square root: its gradient is 0 (not NaN)
-where U_pᵀU_p = I exactly.
+How γ enters. The official trainer back-propagates `(gamma / learning_rate)·L_reg` after clipping
+the task gradient, where `learning_rate` is the run's configured (peak) learning rate η_base, not
+the scheduled one; with γ = 4e-4 (the official default and scripts, lr 3e-5 there). Under SGD this
+is the paper's update θ ← θ − η_t∇L_task − (η_t/η_base)·γ∇L_reg: the regularizer moves by γ at
+the peak learning rate whatever η_base is. `adapter.penalty(state)` returns (γ/η_base)·L_reg with
+`base_lr=η_base`, the official recipe; pass the learning rate the run uses. Without `base_lr` the
+weight is γ itself (η_base = 1), which is not the official recipe unless the run's learning rate
+is 1. Gradient clipping order is the trainer's business (here the penalty is clipped with the task
+gradient). The norm uses a safe square root: its gradient is 0 (not NaN) where U_pᵀU_p = I
+exactly.
 """
 from __future__ import annotations
 
@@ -30,57 +36,13 @@ import flax.struct
 import jax
 import jax.numpy as jnp
 
-from lowrank_jax import _kernels
 from lowrank_jax import base as base_lib
 from lowrank_jax import structured
 from lowrank_jax import targeting
 from lowrank_jax.adapters import _leafwise
+from lowrank_jax.adapters import _lowrank
 
 DEFAULT_GAMMA = 4e-4
-
-
-diag_branch = _kernels.diag_branch  # re-exported: LoLDU imports it from here
-
-
-class DiagLowRankMixin:
-  """Factored products for `base + a diag(d) b` structured weights (SORSA, LoLDU).
-
-  Subclasses provide `base` and `_factors() -> (a (*in, r), d (r,), b (r, *out))` in the adapter
-  dtype; the rank-r branch never forms a d_in×d_out array.
-  """
-
-  def _factors(self):
-    raise NotImplementedError
-
-  def delta(self) -> jax.Array:
-    a, d, b = self._factors()
-    return jnp.tensordot(a.astype(jnp.float32) * d.astype(jnp.float32), b.astype(jnp.float32),
-                         axes=1)
-
-  def matmul(self, x, in_ndim: int = 1):
-    a, d, b = self._factors()
-    if in_ndim != a.ndim - 1:
-      return structured.dense(x, self.materialize(), in_ndim=in_ndim)
-    y = structured.dense(x, self.base, in_ndim=in_ndim)
-    return y + diag_branch(x, a, d, b).astype(y.dtype)
-
-  def conv(self, x, *, strides=1, padding="SAME", dilation=1, feature_group_count=1):
-    a, d, b = self._factors()
-    if feature_group_count != 1 or a.ndim - 1 != len(self.shape) - 1:
-      return structured.conv(x, self.materialize(), strides=strides, padding=padding,
-                             dilation=dilation, feature_group_count=feature_group_count)
-    # A conv with the base's geometry and r output channels, scaled, then a 1x1 conv (matmul).
-    y = structured.conv(x, self.base, strides=strides, padding=padding, dilation=dilation)
-    h = structured.conv(x, a.astype(x.dtype), strides=strides, padding=padding, dilation=dilation)
-    return y + ((h * d.astype(x.dtype)) @ b.astype(x.dtype)).astype(y.dtype)
-
-  def embed(self, ids):
-    a, d, b = self._factors()
-    if a.ndim != 2:
-      return jnp.take(self.materialize(), ids, axis=0)
-    y = structured.embed(ids, self.base)
-    h = jnp.take(a, ids, axis=0) * d
-    return y + (h @ b).astype(y.dtype)
 
 
 # ----------------------------------------------------------------------------------------------
@@ -95,7 +57,7 @@ class SORSAState(NamedTuple):
 
 
 @flax.struct.dataclass
-class SORSAWeight(DiagLowRankMixin, structured.Additive):
+class SORSAWeight(structured.DiagLowRank):
   """`base + scale · a diag(s) b` (base is the frozen residual W_r)."""
   base: Any
   a: jax.Array
@@ -107,20 +69,14 @@ class SORSAWeight(DiagLowRankMixin, structured.Additive):
     return self.a, self.s * self.scale, self.b
 
 
-def _safe_fro(m: jax.Array) -> jax.Array:
-  """Frobenius norm whose gradient is 0 (not NaN) at m = 0."""
-  sq = jnp.sum(jnp.square(m.astype(jnp.float32)))
-  pos = sq > 0
-  return jnp.where(pos, jnp.sqrt(jnp.where(pos, sq, 1.0)), 0.0)
-
-
 def orthonormal_regularizer(a: jax.Array, b: jax.Array) -> jax.Array:
-  """‖aᵀa − I‖_F + ‖b bᵀ − I‖_F for a (*in, r) = V_p and b (r, *out) = U_pᵀ (not squared)."""
-  r = a.shape[-1]
-  a2 = a.reshape(-1, r).astype(jnp.float32)
-  b2 = b.reshape(r, -1).astype(jnp.float32)
-  eye = jnp.eye(r, dtype=jnp.float32)
-  return _safe_fro(a2.T @ a2 - eye) + _safe_fro(b2 @ b2.T - eye)
+  """(‖aᵀa − I‖_F + ‖b bᵀ − I‖_F) / 2 for a (*in, r) = V_p and b (r, *out) = U_pᵀ (not squared).
+
+  The mean over the module's two matrices; its mean over modules is the official average over
+  all adapted matrices.
+  """
+  ra, rb = _lowrank.orth_residuals(a, b)
+  return 0.5 * (ra + rb)
 
 
 @base_lib.records_hparams
@@ -133,9 +89,9 @@ def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targe
     rank: number r of principal singular triplets made trainable (1 <= r <= min(d_in, d_out)).
     alpha: if given, scale s = alpha / r; None gives s = 1 (the official scripts).
     targets: regex(es) over `/`-joined paths, or a callable `(path, leaf) -> bool`.
-    gamma: orthonormal-regularizer weight γ >= 0 (card default 4e-4).
-    base_lr: if given, `penalty` returns (γ / base_lr)·L_reg (the official code's scaling) instead
-      of γ·L_reg.
+    gamma: orthonormal-regularizer strength γ >= 0 (official default 4e-4).
+    base_lr: the run's configured (peak) learning rate η_base; `penalty` returns (γ/η_base)·L_reg,
+      the official trainer's weight. None gives γ·L_reg (η_base = 1, not the official recipe).
     kernel_axes: in/out axes for targets with more than 2 dims (see `targeting.kernel_axes`).
     dtype: adapter parameter dtype (fp32 by default).
 
@@ -166,18 +122,19 @@ def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targe
   def init_leaf(key, info, w, stats):
     del key, stats
     _leafwise.check_rank("sorsa", info, rank)
-    w2 = w.reshape(info.d_in, info.d_out).astype(jnp.float32)
+    dt = structured.compute_dtype(w)          # float32, or float64 for a float64 base
+    w2 = w.reshape(info.d_in, info.d_out).astype(dt)
     u, sv, vt = jnp.linalg.svd(w2, full_matrices=False)   # w2 = u diag(sv) vt
-    a, s, b = u[:, :rank], sv[:rank], vt[:rank]
-    resid = (w2 - scale * ((a * s) @ b)).reshape(info.shape).astype(info.dtype)
-    return resid, SORSAState(a.reshape(info.in_shape + (rank,)).astype(dtype), s.astype(dtype),
-                             b.reshape((rank,) + info.out_shape).astype(dtype)), None
+    # The residual subtracts the factors as stored (in `dtype`), so W' = W exactly at init.
+    a, s, b = (x.astype(dtype) for x in (u[:, :rank], sv[:rank], vt[:rank]))
+    principal = (a.astype(dt) * s.astype(dt)) @ b.astype(dt)
+    resid = (w2 - scale * principal).reshape(info.shape).astype(info.dtype)
+    return resid, SORSAState(a.reshape(info.in_shape + (rank,)), s,
+                             b.reshape((rank,) + info.out_shape)), None
 
   def apply_leaf(path, base_leaf, t, f, rng):
     del f, rng
-    if tuple(t.a.shape[:-1]) + tuple(t.b.shape[1:]) != tuple(base_leaf.shape):
-      raise ValueError(f"sorsa: state for {path} has factors {t.a.shape} x {t.b.shape}, params "
-                       f"leaf has shape {tuple(base_leaf.shape)}; mismatched state/params trees")
+    _leafwise.check_state_shape("sorsa", path, base_leaf, _lowrank.factors_shape(t))
     return SORSAWeight(base_leaf, t.a, t.s, t.b, scale)
 
   def penalty_leaf(t, f):

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import ops
+from lowrank_jax.structured import dropout
 
 Params = dict[str, Any]
 
@@ -84,16 +85,6 @@ def rms_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
   xf = x.astype(jnp.float32)
   y = xf * jax.lax.rsqrt(jnp.mean(jnp.square(xf), axis=-1, keepdims=True) + eps)
   return (y * p["scale"]).astype(x.dtype)
-
-
-def dropout(x: jax.Array, rate: float, rng, deterministic: bool) -> jax.Array:
-  """Inverted dropout; identity when `deterministic`, `rate == 0` or `rng is None`."""
-  if deterministic or rate == 0.0:
-    return x
-  if rng is None:
-    raise ValueError("dropout: deterministic=False with dropout_rate > 0 needs an `rng` key")
-  keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
-  return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,

@@ -37,24 +37,44 @@ CONTRACT_CASES = [
 ]
 
 
-def _hand_reg(a, b):
-  r = a.shape[-1]
-  a2, b2 = np.asarray(a, np.float64).reshape(-1, r), np.asarray(b, np.float64).reshape(r, -1)
-  return (np.linalg.norm(a2.T @ a2 - np.eye(r), "fro")
-          + np.linalg.norm(b2 @ b2.T - np.eye(r), "fro"))
+def _official_ortho_loss(state):
+  """The official `calc_ortho`, in float64 numpy and the official layout: sorsa_A (r, d_in) = aᵀ,
+  sorsa_B (d_out, r) = bᵀ; Σ ‖AAᵀ − I‖_F + Σ ‖BᵀB − I‖_F over all matrices / their number."""
+  loss, den = 0.0, 0
+  for t in tree_lib.unnest(state.trainable).values():
+    r = t.s.shape[0]
+    sorsa_a = np.asarray(t.a, np.float64).reshape(-1, r).T
+    sorsa_b = np.asarray(t.b, np.float64).reshape(r, -1).T
+    loss += np.linalg.norm(sorsa_a @ sorsa_a.T - np.eye(r), "fro")
+    loss += np.linalg.norm(sorsa_b.T @ sorsa_b - np.eye(r), "fro")
+    den += 2
+  return loss / den
 
 
-def test_penalty_value_and_gamma():
+def test_penalty_is_official_ortho_loss_times_gamma_over_lr():
   params = testing.tiny_params()
-  ad = sorsa_lib.sorsa(3, targets=DENSE)
-  _, state = ad.init(jax.random.key(0), params)
+  _, state = sorsa_lib.sorsa(3, targets=ALL, kernel_axes="conv").init(jax.random.key(0), params)
   state = testing.perturb(state, jax.random.key(1), scale=0.2)
-  regs = [_hand_reg(t.a, t.b) for t in tree_lib.unnest(state.trainable).values()]
+  ortho = _official_ortho_loss(state)
   assert sorsa_lib.DEFAULT_GAMMA == 4e-4
-  np.testing.assert_allclose(float(ad.penalty(state)), 4e-4 * np.mean(regs), rtol=1e-4)
-  ad2 = sorsa_lib.sorsa(3, targets=DENSE, gamma=1e-3, base_lr=2e-5)
-  np.testing.assert_allclose(float(ad2.penalty(state)), 1e-3 / 2e-5 * np.mean(regs), rtol=1e-4)
+  # The official trainer back-propagates (gamma / learning_rate) * calc_ortho(model).
+  ad = sorsa_lib.sorsa(3, targets=ALL, kernel_axes="conv", base_lr=3e-5)
+  np.testing.assert_allclose(float(ad.penalty(state)), 4e-4 / 3e-5 * ortho, rtol=1e-5)
+  ad2 = sorsa_lib.sorsa(3, targets=ALL, kernel_axes="conv", gamma=1e-3, base_lr=2e-5)
+  np.testing.assert_allclose(float(ad2.penalty(state)), 1e-3 / 2e-5 * ortho, rtol=1e-5)
+  ad3 = sorsa_lib.sorsa(3, targets=ALL, kernel_axes="conv")          # no base_lr: weight γ
+  np.testing.assert_allclose(float(ad3.penalty(state)), 4e-4 * ortho, rtol=1e-5)
   assert float(sorsa_lib.sorsa(3, targets=DENSE, gamma=0.0).penalty(state)) == 0.0
+
+
+def test_penalty_float64_matches_official_formula():
+  with testing.enable_x64():
+    params = testing.tiny_params(dtype=jnp.float64)
+    ad = sorsa_lib.sorsa(3, targets=DENSE, base_lr=1e-2, dtype=jnp.float64)
+    _, state = ad.init(jax.random.key(0), params)
+    state = testing.perturb(state, jax.random.key(1), scale=0.2)
+    np.testing.assert_allclose(float(ad.penalty(state)), 4e-4 / 1e-2 * _official_ortho_loss(state),
+                               rtol=1e-12)
 
 
 def test_init_is_principal_svd_and_orthonormal():
