@@ -12,7 +12,7 @@ frozen residual, so the adapted model equals the original at init:
   covariance collected on data whose knowledge must be kept; the top components, which carry that
   knowledge, stay in the frozen residual.
 
-Orientation. METHODS.md (PyTorch) writes W (d_out, d_in) and C = XᵀX/N (d_in, d_in). Our flax
+Orientation. PEFT (PyTorch) writes W (d_out, d_in) and C = XᵀX/N (d_in, d_in). Our flax
 kernel is W_k = Wᵀ (d_in, d_out), so W·C = (C·W_k)ᵀ and we take the SVD `C̃·W_k = V·diag(S)·Uᵀ`
 (V: d_in×k right vectors of W·C̃, U: d_out×k left vectors, k = min(d_in, d_out)). With I the chosen
 index set and s the adapter scale (PEFT divides S by s):

@@ -3,15 +3,15 @@ https://arxiv.org/abs/2405.14739), repo SJTU-DeepVisionLab/FLoRA.
 
 FLoRA gives every N-dimensional kernel a Tucker-form update: a small core tensor G plus one factor
 matrix per mode, ΔW = s · G ×₁ U₁ ×₂ U₂ … ×_N U_N, so a conv kernel keeps its spatial structure
-instead of being flattened to a matrix. For a 2-D kernel this is ΔW = s·U_in G U_outᵀ (the card's
-s·U_out Gᵀ U_inᵀ in PyTorch layout). Init follows the official code: G = 0 (ΔW = 0 at init) and
+instead of being flattened to a matrix. For a 2-D kernel this is ΔW = s·U_in G U_outᵀ (in PyTorch
+layout: s·U_out Gᵀ U_inᵀ). Init follows the official code: G = 0 (ΔW = 0 at init) and
 factors kaiming-normal with a = √3, i.e. U_i ~ N(0, 1/(2 r_i)). Trainable parameters:
 Σ_i n_i·r_i + Π_i r_i. (The Subspace-Tuning NLP variant, ΔW = (α/r)·B G A, is the 2-D case with
 `scale = alpha / r`; only its factor init differs.)
 
 Layout: modes follow our kernel axes, e.g. a conv kernel (kh, kw, c_in, c_out) has
-G (r_kh, r_kw, r_in, r_out), U_kh (kh, r_kh), …, U_out (c_out, r_out) — the card's (r_in, r_out,
-r_k1, r_k2) core in a different mode order (the update is the same tensor).
+G (r_kh, r_kw, r_in, r_out), U_kh (kh, r_kh), …, U_out (c_out, r_out) — the official code's
+(r_in, r_out, r_k1, r_k2) core in a different mode order (the update is the same tensor).
 
 Factored products (never the full ΔW in the step):
   dense: x contracted mode by mode with the input factors (→ r_1…r_m), then the core, then the

@@ -15,11 +15,11 @@ Projections (`projection`):
     (global, as the official code). P is stored in the frozen state, one (D_leaf, d) block per leaf
     (D·d floats: for small models).
   "sparse": per leaf, a sparse random ±1 matrix with density 1/√D_leaf (sklearn's 'auto', as the
-    card; `density` overrides), then the same global column normalization. Stored as COO
+    official code; `density` overrides), then the same global column normalization. Stored as COO
     (rows, cols, vals) per leaf, O(nnz); applied with a segment sum.
   "fastfood": V = H G Π H B with the unnormalized Walsh–Hadamard H of size L = 2^⌈log₂ D⌉,
     B ∈ {±1}^L, Π a random permutation, G ~ N(0, 1)^L; θ is zero-padded to L, the first D entries
-    of Vθ are kept and divided by √(L·ΣG²)·√(D/L) (a single block, not stacked, as the card). Only
+    of Vθ are kept and divided by √(L·ΣG²)·√(D/L) (one unstacked block, as the official code). Only
     the three L-vectors are stored; P is never formed. Vθ costs O(L log L) = O(D log D) through an
     in-JAX fast Walsh–Hadamard transform, memory O(L) independent of d (requires d <= L).
 

@@ -8,7 +8,7 @@ W_res = W − σ·P L_r diag(z₀) U_r and the effective weight W' = W_res + σ�
 W' = W at init; σ = alpha / r (the official `from_linear` uses alpha = 1, so σ = 1/r). The adapter
 has r trainable parameters per layer (r + 1 with `train_sigma=True`).
 
-Orientation and layout. As the official code, the LU is taken of the card's PyTorch-layout weight
+Orientation and layout. As the official code, the LU is taken of the PyTorch-layout weight
 W_pt = W2ᵀ (d_out × d_in), where W2 is our kernel matricized to (d_in, d_out): W_pt[perm] = L·U₀,
 i.e. W_pt = P L U₀ with P[perm[i], i] = 1. `perm` is stored as an int32 index vector (never a dense
 P) and P·L_r is formed in-step by a scatter of L_r's rows (d_out × r). In our (d_in, d_out) layout
@@ -16,10 +16,12 @@ P) and P·L_r is formed in-step by a scatter of L_r's rows (d_out × r). In our 
     x @ W_res + ((x @ U_rᵀ) * σz) @ (P L_r)ᵀ
 (three skinny products, hand-written backward; no d_in×d_out array). The LU runs in fp32.
 
-Choices where the card is open: σ is frozen by default (`train_sigma=True` makes it trainable, the
-"+1" of the card); other `init` values than "lu" are offered as in the code, but unlike the code
-(pitfall 3) the residual is built with the same z₀, so W' = W at init for every init. Any kernel can
-be targeted (dense, embedding, conv with `kernel_axes`), through its (d_in, d_out) matricization.
+Choices the paper leaves open: σ is frozen by default, as the official code's trainable filter
+does (`train_sigma=True` makes it trainable: r + 1 parameters per layer); other `init` values than
+"lu" are offered as in the code, but where the code builds the residual with D_r and then
+re-initializes z (so W' ≠ W at init), we build it with the same z₀, so W' = W at init for every
+init. Any kernel can be targeted (dense, embedding, conv with `kernel_axes`), through its
+(d_in, d_out) matricization.
 """
 from __future__ import annotations
 

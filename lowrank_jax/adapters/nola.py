@@ -12,13 +12,15 @@ Variants (`variant`):
   "lm" (primary; the official GPT-2/LLaMA `NOLALinear`): A = A₀ + (1/√k)·Σ α_i A_i with A_i ~
     U(−1, 1) and A₀ a frozen kaiming-uniform (U(±1/√d_in)) matrix, B = (1/√l)·Σ β_j B_j with
     B_j ~ U(−1, 1); α = β = 0 at init, so ΔW = 0; y = x W + (alpha/r)·x A B. Unlike the official
-    code (pitfall 4), A₀ is regenerated from the seed too, so the state is coefficients + seed only.
+    code, which saves A₀ in its state dict, A₀ is regenerated from the seed too, so the state
+    is coefficients + seed only.
   "vit" (the official ViT `NOLA2`): A = Σ α_i A_i, B = Σ β_j B_j with kaiming-uniform(a=√5) bases
     (our choice of fan-in: U(±1/√d_in) for A_i, U(±1/√r) for B_j), α_i = 1/k and β_j = 1/l at
     init, scale 1/r (alpha = 1). ΔW ≠ 0 at init.
-Layout: A is (d_in, r) and B (r, d_out) in our (d_in, d_out) kernel layout (the card's A and B
-transposed). `shared_bases=True` gives every target the same seed, so targets of equal shape share
-their bases (the NOLA2 behaviour); by default each target's seed is derived from its path.
+Layout: A is (d_in, r) and B (r, d_out) in our (d_in, d_out) kernel layout (the official
+PyTorch-layout A (r, d_in) and B (d_out, r) transposed). `shared_bases=True` gives every target
+the same seed, so targets of equal shape share their bases (the NOLA2 behaviour); by default each
+target's seed is derived from its path.
 
 Basis generator (`generator`): "hash" (default) is a counter-based integer hash (a 32-bit
 avalanche mixer of (seed, stream, element index)) in plain jnp, generated and contracted a

@@ -64,7 +64,7 @@ def test_state_holds_leading_pivots_and_count():
   params = testing.tiny_params()
   ad = loldu_lib.loldu(3, 1.0, DENSE)
   base, state = ad.init(jax.random.key(0), params)
-  assert lj.count_params(state) == 3 * len(DENSE)                        # card (g): r per layer
+  assert lj.count_params(state) == 3 * len(DENSE)                        # r per layer
   assert lj.count_params(loldu_lib.loldu(3, train_sigma=True, targets=DENSE)
                          .init(jax.random.key(0), params)[1]) == 4 * len(DENSE)
   w = params["dense_0"]["kernel"]

@@ -79,7 +79,7 @@ def test_state_is_coefficients_and_seed_only():
   params = testing.tiny_params()
   _, state = nola_lib.nola(32, 16, 4, targets=ALL, kernel_axes="conv").init(
       jax.random.key(0), params)
-  assert lj.count_params(state) == (32 + 16) * len(ALL)                 # card (g): k + l
+  assert lj.count_params(state) == (32 + 16) * len(ALL)                 # k + l per target
   for t in jax.tree_util.tree_leaves(state.trainable):
     assert t.shape in ((32,), (16,))
   frozen = jax.tree_util.tree_leaves(state.frozen)
