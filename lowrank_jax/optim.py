@@ -11,8 +11,8 @@ Fields: name (adamw | sgd), lr, head_lr, wd, b1 (adamw beta1; sgd momentum), b2,
 >>> from lowrank_jax import optim
 >>> ocfg = ml_collections.ConfigDict(dict(name="adamw", lr=1e-3, head_lr=1e-2, wd=0.0, b1=0.9,
 ...                                       b2=0.999, schedule="cosine", warmup_steps=10))
->>> float(optim.make_schedule(ocfg, ocfg.lr, 100)(10))
-0.001
+>>> [round(float(optim.make_schedule(ocfg, ocfg.lr, 100)(s)), 6) for s in (0, 5, 10, 100)]
+[0.0, 0.0005, 0.001, 0.0]
 """
 from __future__ import annotations
 
