@@ -116,16 +116,6 @@ class TrainTest(absltest.TestCase):
     self.assertTrue(all(b["x"].shape == (3, 2) for b in batches))
     np.testing.assert_array_equal(batches[-1]["mask"], [1, 0, 0])
 
-  def test_optimizer_schedules(self):
-    for sched in train.SCHEDULES:
-      o = ml_collections.ConfigDict(dict(name="adamw", lr=1.0, head_lr=0.5, wd=0.0, b1=0.9,
-                                         b2=0.999, schedule=sched, warmup_steps=2, grad_clip=1.0))
-      s = train.make_schedule(o, 1.0, 10)
-      self.assertAlmostEqual(float(s(0)), 0.0)
-      self.assertAlmostEqual(float(s(2)), 1.0, places=5)
-      train.make_optimizer(o, 10)
-
-
 class RegistryTest(absltest.TestCase):
 
   def test_registry(self):
