@@ -121,19 +121,8 @@ class Data:
 
 
 def make_data(config, model: "Model") -> Data:
-  """The train and eval sources of `config.dataset`, as inputs of `model`.
-
-  Raises:
-    ValueError: the dataset's modality (image/text) is not what the model reads.
-  """
-  from lowrank_jax import data, models  # pylint: disable=g-import-not-at-top
+  """The train and eval sources of `config.dataset`, as inputs of `model`."""
   dcfg = config.dataset
-  modality = data.dataset_entry(dcfg.name).modality
-  if modality != model.spec.modality:
-    readers = [n for n in models.list_models(classifiers_only=True)
-               if models.get_model(n).modality == modality]
-    raise ValueError(f"dataset {dcfg.name!r} is {modality}; model {model.spec.name!r} reads "
-                     f"{model.spec.modality}; models that read {modality}: {readers}")
   transform = make_transform(dcfg, model.tokenizer)
   train_source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
   eval_source = load_split(dcfg, dcfg.eval_split, dcfg.max_eval_examples)
@@ -200,12 +189,17 @@ def check_config(config: ml_collections.ConfigDict):
   old = [f for f in DEPRECATED_FIELDS if f in config]
   if old:
     raise ValueError(f"config has deprecated fields {old}; use total_steps / optimizer.lr")
-  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
-  data.dataset_entry(config.dataset.name)       # unknown dataset -> ValueError
-  registry.get_factory(config.adapter.method)   # unknown/unavailable method -> ValueError
-  from lowrank_jax import models  # pylint: disable=g-import-not-at-top
-  models.get_model(config.model.name)           # unknown model -> ValueError
+  from lowrank_jax import data, models  # pylint: disable=g-import-not-at-top
+  entry = data.dataset_entry(config.dataset.name)   # unknown dataset -> ValueError
+  registry.get_factory(config.adapter.method)       # unknown/unavailable method -> ValueError
+  spec = models.get_model(config.model.name)        # unknown model -> ValueError
   tasks.get_task(config.get("task", DEFAULT_TASK))
+  if spec.is_classifier and entry.modality != spec.modality:
+    readers = [n for n in models.list_models(classifiers_only=True)
+               if models.get_model(n).modality == entry.modality]
+    raise ValueError(f"dataset {config.dataset.name!r} is {entry.modality}; model "
+                     f"{spec.name!r} reads {spec.modality}; models that read {entry.modality}: "
+                     f"{readers}")
   for f in ("total_steps", "batch_size"):
     if config[f] < 1:
       raise ValueError(f"config.{f} must be >= 1, got {config[f]}")

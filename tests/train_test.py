@@ -87,6 +87,18 @@ class TrainTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, pattern):
           train.train_and_evaluate(_config(**{field: value}), tempfile.mkdtemp())
 
+  def test_check_config_accepts_the_names_data_load_accepts(self):
+    for name in ("mnist", "tfds:mnist", "digits"):
+      with self.subTest(name):
+        train.check_config(_config(**{"dataset.name": name}))
+
+  def test_text_dataset_on_an_image_model(self):
+    c = _config(**{"dataset.name": "wordnet_supersense"})
+    with self.assertRaisesRegex(ValueError, r"dataset 'wordnet_supersense' is text; model "
+                                r"'mlp_digits' reads image; models that read text: \['minilm', "
+                                r"'minilm_tiny'\]"):
+      train.train_and_evaluate(c, tempfile.mkdtemp())
+
   def test_dropout_field_the_model_lacks(self):
     c = _config()
     c.model.attention_dropout_rate = 0.1     # the digits MLP has no attention
