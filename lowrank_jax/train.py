@@ -258,6 +258,29 @@ def init_adapter(config, model: Model, data: Data, key: jax.Array):
   return adapter, base, ad_state, tree_lib.nest(head_flat)
 
 
+def param_counts(method: str, ad_state, head) -> dict:
+  """{"adapter_params", "head_params", "trainable_params"} (logged)."""
+  n_adapter, n_head = base_lib.count_params(ad_state), tree_lib.tree_size(head)
+  logging.info("method %s: %d adapter + %d head = %d trainable params", method, n_adapter, n_head,
+               n_adapter + n_head)
+  return {"adapter_params": n_adapter, "head_params": n_head,
+          "trainable_params": n_adapter + n_head}
+
+
+def make_steps(adapter, model: Model, task, optimizer):
+  """(train_step, eval_step) of `task` on `model`'s output (`steps.make_train_step` /
+  `steps.make_eval_step`): the task never sees the model, the model never sees the task."""
+
+  def task_loss(params, batch, rng):
+    return task.loss(model.apply(params, batch, train=True, rng=rng), batch)
+
+  def eval_metrics(params, batch):
+    return task.eval_metrics(model.apply(params, batch, train=False, rng=None), batch)
+
+  return (steps.make_train_step(adapter, task_loss, optimizer),
+          steps.make_eval_step(adapter, eval_metrics))
+
+
 def make_evaluate(eval_step, base, data: Data, batch_size: int, task, sharding):
   """`evaluate(state) -> task.summarize(sums of eval_step over the eval set)`; the eval batches
   are built at the first call, then reused."""
@@ -316,32 +339,18 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   data = make_data(config, model)
   adapter, base, ad_state, head = init_adapter(config, model, data, k_adapter)
   del k_adapter
-  task = tasks.get_task(config.get("task", DEFAULT_TASK))
+  counts = param_counts(config.adapter.method, ad_state, head)
   tx = optim.make_optimizer(config.optimizer, config.total_steps)
   init_state = functools.partial(steps.init_train_state, ad_state, tx, head=head, rng=rng_loop)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          jax.eval_shape(init_state))
-  counts = {"adapter_params": base_lib.count_params(ad_state),
-            "head_params": tree_lib.tree_size(head)}
-  counts["trainable_params"] = counts["adapter_params"] + counts["head_params"]
-  logging.info("method %s: %d adapter + %d head = %d trainable params", config.adapter.method,
-               counts["adapter_params"], counts["head_params"], counts["trainable_params"])
   const = jax.device_put(base, repl)
   del base
   model.params = None
-
-  def task_loss(params, batch, rng):
-    return task.loss(model.apply(params, batch, train=True, rng=rng), batch)
-
-  def eval_metrics(params, batch):
-    return task.eval_metrics(model.apply(params, batch, train=False, rng=None), batch)
-
-  train_step = steps.make_train_step(adapter, task_loss, tx)
-  evaluate = make_evaluate(steps.make_eval_step(adapter, eval_metrics), const, data,
-                           config.eval_batch_size, task, data_sharding)
+  task = tasks.get_task(config.get("task", DEFAULT_TASK))
+  train_step, eval_step = make_steps(adapter, model, task, tx)
+  evaluate = make_evaluate(eval_step, const, data, config.eval_batch_size, task, data_sharding)
 
   ckpt = ckpt_lib.Checkpointer(workdir, config.get("ckpt_every", 0), config.get("keep_ckpts", 2))
-  state, start = restore_or_init(ckpt, abstract, init_state, data.train_iter, repl)
+  state, start = restore_or_init(ckpt, init_state, data.train_iter, repl)
   del ad_state, head
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
   if start == 0:
@@ -356,10 +365,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   writer.close()
   ckpt.close()
 
-  host = jax.device_get(state)
-  adapter_path = save_outputs(config, workdir, model, host)
-  results = {"method": config.adapter.method, "accuracy": ev["accuracy"],
-             "eval_loss": ev["eval_loss"], **counts, "steps": config.total_steps,
+  adapter_path = save_outputs(config, workdir, model, jax.device_get(state))
+  results = {"method": config.adapter.method, **ev, **counts, "steps": config.total_steps,
              "resumed_from": start, "train_s": train_s,
              "wall_s": time.perf_counter() - (t_run if baseline is not None else t_start),
              "total_wall_s": time.perf_counter() - t_start, "adapter_path": adapter_path,
@@ -414,10 +421,13 @@ def data_parallel_shardings():
           jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
 
 
-def restore_or_init(ckpt, abstract, init_state, train_iter, sharding):
-  """(state, start step): the latest checkpoint (train state and iterator state), else step 0."""
+def restore_or_init(ckpt, init_state, train_iter, sharding):
+  """(state, start step): the latest checkpoint (train state and iterator state), else
+  `init_state()` at step 0; the state is placed with `sharding`."""
   if ckpt.latest_step() is None:
     return jax.device_put(init_state(), sharding), 0
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          jax.eval_shape(init_state))
   state, data_state, start = ckpt.restore(abstract)
   train_iter.set_state(data_state)
   logging.info("Resumed from the checkpoint at step %d", start)
