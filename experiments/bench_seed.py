@@ -16,7 +16,8 @@ all on the same targets, and prints ms/step (median wall and process CPU time), 
 (ratio of medians) and the median and range over rounds of the per-round ("paired") ratio.
 Then, for the Fastfood intrinsic-dimension subspace over the whole model (D = all float params),
 it compiles the train step for two values of d and prints XLA's `memory_analysis()` of the
-compiled step (argument / output / temp bytes; on CPU these are the buffer-assignment sizes) and
+compiled step (argument / output / aliased / temp bytes; on CPU these are the buffer-assignment
+sizes; the step total counts an output aliased to a donated argument once) and
 the process peak RSS, to show that the step memory does not grow with D·d, and the ms per step
 after one untimed warm-up call (the first call of the compiled step is much slower on CPU).
 Printed lines are JSON.
@@ -83,13 +84,15 @@ def fastfood_memory(params, cfg, batch, opt, ds, run_steps):
            "L": int(state.frozen.fastfood.b.shape[0]),
            "dense_P_would_need_MB": round(big_d * d * 4 / 2 ** 20, 1)}
     if mem is not None:
-      for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                "generated_code_size_in_bytes"):
+      for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                "temp_size_in_bytes", "generated_code_size_in_bytes"):
         v = getattr(mem, k, None)
         if v is not None:
           row[k.replace("_size_in_bytes", "_MB")] = round(v / 2 ** 20, 1)
-      row["step_total_MB"] = round(sum(row.get(k, 0) for k in
-                                       ("argument_MB", "output_MB", "temp_MB")), 1)
+      # Outputs aliased to donated arguments (the train state passed through) take no memory of
+      # their own.
+      row["step_total_MB"] = round(row.get("argument_MB", 0) + row.get("output_MB", 0)
+                                   - row.get("alias_MB", 0) + row.get("temp_MB", 0), 1)
     if run_steps:
       train_state, metrics = compiled(train_state, base, batch)  # warm-up
       jax.block_until_ready(metrics)
