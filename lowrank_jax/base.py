@@ -173,6 +173,8 @@ class MethodFacts:
       `alpha` is None when the caller leaves it to the method's default; `total_steps` (the run
       length, 0 when unknown) sizes schedules that depend on it.
     needs_stats: whether `init` needs calibration statistics (`lowrank_jax.calibrate.collect`).
+    stats_sample_scale: the `sample_scale` those statistics are collected with (None: plain
+      per-token sums; see `lowrank_jax.calibrate.collect`).
     rank_allocation: `state -> {path: active rank}` for methods whose ranks change during
       training, else None.
     peft_exportable: whether `lowrank_jax.adapter_io.export_peft` writes its state as a PEFT LoRA.
@@ -185,6 +187,7 @@ class MethodFacts:
   factory: Callable[..., Adapter]
   config_kwargs: ConfigKwargsFn
   needs_stats: bool = False
+  stats_sample_scale: Optional[str] = None
   rank_allocation: Optional[Callable[[AdapterState], dict]] = None
   peft_exportable: bool = False
   residual_init: bool = False

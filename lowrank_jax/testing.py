@@ -18,6 +18,7 @@ import optax
 from lowrank_jax import base as base_lib
 from lowrank_jax import introspect
 from lowrank_jax import ops
+from lowrank_jax import steps
 from lowrank_jax import structured
 from lowrank_jax import tree as tree_lib
 
@@ -150,29 +151,31 @@ def check_grads_f64(adapter_fn: Callable[[], base_lib.Adapter], stats_fn=None):
 
 
 def make_step(adapter, optimizer=None):
-  """A jitted train step over the trainable state only.
+  """A train step over the trainable state only, on `tiny_loss` (`steps.make_train_step`).
 
-  `step(base, state, opt_state, batch, step_count=None) -> (state, opt_state, loss)`; with a
-  `step_count`, methods that have `adapter.update` (rank growth/pruning) are updated after the
-  optimizer step, as the trainer does.
+  Returns `(step, opt)`: `step(base, state, opt_state, batch, step_count=None) -> (state,
+  opt_state, loss)` with `opt_state = opt.init(state.trainable)`. With a `step_count`, methods
+  that have `adapter.update` (rank growth/pruning) are updated after the optimizer step, as the
+  trainer does; without one they are not. The state is not donated.
   """
   optimizer = optax.adam(1e-2) if optimizer is None else optimizer
+  task_loss = lambda params, batch, rng: (tiny_loss(params, batch), {})
+  with_update = steps.make_train_step(adapter, task_loss, optimizer, donate=False)
+  without_update = steps.make_train_step(adapter._replace(update=None), task_loss, optimizer,
+                                         donate=False)
 
-  def loss_fn(trainable, base, frozen, batch):
-    s = base_lib.AdapterState(trainable, frozen)
-    return tiny_loss(adapter.apply(base, s), batch) + adapter.penalty(s)
-
-  @jax.jit
   def step(base, state, opt_state, batch, step_count=None):
-    loss, grads = jax.value_and_grad(loss_fn)(state.trainable, base, state.frozen, batch)
-    updates, opt_state = optimizer.update(grads, opt_state, state.trainable)
-    trainable = optax.apply_updates(state.trainable, updates)
-    state = base_lib.AdapterState(trainable, state.frozen)
-    if step_count is not None and adapter.update is not None:
-      state = adapter.update(state, grads, step_count)
-    return state, opt_state, loss
+    train_step = without_update if step_count is None else with_update
+    count = jnp.asarray(0 if step_count is None else step_count, jnp.int32)
+    train_state = {"adapter": state.trainable, "frozen": state.frozen, "head": {},
+                   "opt": opt_state, "step": count, "rng": None}
+    train_state, metrics = train_step(train_state, base, batch)
+    return steps.adapter_state(train_state), train_state["opt"], metrics["loss"]
 
-  return step, optimizer
+  def init(trainable):
+    return optimizer.init({"adapter": trainable, "head": {}})
+
+  return step, optax.GradientTransformation(init, optimizer.update)
 
 
 def check_jit_stable(adapter, stats=None, dtypes=(jnp.float32, jnp.bfloat16)):

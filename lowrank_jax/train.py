@@ -1,29 +1,33 @@
 """The trainer: `train_and_evaluate(config, workdir)` fine-tunes a model with an adapter.
 
-One flat function split by banner comments (big_vision `train.py`, flax examples), called by
-`experiments/run.py` and by colabs alike. What happens, in order:
+Called by `experiments/run.py` and by colabs alike. `train_and_evaluate` composes the parts, in
+order:
 
-  config check -> workdir (refuse a different config) -> mesh -> data (grain, checkpointable
-  iterator) -> model (+ head) -> adapter init (calibration stats if the method needs them) ->
-  optimizer -> train state {adapter, head, opt, step, rng} -> jit(update_fn, donate) ->
-  restore latest checkpoint -> loop (eval, metrics, checkpoints, progress) -> adapter file, results.
+  config check -> workdir (refuse a different config) -> mesh -> model (`models.ModelSpec`) and
+  data (the dataset's catalogue entry, grain, checkpointable iterator) -> adapter init
+  (calibration stats if the method needs them) and head -> optimizer (`optim`) -> train state
+  (`steps.init_train_state`) -> the task's train and eval steps (`tasks`, `steps`) -> restore the
+  latest checkpoint -> loop (eval, metrics, checkpoints, progress) -> adapter file, results.
 
-Gradients are taken with respect to the adapter's trainable state and the classification head
-only; the base params are a separate jit argument that is neither donated nor differentiated. The
-train state is donated. The step's rng is `fold_in(rng, step)`, so a resumed run sees the same keys.
+Nothing here knows a model, dataset or task by name: the model spec, the dataset's catalogue entry
+and the task object say what differs. The step (`steps.make_train_step`) takes gradients with
+respect to the adapter's trainable state and the classification head only; the base params are a
+separate argument that is neither donated nor differentiated; the step's key is
+`fold_in(rng, step)`, so a resumed run sees the same keys.
 
 Config fields (all numbers that change a result live in the config; see `configs/`):
 
   seed, total_steps, batch_size, eval_batch_size, eval_every, log_every, ckpt_every, keep_ckpts,
-  model.{name, pretrained}, head (regex of params trained fully),
-  dataset.{name, train_split, eval_split, max_train_examples, max_eval_examples, seq_len,
+  model.{name, pretrained, dropout_rate, attention_dropout_rate}, head (regex of params trained
+  fully), dataset.{name, train_split, eval_split, max_train_examples, max_eval_examples, seq_len,
   shuffle_seed}, adapter.{method, **factory kwargs}, optimizer.{name, lr, head_lr, wd, b1, b2,
-  schedule, warmup_steps, grad_clip}, calib_batches, baseline, save_adapter, export_peft,
-  progress, overwrite.
+  schedule, warmup_steps, grad_clip}, task (default "classification"), calib_batches, baseline,
+  save_adapter, export_peft, progress, overwrite.
 """
 from __future__ import annotations
 
 import dataclasses
+import functools
 import inspect as inspect_mod
 import json
 import logging
@@ -32,35 +36,31 @@ import time
 from typing import Any, Callable, Optional
 
 import jax
-import jax.numpy as jnp
 import ml_collections
 import numpy as np
-import optax
 
 from lowrank_jax import base as base_lib
 from lowrank_jax import checkpoint as ckpt_lib
 from lowrank_jax import metrics as metrics_lib
+from lowrank_jax import optim
 from lowrank_jax import registry
-from lowrank_jax import structured
+from lowrank_jax import steps
 from lowrank_jax import targeting
+from lowrank_jax import tasks
 from lowrank_jax import tree as tree_lib
 
 RESULTS_FILE = "results.json"
-OPTIMIZERS = ("adamw", "sgd")
-SCHEDULES = ("constant", "cosine", "linear")
 REQUIRED_FIELDS = ("seed", "total_steps", "batch_size", "model", "dataset", "adapter",
                    "optimizer", "head")
 # Fields of earlier versions of the config schema; a config still holding one is an error.
 DEPRECATED_FIELDS = ("num_train_steps", "learning_rate", "lr")
+DEFAULT_TASK = "classification"
 
 
 # =============================================================================================
 # Data: `lowrank_jax.data` sources -> grain pipelines (train: shuffled, repeated, checkpointable
 # iterator; eval: fixed-shape batches whose last one is padded and masked).
 # =============================================================================================
-
-IMAGE_SCALE = {"digits": 1.0 / 16.0, "fashion_mnist": 1.0 / 255.0}
-
 
 def load_split(dcfg, split: str, max_examples: int):
   """A random-access source of a split (`lowrank_jax.data.load`); the first `max_examples` (0:
@@ -70,15 +70,9 @@ def load_split(dcfg, split: str, max_examples: int):
 
 
 def make_transform(dcfg, tokenizer):
-  """Per-example transform to model inputs: tokenized text or scaled float images + label."""
+  """Per-example transform to model inputs (`data.example_transform` of the dataset's entry)."""
   from lowrank_jax import data  # pylint: disable=g-import-not-at-top
-  if dcfg.name == "wordnet_supersense":
-    if tokenizer is None:
-      raise ValueError(f"dataset {dcfg.name} is text; use a text model (e.g. model.name='minilm')")
-    return data.text_transform(tokenizer, text_key="gloss")
-  if tokenizer is not None:
-    raise ValueError(f"dataset {dcfg.name} is images; model is a text model")
-  return data.image_transform(scale=IMAGE_SCALE.get(dcfg.name, 1.0 / 255.0))
+  return data.example_transform(dcfg.name, tokenizer)
 
 
 def num_classes_of(name: str) -> int:
@@ -118,8 +112,28 @@ def eval_batches(source, transform, batch_size: int, limit: int = 0) -> list[dic
   return out
 
 
+@dataclasses.dataclass
+class Data:
+  train_source: Any
+  eval_source: Any
+  transform: Callable[[dict], dict]
+  train_iter: Any
+
+
+def make_data(config, model: "Model") -> Data:
+  """The train and eval sources of `config.dataset`, as inputs of `model`."""
+  dcfg = config.dataset
+  transform = make_transform(dcfg, model.tokenizer)
+  train_source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
+  eval_source = load_split(dcfg, dcfg.eval_split, dcfg.max_eval_examples)
+  train_iter = train_iterator(train_source, transform, config.batch_size, dcfg.shuffle_seed)
+  logging.info("data: %d train / %d eval examples of %s", len(train_source), len(eval_source),
+               dcfg.name)
+  return Data(train_source, eval_source, transform, train_iter)
+
+
 # =============================================================================================
-# Model: (params, apply_fn, tokenizer) from the registry in `lowrank_jax.models`.
+# Model: params, apply and tokenizer from the model's `models.ModelSpec`.
 # =============================================================================================
 
 @dataclasses.dataclass
@@ -127,105 +141,41 @@ class Model:
   params: Any
   apply: Callable[..., jax.Array]    # apply(params, batch, *, train, rng) -> logits
   tokenizer: Any = None
-  hf_cfg: Any = None                 # the model module's config (for hf_name_map / PEFT export)
-  family: str = ""
+  spec: Any = None                   # the `models.ModelSpec`, with the run's config
 
 
 _DROPOUT_FIELDS = ("dropout_rate", "attention_dropout_rate")   # model config overrides
 
 
 def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Model:
-  """Builds the model named `mcfg.name` with a `num_classes` output.
+  """Builds the classifier named `mcfg.name` with a `num_classes` output.
 
   Raises:
-    ValueError: unknown model (lists the valid names) or one that cannot classify.
+    ValueError: unknown model (lists the valid names), one that cannot classify, pretrained
+      weights it does not have, or a dropout field its config lacks.
   """
   from lowrank_jax import models  # pylint: disable=g-import-not-at-top
   spec = models.get_model(mcfg.name)
-  mod, cfg = spec.module, spec.config
+  if not spec.is_classifier:
+    raise ValueError(f"model {mcfg.name!r} is not a classifier; valid classifiers: "
+                     f"{models.list_models(classifiers_only=True)}")
   k_init, k_head = jax.random.split(key)
   override = {k: mcfg[k] for k in _DROPOUT_FIELDS if k in mcfg}
-  unknown = [k for k in override if not hasattr(cfg, k)]
+  unknown = [k for k in override if not hasattr(spec.config, k)]
   if unknown:
-    has = [f for f in _DROPOUT_FIELDS if hasattr(cfg, f)]
+    has = [f for f in _DROPOUT_FIELDS if hasattr(spec.config, f)]
     raise ValueError(f"model.{unknown[0]} is not a field of model {mcfg.name!r}; its dropout "
                      f"fields: {has}")
-  if mod is models.minilm:
-    if mcfg.get("pretrained", False):
-      if mcfg.name != "minilm":
-        raise ValueError(f"model.pretrained=True needs model.name='minilm', not {mcfg.name!r}")
-      params, cfg = models.minilm.load_pretrained()
-    else:
-      params = spec.init(k_init)
-    cfg = dataclasses.replace(cfg, **override)
-    params = models.minilm.add_classifier_head(k_head, params, num_classes)
-    tok = models.minilm.load_tokenizer(seq_len if seq_len > 0 else 128)
-
-    def apply(p, batch, *, train, rng):
-      return models.minilm.classify(p, cfg, batch, deterministic=not train, rng=rng)
-    return Model(params, apply, tok, cfg, "minilm")
-  if mod in (models.mlp, models.cnn, models.vit):
-    if mcfg.get("pretrained", False):
-      raise ValueError(f"model {mcfg.name!r} has no pretrained weights; set "
-                       f"model.pretrained=False")
+  if mcfg.get("pretrained", False):
+    params, spec = spec.load_pretrained()
+  else:
     params = spec.init(k_init)
-    cfg = dataclasses.replace(cfg, **override)
-    out = jax.eval_shape(lambda p, x: mod.apply(p, x, cfg), params, _dummy_input(cfg)).shape[-1]
-    if out != num_classes:
-      raise ValueError(f"model {mcfg.name!r} has {out} outputs, the dataset has {num_classes} "
-                       f"classes")
+  spec = spec.with_config(**override)
+  params = spec.with_classifier(k_head, params, num_classes)
 
-    def apply(p, batch, *, train, rng):
-      return mod.apply(p, batch["image"], cfg, deterministic=not train, rng=rng)
-    return Model(params, apply, None, cfg, mod.__name__.rsplit(".", 1)[-1])
-  classifiers = [n for n in models.list_models() if not n.startswith(("llama", "tinyllama"))]
-  raise ValueError(f"model {mcfg.name!r} is not a classifier; valid classifiers: {classifiers}")
-
-
-def _dummy_input(cfg) -> jax.ShapeDtypeStruct:
-  if hasattr(cfg, "features"):                       # MLP
-    return jax.ShapeDtypeStruct((1, cfg.features[0]), jnp.float32)
-  if hasattr(cfg, "image_size"):                     # ViT
-    return jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)
-  return jax.ShapeDtypeStruct((1, 8, 8, cfg.in_channels), jnp.float32)   # CNN
-
-
-# =============================================================================================
-# Optimizer: optax from config, separate learning rates for the adapter and the head.
-# =============================================================================================
-
-def make_schedule(ocfg, lr: float, total_steps: int):
-  if ocfg.schedule not in SCHEDULES:
-    raise ValueError(f"Unknown optimizer.schedule {ocfg.schedule!r}; valid: {list(SCHEDULES)}")
-  warm = int(ocfg.get("warmup_steps", 0))
-  if ocfg.schedule == "constant":
-    return optax.join_schedules([optax.linear_schedule(0.0, lr, warm), optax.constant_schedule(lr)],
-                                [warm]) if warm else optax.constant_schedule(lr)
-  if ocfg.schedule == "cosine":
-    return optax.warmup_cosine_decay_schedule(0.0, lr, warm, max(total_steps, warm + 1), 0.0)
-  return optax.join_schedules([optax.linear_schedule(0.0, lr, warm),
-                               optax.linear_schedule(lr, 0.0, max(total_steps - warm, 1))], [warm])
-
-
-def make_optimizer(ocfg, total_steps: int) -> optax.GradientTransformation:
-  """`optimizer.name` with schedules for `lr` (adapter) and `head_lr` (head), clipping, decay."""
-  if ocfg.name not in OPTIMIZERS:
-    raise ValueError(f"Unknown optimizer.name {ocfg.name!r}; valid: {list(OPTIMIZERS)}")
-
-  def one(lr):
-    sched = make_schedule(ocfg, lr, total_steps)
-    if ocfg.name == "adamw":
-      tx = optax.adamw(sched, b1=ocfg.b1, b2=ocfg.b2, weight_decay=ocfg.wd)
-    else:
-      tx = optax.chain(optax.add_decayed_weights(ocfg.wd), optax.sgd(sched, momentum=ocfg.b1))
-    return tx
-
-  tx = optax.multi_transform(
-      {"adapter": one(ocfg.lr), "head": one(ocfg.head_lr)},
-      lambda t: {k: jax.tree.map(lambda _: k, v) for k, v in t.items()})
-  if ocfg.get("grad_clip", 0.0) > 0:
-    tx = optax.chain(optax.clip_by_global_norm(ocfg.grad_clip), tx)
-  return tx
+  def apply(p, batch, *, train, rng):
+    return spec.classify(p, batch, deterministic=not train, rng=rng)
+  return Model(params, apply, spec.tokenizer(seq_len if seq_len > 0 else 128), spec)
 
 
 # =============================================================================================
@@ -239,13 +189,25 @@ def check_config(config: ml_collections.ConfigDict):
   old = [f for f in DEPRECATED_FIELDS if f in config]
   if old:
     raise ValueError(f"config has deprecated fields {old}; use total_steps / optimizer.lr")
-  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
-  if config.dataset.name not in data.list_datasets():
-    raise ValueError(f"Unknown dataset {config.dataset.name!r}; valid names: "
-                     f"{data.list_datasets()}")
-  registry.get_factory(config.adapter.method)   # unknown/unavailable method -> ValueError
-  from lowrank_jax import models  # pylint: disable=g-import-not-at-top
-  models.get_model(config.model.name)           # unknown model -> ValueError
+  from lowrank_jax import data, models  # pylint: disable=g-import-not-at-top
+  entry = data.dataset_entry(config.dataset.name)   # unknown dataset -> ValueError
+  registry.get_factory(config.adapter.method)       # unknown/unavailable method -> ValueError
+  spec = models.get_model(config.model.name)        # unknown model -> ValueError
+  tasks.get_task(config.get("task", DEFAULT_TASK))
+  if spec.is_classifier and entry.modality != spec.modality:
+    readers = [n for n in models.list_models(classifiers_only=True)
+               if models.get_model(n).modality == entry.modality]
+    raise ValueError(f"dataset {config.dataset.name!r} is {entry.modality}; model "
+                     f"{spec.name!r} reads {spec.modality}; models that read {entry.modality}: "
+                     f"{readers}")
+  if config.get("export_peft", False):
+    if not registry.facts(config.adapter.method).peft_exportable:
+      exportable = [m for m in registry.list_methods() if registry.facts(m).peft_exportable]
+      raise ValueError(f"config.export_peft=True: method {config.adapter.method!r} has no PEFT "
+                       f"layout; exportable methods: {exportable}")
+    if spec.hf_hub_name is None:
+      raise ValueError(f"config.export_peft=True: model {spec.name!r} has no Hugging Face "
+                       f"checkpoint to export against")
   for f in ("total_steps", "batch_size"):
     if config[f] < 1:
       raise ValueError(f"config.{f} must be >= 1, got {config[f]}")
@@ -255,16 +217,21 @@ def check_config(config: ml_collections.ConfigDict):
 
 
 def adapter_kwargs(config) -> dict:
+  """The factory keyword arguments of `config.adapter`, plus what a factory takes from the run
+  itself unless the config sets it: `total_steps` (schedules) and `base_lr` (the run's peak
+  `optimizer.lr`, which SORSA's official recipe divides its regularizer weight by)."""
   kw = {k: v for k, v in config.adapter.to_dict().items() if k != "method"}
   if "targets" in kw and isinstance(kw["targets"], (list, tuple)):
     kw["targets"] = list(kw["targets"])
+  from_run = {"total_steps": int(config.total_steps), "base_lr": float(config.optimizer.lr)}
   fn = registry.get_factory(config.adapter.method)
   try:
-    sig = inspect_mod.signature(fn)
-    if "total_steps" in sig.parameters and "total_steps" not in kw:
-      kw["total_steps"] = int(config.total_steps)
+    params = inspect_mod.signature(fn).parameters
   except (TypeError, ValueError):
-    pass
+    params = {}
+  for name, value in from_run.items():
+    if name in params and name not in kw:
+      kw[name] = value
   return kw
 
 
@@ -275,6 +242,73 @@ def split_head(params, head_regex: str) -> tuple[dict, list[str]]:
   paths = targeting.resolve(params, head_regex, what="config.head")
   leaves = dict(targeting.named_leaves(params))
   return {p: leaves[p] for p in paths}, paths
+
+
+# =============================================================================================
+# Adapter (+ calibration stats) and head: `base` is frozen, the head trains fully.
+# =============================================================================================
+
+def init_adapter(config, model: Model, data: Data, key: jax.Array):
+  """(adapter, base, adapter state, head as a nested partial tree of the params).
+
+  Raises:
+    ValueError: `config.head` selects params that the adapter also targets.
+  """
+  method = config.adapter.method
+  adapter = registry.make_adapter(method, **adapter_kwargs(config))
+  head_flat, head_paths = split_head(model.params, config.head)
+  stats = None
+  if registry.needs_stats(method):
+    stats = _calibrate(config, model, data.train_source, data.transform,
+                       adapter_kwargs(config).get("targets"))
+  base, ad_state = adapter.init(key, model.params, stats)
+  adapted_paths = set(tree_lib.unnest(ad_state.trainable)) if isinstance(ad_state.trainable,
+                                                                         dict) else set()
+  clash = sorted(adapted_paths & set(head_paths))
+  if clash:
+    raise ValueError(f"config.head={config.head!r} selects params the adapter also targets: "
+                     f"{clash[:5]}; make the adapter targets exclude the head")
+  return adapter, base, ad_state, tree_lib.nest(head_flat)
+
+
+def param_counts(method: str, ad_state, head) -> dict:
+  """{"adapter_params", "head_params", "trainable_params"} (logged)."""
+  n_adapter, n_head = base_lib.count_params(ad_state), tree_lib.tree_size(head)
+  logging.info("method %s: %d adapter + %d head = %d trainable params", method, n_adapter, n_head,
+               n_adapter + n_head)
+  return {"adapter_params": n_adapter, "head_params": n_head,
+          "trainable_params": n_adapter + n_head}
+
+
+def make_steps(adapter, model: Model, task, optimizer):
+  """(train_step, eval_step) of `task` on `model`'s output (`steps.make_train_step` /
+  `steps.make_eval_step`): the task never sees the model, the model never sees the task."""
+
+  def task_loss(params, batch, rng):
+    return task.loss(model.apply(params, batch, train=True, rng=rng), batch)
+
+  def eval_metrics(params, batch):
+    return task.eval_metrics(model.apply(params, batch, train=False, rng=None), batch)
+
+  return (steps.make_train_step(adapter, task_loss, optimizer),
+          steps.make_eval_step(adapter, eval_metrics))
+
+
+def make_evaluate(eval_step, base, data: Data, batch_size: int, task, sharding):
+  """`evaluate(state) -> task.summarize(sums of eval_step over the eval set)`; the eval batches
+  are built at the first call, then reused."""
+  cache = []
+
+  def evaluate(state):
+    if not cache:
+      cache.extend(eval_batches(data.eval_source, data.transform, batch_size))
+      tasks.check_batch(cache[0], task.eval_keys, "eval")
+    totals = {}
+    for batch in cache:
+      totals = tasks.sum_metrics(totals, jax.device_get(
+          eval_step(state, base, jax.device_put(batch, sharding))))
+    return task.summarize(totals)
+  return evaluate
 
 
 # =============================================================================================
@@ -299,194 +333,144 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     `trainable_params`, `steps`, `wall_s`, `adapter_path`, ... and `baseline` if run.
 
   Raises:
-    ValueError: unknown method/model/dataset/optimizer, bad field values.
+    ValueError: unknown method/model/dataset/optimizer/task, bad field values.
     ckpt_lib.ConfigMismatchError: `workdir` holds a run of a different config.
     FloatingPointError: the loss became NaN/inf (the message names the step).
   """
   t_start = time.perf_counter()
   check_config(config)
-  baseline = None
-  if config.get("baseline", False) and config.adapter.method != "none":
-    bcfg = ml_collections.ConfigDict(config.to_dict())
-    bcfg.baseline = False
-    bcfg.save_adapter = False
-    bcfg.export_peft = False
-    bcfg.adapter = ml_collections.ConfigDict({"method": "none"})
-    logging.info("Training the frozen-base baseline (method 'none') into %s/baseline", workdir)
-    baseline = train_and_evaluate(bcfg, os.path.join(workdir, "baseline"))
+  baseline = train_baseline(config, workdir)
   t_run = time.perf_counter()
+  finished = finished_results(config, workdir)
+  if finished is not None:
+    return finished
 
-  # -------------------------------------------------------------------------------------------
-  # Workdir: a different config is refused; the same one resumes.
-  # -------------------------------------------------------------------------------------------
-  config_dict = config.to_dict()
-  same = ckpt_lib.check_workdir_config(workdir, config_dict,
-                                       overwrite=config.get("overwrite", False))
-  results_path = os.path.join(workdir, RESULTS_FILE)
-  if same and os.path.exists(results_path):   # finished already: report it, train nothing
-    with open(results_path) as f:
-      results = json.load(f)
-    if results.get("steps") == config.total_steps:
-      logging.info("%s holds a finished run of this config; not training again", workdir)
-      _print_summary(results)
-      return results
-
-  # -------------------------------------------------------------------------------------------
-  # Mesh: data parallel over all devices ('data' axis); state replicated, batch sharded.
-  # -------------------------------------------------------------------------------------------
-  # Auto axes: the compiler propagates shardings (explicit axes would put sharding in the types).
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  repl = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec())
-  data_sharding = jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data"))
-
-  # -------------------------------------------------------------------------------------------
-  # Model and data.
-  # -------------------------------------------------------------------------------------------
-  dcfg = config.dataset
+  repl, data_sharding = data_parallel_shardings()
   k_model, k_adapter, rng_loop = run_keys(config.seed)
+  dcfg = config.dataset
   model = make_model(config.model, num_classes_of(dcfg.name), k_model, dcfg.get("seq_len", 0))
-  transform = make_transform(dcfg, model.tokenizer)
-  train_source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
-  eval_source = load_split(dcfg, dcfg.eval_split, dcfg.max_eval_examples)
-  train_iter = train_iterator(train_source, transform, config.batch_size, dcfg.shuffle_seed)
-  logging.info("data: %d train / %d eval examples of %s", len(train_source), len(eval_source),
-               dcfg.name)
-  eval_data = None   # built at the first evaluation, then reused
-
-  # -------------------------------------------------------------------------------------------
-  # Adapter (+ calibration stats) and head. `base` is frozen; the head trains fully.
-  # -------------------------------------------------------------------------------------------
-  method = config.adapter.method
-  adapter = registry.make_adapter(method, **adapter_kwargs(config))
-  head_flat, head_paths = split_head(model.params, config.head)
-  stats = None
-  if registry.needs_stats(method):
-    stats = _calibrate(config, model, train_source, transform,
-                       adapter_kwargs(config).get("targets"))
-  base, ad_state = adapter.init(k_adapter, model.params, stats)
+  data = make_data(config, model)
+  adapter, base, ad_state, head = init_adapter(config, model, data, k_adapter)
   del k_adapter
-  adapted_paths = set(tree_lib.unnest(ad_state.trainable)) if isinstance(ad_state.trainable,
-                                                                         dict) else set()
-  clash = sorted(adapted_paths & set(head_paths))
-  if clash:
-    raise ValueError(f"config.head={config.head!r} selects params the adapter also targets: "
-                     f"{clash[:5]}; make the adapter targets exclude the head")
-
-  def full_params(base, ad_state, head, rng=None):
-    p = adapter.apply(base, ad_state, rng=rng)
-    return tree_lib.replace_by_name(p, tree_lib.unnest(head), is_leaf=structured.is_structured) \
-        if head else p
-
-  tx = make_optimizer(config.optimizer, config.total_steps)
-
-  def init_state():
-    trainable = {"adapter": ad_state.trainable, "head": tree_lib.nest(head_flat)}
-    return {"adapter": ad_state.trainable, "frozen": ad_state.frozen,
-            "head": tree_lib.nest(head_flat), "opt": tx.init(trainable),
-            "step": jnp.zeros((), jnp.int32), "rng": jax.random.key_data(rng_loop)}
-
-  abstract = jax.eval_shape(init_state)
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=repl),
-                          abstract)
-  n_adapter = base_lib.count_params(ad_state)
-  n_head = tree_lib.tree_size(head_flat)
-  n_trainable = n_adapter + n_head
-  logging.info("method %s: %d adapter + %d head = %d trainable params", method, n_adapter, n_head,
-               n_trainable)
+  counts = param_counts(config.adapter.method, ad_state, head)
+  tx = optim.make_optimizer(config.optimizer, config.total_steps)
+  init_state = functools.partial(steps.init_train_state, ad_state, tx, head=head, rng=rng_loop)
+  # A residual-init method's PEFT export needs the factors its init produced.
+  initial = jax.device_get(ad_state) if config.get("export_peft", False) else None
   const = jax.device_put(base, repl)
   del base
   model.params = None
+  task = tasks.get_task(config.get("task", DEFAULT_TASK))
+  train_step, eval_step = make_steps(adapter, model, task, tx)
+  evaluate = make_evaluate(eval_step, const, data, config.eval_batch_size, task, data_sharding)
 
-  # -------------------------------------------------------------------------------------------
-  # Update step: grads w.r.t. {adapter trainable, head}; base is const; state donated.
-  # -------------------------------------------------------------------------------------------
-  def loss_fn(trainable, frozen, base, batch, rng):
-    k_ad, k_model = jax.random.split(rng)
-    st = base_lib.AdapterState(trainable["adapter"], frozen)
-    params = full_params(base, st, trainable["head"], rng=k_ad)
-    logits = model.apply(params, batch, train=True, rng=k_model)
-    ce = optax.softmax_cross_entropy_with_integer_labels(
-        logits.astype(jnp.float32), batch["label"]).mean()
-    penalty = adapter.penalty(st)
-    acc = jnp.mean(jnp.argmax(logits, -1) == batch["label"])
-    return ce + penalty, {"ce": ce, "penalty": penalty, "train_accuracy": acc}
-
-  def update_fn(state, base, batch):
-    rng = jax.random.fold_in(jax.random.wrap_key_data(state["rng"]), state["step"])
-    trainable = {"adapter": state["adapter"], "head": state["head"]}
-    (loss, aux), grads = jax.value_and_grad(loss_fn, has_aux=True)(
-        trainable, state["frozen"], base, batch, rng)
-    updates, opt = tx.update(grads, state["opt"], trainable)
-    trainable = optax.apply_updates(trainable, updates)
-    new_adapter, new_frozen = trainable["adapter"], state["frozen"]
-    if adapter.update is not None:   # rank growth / pruning, outside the gradient
-      st = adapter.update(base_lib.AdapterState(new_adapter, new_frozen), grads["adapter"],
-                          state["step"])
-      new_adapter, new_frozen = st.trainable, st.frozen
-    new_state = {"adapter": new_adapter, "frozen": new_frozen, "head": trainable["head"],
-                 "opt": opt, "step": state["step"] + 1, "rng": state["rng"]}
-    return new_state, {"loss": loss, "grad_norm": optax.global_norm(grads), **aux}
-
-  update_fn = jax.jit(update_fn, donate_argnums=(0,))
-
-  @jax.jit
-  def eval_fn(state, base, batch):
-    st = base_lib.AdapterState(state["adapter"], state["frozen"])
-    logits = model.apply(full_params(base, st, state["head"]), batch, train=False, rng=None)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
-                                                         batch["label"])
-    m = batch["mask"]
-    return {"correct": jnp.sum((jnp.argmax(logits, -1) == batch["label"]) * m),
-            "loss": jnp.sum(ce * m), "count": jnp.sum(m)}
-
-  def evaluate(state):
-    nonlocal eval_data
-    if eval_data is None:
-      eval_data = eval_batches(eval_source, transform, config.eval_batch_size)
-    tot = {"correct": 0.0, "loss": 0.0, "count": 0.0}
-    for batch in eval_data:
-      out = jax.device_get(eval_fn(state, const, jax.device_put(batch, data_sharding)))
-      for k in tot:
-        tot[k] += float(out[k])
-    return {"accuracy": tot["correct"] / tot["count"], "eval_loss": tot["loss"] / tot["count"]}
-
-  # -------------------------------------------------------------------------------------------
-  # Checkpoint: restore the latest (train state + iterator state), else start fresh.
-  # -------------------------------------------------------------------------------------------
   ckpt = ckpt_lib.Checkpointer(workdir, config.get("ckpt_every", 0), config.get("keep_ckpts", 2))
-  start = 0
-  if ckpt.latest_step() is not None:
-    state, data_state, start = ckpt.restore(abstract)
-    train_iter.set_state(data_state)
-    logging.info("Resumed from the checkpoint at step %d", start)
-  else:
-    # Distinct buffers per leaf (an init may share one array between leaves; donation needs each
-    # donated buffer once).
-    state = jax.device_put(jax.tree.map(lambda x: jnp.array(x, copy=True), init_state()), repl)
-  del ad_state, head_flat
+  state, start = restore_or_init(ckpt, init_state, data.train_iter, repl)
+  del ad_state, head
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  if start == 0:
+    writer.write(0, {"trainable_params": counts["trainable_params"]})
+  t_loop = time.perf_counter()
+  state = train_loop(config, workdir, state, start, train_step, const, data, data_sharding,
+                     evaluate, ckpt, writer)
+  train_s = time.perf_counter() - t_loop
+  ckpt.maybe_save(config.total_steps, state, data.train_iter.get_state(), force=True)
+  ev = evaluate(state)
+  writer.write(config.total_steps, ev)
+  writer.close()
+  ckpt.close()
+
+  adapter_path = save_outputs(config, workdir, model, adapter, jax.device_get(state), initial)
+  results = {"method": config.adapter.method, **ev, **counts, "steps": config.total_steps,
+             "resumed_from": start, "train_s": train_s,
+             "wall_s": time.perf_counter() - (t_run if baseline is not None else t_start),
+             "total_wall_s": time.perf_counter() - t_start, "adapter_path": adapter_path,
+             "adapter_bytes": _dir_bytes(adapter_path), "workdir": workdir,
+             "config": config.to_dict()}
+  if baseline is not None:
+    results["baseline"] = {k: baseline[k] for k in ("accuracy", "eval_loss", "trainable_params",
+                                                    "wall_s")}
+  with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+    json.dump(results, f, indent=2, default=str)
+  _print_summary(results)
+  return results
+
+
+def train_baseline(config, workdir: str) -> Optional[dict]:
+  """With `config.baseline`, trains the frozen-base baseline (method "none", same steps, data and
+  seed) into `workdir/baseline` and returns its results; else None."""
+  if not config.get("baseline", False) or config.adapter.method == "none":
+    return None
+  bcfg = ml_collections.ConfigDict(config.to_dict())
+  bcfg.baseline = False
+  bcfg.save_adapter = False
+  bcfg.export_peft = False
+  bcfg.adapter = ml_collections.ConfigDict({"method": "none"})
+  logging.info("Training the frozen-base baseline (method 'none') into %s/baseline", workdir)
+  return train_and_evaluate(bcfg, os.path.join(workdir, "baseline"))
+
+
+def finished_results(config, workdir: str) -> Optional[dict]:
+  """The results of a finished run of this config in `workdir` (reported, not retrained), else
+  None. A workdir holding a different config is refused (`ckpt_lib.check_workdir_config`)."""
+  same = ckpt_lib.check_workdir_config(workdir, config.to_dict(),
+                                       overwrite=config.get("overwrite", False))
+  results_path = os.path.join(workdir, RESULTS_FILE)
+  if not (same and os.path.exists(results_path)):
+    return None
+  with open(results_path) as f:
+    results = json.load(f)
+  if results.get("steps") != config.total_steps:
+    return None
+  logging.info("%s holds a finished run of this config; not training again", workdir)
+  _print_summary(results)
+  return results
+
+
+def data_parallel_shardings():
+  """(replicated, batch-sharded) shardings of a data-parallel mesh over all devices ('data')."""
+  # Auto axes: the compiler propagates shardings (explicit axes would put sharding in the types).
+  mesh = jax.make_mesh((jax.device_count(),), ("data",),
+                       axis_types=(jax.sharding.AxisType.Auto,))
+  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
+          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+
+
+def restore_or_init(ckpt, init_state, train_iter, sharding):
+  """(state, start step): the latest checkpoint (train state and iterator state), else
+  `init_state()` at step 0; the state is placed with `sharding`."""
+  if ckpt.latest_step() is None:
+    return jax.device_put(init_state(), sharding), 0
+  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
+                          jax.eval_shape(init_state))
+  state, data_state, start = ckpt.restore(abstract)
+  train_iter.set_state(data_state)
+  logging.info("Resumed from the checkpoint at step %d", start)
+  return state, start
+
+
+def train_loop(config, workdir, state, start, train_step, base, data: Data, sharding, evaluate,
+               ckpt, writer):
+  """Steps `start + 1 .. total_steps`: metrics every `log_every` (rank allocations too, for
+  methods that change them), evaluation every `eval_every`, checkpoints; returns the state.
+
+  Raises:
+    FloatingPointError: the loss became NaN/inf (the message names the step).
+  """
+  method, total = config.adapter.method, config.total_steps
+  schedule = optim.make_schedule(config.optimizer, config.optimizer.lr, total)
   rank_fn = registry.rank_allocation_fn(method)
   ranks_writer = metrics_lib.JsonlWriter(os.path.join(workdir, "ranks.jsonl"), resume_step=start) \
       if rank_fn is not None else None
-  if start == 0:
-    writer.write(0, {"trainable_params": n_trainable})
-
-  # -------------------------------------------------------------------------------------------
-  # Loop.
-  # -------------------------------------------------------------------------------------------
-  total = config.total_steps
   progress = metrics_lib.Progress(total, start, config.batch_size,
                                   enabled=config.get("progress", True),
                                   log_every=config.get("log_every", 50), desc=method)
   log_every = max(1, config.get("log_every", 50))
   eval_every = config.get("eval_every", 0)
-  ev = None
-  t_loop = time.perf_counter()
   for step in range(start + 1, total + 1):
-    batch = jax.device_put(next(train_iter), data_sharding)
+    batch = jax.device_put(next(data.train_iter), sharding)
     with jax.transfer_guard("disallow"):   # no hidden host<->device copies in the step
-      state, m = update_fn(state, const, batch)
+      state, m = train_step(state, base, batch)
     m = jax.device_get(m)
     loss = float(m["loss"])
     if not np.isfinite(loss):
@@ -495,54 +479,37 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
           f"lower optimizer.lr or check the data")
     progress.update(step, loss)
     if step % log_every == 0 or step == total:
-      writer.write(step, {**m, "lr": float(make_schedule(config.optimizer, config.optimizer.lr,
-                                                         total)(step - 1))})
+      writer.write(step, {**m, "lr": float(schedule(step - 1))})
       if ranks_writer is not None:
-        ranks_writer.write(step, {"ranks": rank_fn(jax.device_get(
-            base_lib.AdapterState(state["adapter"], state["frozen"])))})
+        ranks_writer.write(step, {"ranks": rank_fn(jax.device_get(steps.adapter_state(state)))})
     if eval_every and (step % eval_every == 0) and step != total:
       writer.write(step, evaluate(state))
-    if ckpt.maybe_save(step, state, train_iter.get_state()):
+    if ckpt.maybe_save(step, state, data.train_iter.get_state()):
       logging.info("checkpoint at step %d", step)
-  train_s = time.perf_counter() - t_loop
-  ckpt.maybe_save(total, state, train_iter.get_state(), force=True)
-  ev = evaluate(state)
-  writer.write(total, ev)
-  writer.close()
   if ranks_writer is not None:
     ranks_writer.close()
-  ckpt.close()
+  return state
 
-  # -------------------------------------------------------------------------------------------
-  # Outputs: adapter file (+ PEFT export), results.json, summary.
-  # -------------------------------------------------------------------------------------------
-  host = jax.device_get(state)
-  adapter_path = None
-  if config.get("save_adapter", True) and method != "none":
-    from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
-    adapter_path = os.path.join(workdir, "adapter")
-    adapter_io.save_adapter(adapter_path,
-                            base_lib.AdapterState(host["adapter"], host["frozen"]),
-                            {"method": method, "adapter": config.adapter.to_dict(),
-                             "model": config.model.to_dict(), "head": config.head,
-                             "dataset": dcfg.name, "step": total},
-                            head=host["head"], adapter=adapter)
-    if config.get("export_peft", False):
-      _export_peft(config, model, adapter, host, os.path.join(workdir, "peft"))
-  results = {"method": method, "accuracy": ev["accuracy"], "eval_loss": ev["eval_loss"],
-             "trainable_params": n_trainable, "adapter_params": n_adapter, "head_params": n_head,
-             "steps": total, "resumed_from": start, "train_s": train_s,
-             "wall_s": time.perf_counter() - (t_run if baseline is not None else t_start),
-             "total_wall_s": time.perf_counter() - t_start, "adapter_path": adapter_path,
-             "adapter_bytes": _dir_bytes(adapter_path), "workdir": workdir,
-             "config": config_dict}
-  if baseline is not None:
-    results["baseline"] = {k: baseline[k] for k in ("accuracy", "eval_loss", "trainable_params",
-                                                    "wall_s")}
-  with open(results_path, "w") as f:
-    json.dump(results, f, indent=2, default=str)
-  _print_summary(results)
-  return results
+
+def save_outputs(config, workdir: str, model: Model, adapter: base_lib.Adapter, host: dict,
+                 initial: Optional[base_lib.AdapterState] = None) -> Optional[str]:
+  """Writes the adapter file (`workdir/adapter`, with the head and the adapter's hparams) and,
+  with `config.export_peft`, the PEFT layout (`workdir/peft`; `initial` is the adapter state right
+  after `init`, which residual-init methods need); returns the adapter path (None when not
+  saved)."""
+  method = config.adapter.method
+  if not config.get("save_adapter", True) or method == "none":
+    return None
+  from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
+  adapter_path = os.path.join(workdir, "adapter")
+  adapter_io.save_adapter(adapter_path, steps.adapter_state(host),
+                          {"method": method, "adapter": config.adapter.to_dict(),
+                           "model": config.model.to_dict(), "head": config.head,
+                           "dataset": config.dataset.name, "step": config.total_steps},
+                          head=host["head"], adapter=adapter)
+  if config.get("export_peft", False):
+    _export_peft(config, model, adapter, host, initial, os.path.join(workdir, "peft"))
+  return adapter_path
 
 
 def run_keys(seed: int) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -581,11 +548,7 @@ def load_trained(config: ml_collections.ConfigDict, adapter_path: str) -> tuple[
     stats = _calibrate(config, model, source, make_transform(dcfg, model.tokenizer),
                        adapter_kwargs(config).get("targets"))
   base, _ = adapter.init(k_adapter, model.params, stats)
-  params = adapter.apply(base, state)
-  if head:
-    params = tree_lib.replace_by_name(params, tree_lib.unnest(head),
-                                      is_leaf=structured.is_structured)
-  return params, model
+  return steps.adapted_params(adapter, base, state, head), model
 
 
 def _dir_bytes(path: Optional[str]) -> int:
@@ -626,13 +589,15 @@ def _calibrate(config, model: Model, train_source, transform, targets):
   logging.info("calibrating %s on %d batches", config.adapter.method, len(batches))
   return calibrate.collect(apply_fn, model.params, batches, targets,
                            mask_key="attention_mask" if text else None,
-                           sample_scale="corda" if config.adapter.method == "corda" else None)
+                           sample_scale=registry.facts(config.adapter.method).stats_sample_scale)
 
 
-def _export_peft(config, model: Model, adapter: base_lib.Adapter, host: dict, path: str):
+def _export_peft(config, model: Model, adapter: base_lib.Adapter, host: dict,
+                 initial: Optional[base_lib.AdapterState], path: str):
+  """PEFT export of the run's adapter; method, rank, alpha and rsLoRA come from the adapter."""
   from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
-  if model.family != "minilm":
-    raise ValueError(f"export_peft supports MiniLM runs, not {config.model.name!r}")
-  adapter_io.export_peft(
-      path, adapter, base_lib.AdapterState(host["adapter"], host["frozen"]), model="minilm",
-      cfg=model.hf_cfg, base_model_name_or_path="sentence-transformers/all-MiniLM-L6-v2")
+  if not registry.facts(config.adapter.method).residual_init:
+    initial = None
+  adapter_io.export_peft(path, adapter, steps.adapter_state(host), model=model.spec.family,
+                         cfg=model.spec.config, initial=initial,
+                         base_model_name_or_path=model.spec.hf_hub_name)

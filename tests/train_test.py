@@ -87,6 +87,18 @@ class TrainTest(absltest.TestCase):
         with self.assertRaisesRegex(ValueError, pattern):
           train.train_and_evaluate(_config(**{field: value}), tempfile.mkdtemp())
 
+  def test_check_config_accepts_the_names_data_load_accepts(self):
+    for name in ("mnist", "tfds:mnist", "digits"):
+      with self.subTest(name):
+        train.check_config(_config(**{"dataset.name": name}))
+
+  def test_text_dataset_on_an_image_model(self):
+    c = _config(**{"dataset.name": "wordnet_supersense"})
+    with self.assertRaisesRegex(ValueError, r"dataset 'wordnet_supersense' is text; model "
+                                r"'mlp_digits' reads image; models that read text: \['minilm', "
+                                r"'minilm_tiny'\]"):
+      train.train_and_evaluate(c, tempfile.mkdtemp())
+
   def test_dropout_field_the_model_lacks(self):
     c = _config()
     c.model.attention_dropout_rate = 0.1     # the digits MLP has no attention
@@ -115,16 +127,6 @@ class TrainTest(absltest.TestCase):
     self.assertLen(batches, 3)
     self.assertTrue(all(b["x"].shape == (3, 2) for b in batches))
     np.testing.assert_array_equal(batches[-1]["mask"], [1, 0, 0])
-
-  def test_optimizer_schedules(self):
-    for sched in train.SCHEDULES:
-      o = ml_collections.ConfigDict(dict(name="adamw", lr=1.0, head_lr=0.5, wd=0.0, b1=0.9,
-                                         b2=0.999, schedule=sched, warmup_steps=2, grad_clip=1.0))
-      s = train.make_schedule(o, 1.0, 10)
-      self.assertAlmostEqual(float(s(0)), 0.0)
-      self.assertAlmostEqual(float(s(2)), 1.0, places=5)
-      train.make_optimizer(o, 10)
-
 
 class RegistryTest(absltest.TestCase):
 

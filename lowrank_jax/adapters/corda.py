@@ -242,7 +242,8 @@ def _config_kwargs(rank, alpha, targets, total_steps):
 
 
 METHOD_FACTS = {
-    "corda": base_lib.MethodFacts(corda, _config_kwargs, needs_stats=True, peft_exportable=True,
+    "corda": base_lib.MethodFacts(corda, _config_kwargs, needs_stats=True, stats_sample_scale="corda",
+                                  peft_exportable=True,
                                   residual_init=True,
                                   adapter_names=tuple(f"corda_{mode}" for mode in MODES)),
 }

@@ -5,14 +5,16 @@ pipelines. No TensorFlow.
 >>> data.list_datasets()
 ['digits', 'fashion_mnist', 'wordnet_supersense']
 """
-from lowrank_jax.data._catalog import (DATA_DIR_ENV, DATASETS, builder, default_data_dir,
+from lowrank_jax.data._catalog import (DATA_DIR_ENV, DATASETS, MODALITIES, DatasetEntry, builder,
+                                       dataset_entry, default_data_dir, example_transform,
                                        list_datasets, load, num_classes)
 from lowrank_jax.data._pipeline import ArraySource, image_transform, make_pipeline, text_transform
 from lowrank_jax.data._sources import MissingDataError, SUPERSENSES
 from lowrank_jax.data.wordnet import probe_pairs, semantic_probe_score
 
 __all__ = [
-    "ArraySource", "DATA_DIR_ENV", "DATASETS", "MissingDataError", "SUPERSENSES", "builder",
-    "default_data_dir", "image_transform", "list_datasets", "load", "make_pipeline",
-    "num_classes", "probe_pairs", "semantic_probe_score", "text_transform",
+    "ArraySource", "DATA_DIR_ENV", "DATASETS", "DatasetEntry", "MODALITIES", "MissingDataError",
+    "SUPERSENSES", "builder", "dataset_entry", "default_data_dir", "example_transform",
+    "image_transform", "list_datasets", "load", "make_pipeline", "num_classes", "probe_pairs",
+    "semantic_probe_score", "text_transform",
 ]

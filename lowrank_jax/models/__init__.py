@@ -2,6 +2,10 @@
 
 Each module exposes a frozen config dataclass with presets, `init(key, cfg) -> params`,
 `apply(params, inputs, cfg, *, deterministic=True, rng=None)` and `hf_name_map(cfg)`.
+A classifier module also has `MODALITY` ("image" or "text": what `classify` reads),
+`classify(params, cfg, batch, *, deterministic, rng) -> logits` and `dummy_batch(cfg)`; a text
+one `load_tokenizer(max_length)`; one whose head is not built in `add_classifier_head(key, params,
+num_classes)`. `ModelSpec` gives the trainer all of it without knowing any model by name.
 
 >>> from lowrank_jax import models
 >>> spec = models.get_model("mlp_digits")
@@ -11,8 +15,9 @@ Each module exposes a frozen config dataclass with presets, `init(key, cfg) -> p
 """
 from __future__ import annotations
 
+import dataclasses
 import types
-from typing import Any, NamedTuple
+from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 
@@ -20,10 +25,11 @@ from lowrank_jax.models import cnn, llama, minilm, mlp, vit
 
 
 class ModelSpec(NamedTuple):
-  """A registry entry: the model module and its config."""
+  """A registry entry: the model module, its config, and its pretrained loader if any."""
   name: str
   module: types.ModuleType
   config: Any
+  pretrained: Optional[Callable[[], tuple[dict, Any]]] = None   # () -> (params, config)
 
   def init(self, key: jax.Array, **kwargs):
     return self.module.init(key, self.config, **kwargs)
@@ -34,26 +40,92 @@ class ModelSpec(NamedTuple):
   def hf_name_map(self) -> dict[str, str]:
     return self.module.hf_name_map(self.config)
 
+  @property
+  def family(self) -> str:
+    """The model module's short name ("minilm", "mlp", ...), as `adapter_io` names models."""
+    return self.module.__name__.rsplit(".", 1)[-1]
 
-_REGISTRY: dict[str, tuple[types.ModuleType, Any]] = {
-    "mlp_digits": (mlp, mlp.PRESETS["digits"]),
-    "mlp_mnist": (mlp, mlp.PRESETS["mnist"]),
-    "cnn_mnist": (cnn, cnn.PRESETS["mnist"]),
-    "cnn_digits": (cnn, cnn.PRESETS["digits"]),
-    "cnn_cifar": (cnn, cnn.PRESETS["cifar"]),
-    "vit_tiny": (vit, vit.PRESETS["vit_tiny"]),
-    "vit_test": (vit, vit.PRESETS["test"]),
-    "minilm": (minilm, minilm.MiniLMConfig.all_minilm_l6_v2()),
-    "minilm_tiny": (minilm, minilm.MiniLMConfig.tiny()),
-    "llama_tiny": (llama, llama.PRESETS["tiny"]),
-    "llama_small": (llama, llama.PRESETS["small"]),
-    "tinyllama_1_1b": (llama, llama.PRESETS["tinyllama_1_1b"]),
-    "llama2_7b": (llama, llama.PRESETS["llama2_7b"]),
-}
+  @property
+  def is_classifier(self) -> bool:
+    return hasattr(self.module, "classify")
+
+  @property
+  def modality(self) -> Optional[str]:
+    """What `classify` reads: "image" or "text" (None: not a classifier)."""
+    return getattr(self.module, "MODALITY", None)
+
+  @property
+  def hf_hub_name(self) -> Optional[str]:
+    """The Hugging Face checkpoint the model's weights come from (None: none)."""
+    return getattr(self.module, "HF_HUB_NAME", None)
+
+  def with_config(self, **fields) -> "ModelSpec":
+    """This spec with config `fields` replaced (e.g. dropout rates)."""
+    return self._replace(config=dataclasses.replace(self.config, **fields))
+
+  def load_pretrained(self) -> tuple[dict, "ModelSpec"]:
+    """(pretrained params, this spec with the checkpoint's config).
+
+    Raises:
+      ValueError: the model has no pretrained weights (lists the models that have).
+    """
+    if self.pretrained is None:
+      have = [n for n, spec in _REGISTRY.items() if spec.pretrained is not None]
+      raise ValueError(f"model {self.name!r} has no pretrained weights; models with pretrained "
+                       f"weights: {have}; else set model.pretrained=False")
+    params, config = self.pretrained()
+    return params, self._replace(config=config)
+
+  def classify(self, params, batch, *, deterministic: bool = True,
+               rng: Optional[jax.Array] = None) -> jax.Array:
+    """Class logits (B, num_classes) of `batch`."""
+    return self.module.classify(params, self.config, batch, deterministic=deterministic, rng=rng)
+
+  def with_classifier(self, key: jax.Array, params, num_classes: int):
+    """`params` with a `num_classes` output: a fresh head where the model adds one, else the
+    built-in output layer, checked.
+
+    Raises:
+      ValueError: the built-in output layer has another number of outputs.
+    """
+    if hasattr(self.module, "add_classifier_head"):
+      return self.module.add_classifier_head(key, params, num_classes)
+    out = jax.eval_shape(lambda p, b: self.classify(p, b), params,
+                         self.module.dummy_batch(self.config)).shape[-1]
+    if out != num_classes:
+      raise ValueError(f"model {self.name!r} has {out} outputs, the dataset has {num_classes} "
+                       f"classes")
+    return params
+
+  def tokenizer(self, max_length: int):
+    """The text model's fixed-length tokenizer; None for other models."""
+    load = getattr(self.module, "load_tokenizer", None)
+    return None if load is None else load(max_length)
 
 
-def list_models() -> list[str]:
-  return sorted(_REGISTRY)
+_REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (
+    ModelSpec("mlp_digits", mlp, mlp.PRESETS["digits"]),
+    ModelSpec("mlp_mnist", mlp, mlp.PRESETS["mnist"]),
+    ModelSpec("cnn_mnist", cnn, cnn.PRESETS["mnist"]),
+    ModelSpec("cnn_digits", cnn, cnn.PRESETS["digits"]),
+    ModelSpec("cnn_cifar", cnn, cnn.PRESETS["cifar"]),
+    ModelSpec("vit_tiny", vit, vit.PRESETS["vit_tiny"]),
+    ModelSpec("vit_test", vit, vit.PRESETS["test"]),
+    ModelSpec("minilm", minilm, minilm.MiniLMConfig.all_minilm_l6_v2(), minilm.load_pretrained),
+    ModelSpec("minilm_tiny", minilm, minilm.MiniLMConfig.tiny()),
+    ModelSpec("llama_tiny", llama, llama.PRESETS["tiny"]),
+    ModelSpec("llama_small", llama, llama.PRESETS["small"]),
+    ModelSpec("tinyllama_1_1b", llama, llama.PRESETS["tinyllama_1_1b"]),
+    ModelSpec("llama2_7b", llama, llama.PRESETS["llama2_7b"]),
+)}
+
+
+def list_models(classifiers_only: bool = False) -> list[str]:
+  """Registered model names (sorted); with `classifiers_only`, those that can `classify`."""
+  names = sorted(_REGISTRY)
+  if classifiers_only:
+    names = [n for n in names if _REGISTRY[n].is_classifier]
+  return names
 
 
 def get_model(name: str) -> ModelSpec:
@@ -63,8 +135,7 @@ def get_model(name: str) -> ModelSpec:
   """
   if name not in _REGISTRY:
     raise ValueError(f"Unknown model {name!r}; valid names: {list_models()}")
-  module, cfg = _REGISTRY[name]
-  return ModelSpec(name, module, cfg)
+  return _REGISTRY[name]
 
 
 __all__ = ["ModelSpec", "get_model", "list_models", "cnn", "llama", "minilm", "mlp", "vit"]

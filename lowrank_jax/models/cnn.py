@@ -21,6 +21,8 @@ import jax.numpy as jnp
 
 from lowrank_jax.models import _layers as L
 
+MODALITY = "image"   # `classify` reads `batch["image"]`
+
 
 @dataclasses.dataclass(frozen=True)
 class CNNConfig:
@@ -74,6 +76,17 @@ def apply(params: dict, images: jax.Array, cfg: CNNConfig, *, deterministic: boo
   x = jnp.mean(x, axis=(1, 2))
   x = L.dropout(x, cfg.dropout_rate, rng, deterministic)
   return L.dense(params["head"], x)
+
+
+def classify(params: dict, cfg: CNNConfig, batch, *, deterministic: bool = True,
+             rng: jax.Array | None = None) -> jax.Array:
+  """Class logits of `batch["image"]` (the classifier interface shared with text models)."""
+  return apply(params, batch["image"], cfg, deterministic=deterministic, rng=rng)
+
+
+def dummy_batch(cfg: CNNConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a one-example `classify` batch (for `jax.eval_shape`)."""
+  return {"image": jax.ShapeDtypeStruct((1, 8, 8, cfg.in_channels), jnp.float32)}
 
 
 def hf_name_map(cfg: CNNConfig) -> dict[str, str]:

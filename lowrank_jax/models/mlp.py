@@ -19,6 +19,8 @@ import jax.numpy as jnp
 
 from lowrank_jax.models import _layers as L
 
+MODALITY = "image"   # `classify` reads `batch["image"]`
+
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "silu": jax.nn.silu}
 
 
@@ -65,6 +67,17 @@ def apply(params: dict, x: jax.Array, cfg: MLPConfig, *, deterministic: bool = T
       x = ACTIVATIONS[cfg.activation](x)
       x = L.dropout(x, cfg.dropout_rate, L.fold(rng, i), deterministic)
   return x
+
+
+def classify(params: dict, cfg: MLPConfig, batch, *, deterministic: bool = True,
+             rng: jax.Array | None = None) -> jax.Array:
+  """Class logits of `batch["image"]` (the classifier interface shared with text models)."""
+  return apply(params, batch["image"], cfg, deterministic=deterministic, rng=rng)
+
+
+def dummy_batch(cfg: MLPConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a one-example `classify` batch (for `jax.eval_shape`)."""
+  return {"image": jax.ShapeDtypeStruct((1, cfg.features[0]), jnp.float32)}
 
 
 def hf_name_map(cfg: MLPConfig) -> dict[str, str]:

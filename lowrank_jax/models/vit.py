@@ -45,6 +45,8 @@ import jax.numpy as jnp
 
 from lowrank_jax.models import _layers as L
 
+MODALITY = "image"   # `classify` reads `batch["image"]`
+
 
 @dataclasses.dataclass(frozen=True)
 class ViTConfig:
@@ -138,6 +140,17 @@ def apply(params: dict, images: jax.Array, cfg: ViTConfig, *, deterministic: boo
     x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i + 1, 1), deterministic)
   feats = L.layer_norm(params["encoder"]["norm"], x[:, 0], cfg.layer_norm_eps)
   return feats if return_features else L.dense(params["head"], feats)
+
+
+def classify(params: dict, cfg: ViTConfig, batch, *, deterministic: bool = True,
+             rng: jax.Array | None = None) -> jax.Array:
+  """Class logits of `batch["image"]` (the classifier interface shared with text models)."""
+  return apply(params, batch["image"], cfg, deterministic=deterministic, rng=rng)
+
+
+def dummy_batch(cfg: ViTConfig) -> dict[str, jax.ShapeDtypeStruct]:
+  """Shapes of a one-example `classify` batch (for `jax.eval_shape`)."""
+  return {"image": jax.ShapeDtypeStruct((1, cfg.image_size, cfg.image_size, cfg.channels), jnp.float32)}
 
 
 def hf_name_map(cfg: ViTConfig) -> dict[str, str]:

@@ -1,0 +1,86 @@
+"""Tasks: what a batch holds besides the model inputs, the training loss and the eval metrics.
+
+A task sees the model's output and the batch, never the model: the trainer applies the model and
+hands the output over, so one task serves every model that produces its output.
+
+>>> import jax.numpy as jnp
+>>> from lowrank_jax import tasks
+>>> task = tasks.get_task("classification")
+>>> logits = jnp.array([[2.0, 0.0], [0.0, 2.0]])
+>>> batch = {"label": jnp.array([0, 0]), "mask": jnp.array([1.0, 0.0])}
+>>> {k: float(v) for k, v in task.eval_metrics(logits, batch).items()}['correct']
+1.0
+"""
+from __future__ import annotations
+
+from typing import Any, Mapping, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+
+Batch = Mapping[str, Any]
+
+
+class Classification(NamedTuple):
+  """Single-label classification of logits (B, num_classes) against integer `label` (B,).
+
+  Attributes:
+    label_key: batch key of the integer labels.
+    mask_key: batch key of the eval padding mask (1: a real example, 0: padding).
+  """
+  label_key: str = "label"
+  mask_key: str = "mask"
+
+  @property
+  def train_keys(self) -> tuple[str, ...]:
+    """Batch keys (besides the model inputs) the loss reads."""
+    return (self.label_key,)
+
+  @property
+  def eval_keys(self) -> tuple[str, ...]:
+    """Batch keys (besides the model inputs) `eval_metrics` reads."""
+    return (self.label_key, self.mask_key)
+
+  def loss(self, logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict]:
+    """Mean cross-entropy in float32, and {"ce", "train_accuracy"}."""
+    labels = batch[self.label_key]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32),
+                                                         labels).mean()
+    accuracy = jnp.mean(jnp.argmax(logits, -1) == labels)
+    return ce, {"ce": ce, "train_accuracy": accuracy}
+
+  def eval_metrics(self, logits: jax.Array, batch: Batch) -> dict:
+    """Sums over the unmasked examples: {"correct", "loss" (float32 cross-entropy), "count"}."""
+    labels, mask = batch[self.label_key], batch[self.mask_key]
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), labels)
+    return {"correct": jnp.sum((jnp.argmax(logits, -1) == labels) * mask),
+            "loss": jnp.sum(ce * mask), "count": jnp.sum(mask)}
+
+  def summarize(self, totals: Mapping[str, float]) -> dict:
+    """{"accuracy", "eval_loss"} from the `eval_metrics` sums over all eval batches."""
+    return {"accuracy": totals["correct"] / totals["count"],
+            "eval_loss": totals["loss"] / totals["count"]}
+
+
+TASKS = {"classification": Classification()}
+
+
+def get_task(name: str) -> Classification:
+  """The task `name`; raises ValueError listing the valid names."""
+  if name not in TASKS:
+    raise ValueError(f"Unknown task {name!r}; valid names: {sorted(TASKS)}")
+  return TASKS[name]
+
+
+def check_batch(batch: Batch, keys: tuple[str, ...], what: str) -> None:
+  """Raises ValueError naming the keys of `keys` that `batch` lacks."""
+  missing = [k for k in keys if k not in batch]
+  if missing:
+    raise ValueError(f"{what} batch is missing {missing}; it has {sorted(batch)}")
+
+
+def sum_metrics(totals: Mapping[str, float], metrics: Mapping[str, Any]) -> dict:
+  """Adds one batch's (host) metric sums to the running `totals`."""
+  return {k: totals.get(k, 0.0) + float(np.asarray(v)) for k, v in metrics.items()}
