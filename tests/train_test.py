@@ -10,6 +10,8 @@ import ml_collections
 import numpy as np
 
 from configs import digits_lora
+from configs import quickstart
+import lowrank_jax as lj
 from lowrank_jax import adapter_io
 from lowrank_jax import metrics as metrics_lib
 from lowrank_jax import registry
@@ -68,6 +70,38 @@ class TrainTest(absltest.TestCase):
     self.assertIn("baseline", r)
     self.assertEqual(r["baseline"]["trainable_params"], 128 * 10 + 10)
     self.assertTrue(os.path.exists(os.path.join(wd, "baseline", train.RESULTS_FILE)))
+
+  def test_pissa_run_exports_the_lora_of_the_original_weights(self):
+    # A residual-init run's PEFT export must carry its initial factors: applied to the weights the
+    # run started from, the exported LoRA gives the run's final merged weights.
+    c = quickstart.get_config("method=pissa,rank=2,runlocal")
+    c.model.name, c.model.pretrained = "minilm_tiny", False
+    c.total_steps, c.batch_size, c.baseline, c.progress = 3, 8, False, False
+    c.dataset.max_train_examples, c.dataset.max_eval_examples = 64, 16
+    self.assertTrue(c.export_peft)
+    wd = tempfile.mkdtemp()
+    r = train.train_and_evaluate(c, wd)
+    params, _ = train.load_trained(c, r["adapter_path"])
+    k_model, _, _ = train.run_keys(c.seed)
+    original = train.make_model(c.model, 41, k_model, c.dataset.seq_len)
+    peft_adapter, peft_state, info = adapter_io.import_peft(
+        os.path.join(wd, "peft"), model="minilm", cfg=original.spec.config)
+    self.assertEqual((info["r"], info["lora_alpha"]), (4, 2 * c.adapter.alpha))
+    want = lj.merge(params)["encoder"]
+    got = lj.merge(peft_adapter.apply(original.params, peft_state))["encoder"]
+    np.testing.assert_allclose(np.asarray(got["layer_0"]["attention"]["query"]["kernel"]),
+                               np.asarray(want["layer_0"]["attention"]["query"]["kernel"]),
+                               atol=1e-5)
+    before = original.params["encoder"]["layer_0"]["attention"]["query"]["kernel"]
+    self.assertGreater(float(np.abs(np.asarray(want["layer_0"]["attention"]["query"]["kernel"])
+                                    - np.asarray(before)).max()), 1e-4)   # training moved it
+
+  def test_export_peft_of_a_method_without_a_peft_layout(self):
+    c = _config(**{"adapter": ml_collections.ConfigDict({"method": "sorsa", "rank": 2}),
+                   "export_peft": True})
+    with self.assertRaisesRegex(ValueError, r"export_peft=True: method 'sorsa' has no PEFT "
+                                r"layout; exportable methods: \['corda', 'lora', 'pissa'\]"):
+      train.check_config(c)
 
   def test_nan_loss_names_the_step(self):
     c = _config(**{"optimizer.name": "sgd", "optimizer.lr": 1e30, "optimizer.head_lr": 1e30,
