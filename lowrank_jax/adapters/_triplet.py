@@ -21,6 +21,21 @@ class TripletFactors(NamedTuple):
   lam: jax.Array
 
 
+def update_leaves(name: str, state: base_lib.AdapterState, grads) -> tuple[dict, dict, dict,
+                                                                          list[str]]:
+  """(trainable, frozen, grads) as `{path: leaf}` and their sorted paths, for `adapter.update`.
+
+  Raises:
+    ValueError: the gradient tree does not cover the same paths as the state.
+  """
+  t, f, g = (tree_lib.unnest(x) for x in (state.trainable, state.frozen, grads))
+  paths = sorted(t)
+  if sorted(g) != paths or sorted(f) != paths:
+    raise ValueError(f"{name}.update: grads/state paths differ ({sorted(g)[:3]} vs "
+                     f"{paths[:3]}); pass the gradients of state.trainable")
+  return t, f, g, paths
+
+
 def component_inner(a, grad_a):
   """c_i·∂L/∂c_i = ⟨ΔW_i, ∂L/∂ΔW⟩ per slot, from the a-factor and its gradient: (R,)."""
   axes = tuple(range(a.ndim - 1))

@@ -60,6 +60,7 @@ from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import _leafwise
 from lowrank_jax.adapters import _lowrank
+from lowrank_jax.adapters import _triplet
 from lowrank_jax.adapters._triplet import TripletFactors, rank_allocation
 
 
@@ -167,13 +168,7 @@ def adalora(init_r: int = 12, target_r: int = 8, alpha: Optional[float] = None,
     return orth_reg * 0.5 * (ra + rb)   # mean over the module's two matrices
 
   def update(state, grads, step):
-    t = tree_lib.unnest(state.trainable)
-    f = tree_lib.unnest(state.frozen)
-    g = tree_lib.unnest(grads)
-    paths = sorted(t)
-    if sorted(g) != paths or sorted(f) != paths:
-      raise ValueError(f"adalora.update: grads/state paths differ ({sorted(g)[:3]} vs "
-                       f"{paths[:3]}); pass the gradients of state.trainable")
+    t, f, g, paths = _triplet.update_leaves("adalora", state, grads)
     n = len(paths)
     step = jnp.asarray(step)
     budget, cubic_phase, final = budget_schedule(

@@ -97,6 +97,7 @@ from lowrank_jax import targeting
 from lowrank_jax import tree as tree_lib
 from lowrank_jax.adapters import _leafwise
 from lowrank_jax.adapters import _lowrank
+from lowrank_jax.adapters import _triplet
 # rank_allocation(_arrays) serve IncreLoRA and AdaLoRA; importable from here as before.
 from lowrank_jax.adapters._triplet import (TripletFactors, component_inner, rank_allocation,
                                            rank_allocation_arrays)
@@ -311,13 +312,7 @@ def increlora(target_rank: int = 2, init_rank: int = 1, alpha: Optional[float] =
     return elementwise_score(delta, g.probe) / size
 
   def update(state, grads, step):
-    t = tree_lib.unnest(state.trainable)
-    f = tree_lib.unnest(state.frozen)
-    g = tree_lib.unnest(grads)
-    paths = sorted(t)
-    if sorted(g) != paths or sorted(f) != paths:
-      raise ValueError(f"increlora.update: grads/state paths differ ({sorted(g)[:3]} vs "
-                       f"{paths[:3]}); pass the gradients of state.trainable")
+    t, f, g, paths = _triplet.update_leaves("increlora", state, grads)
     n = len(paths)
     target = total_rank if total_rank is not None else target_rank * n
     step = jnp.asarray(step)
