@@ -6,11 +6,15 @@ fixed grid, runs SOR with it, and observes only the number of sweeps that run to
 feedback). Two learners:
 
 * `tsallis_inf_*`: the Tsallis-INF bandit (Zimmert & Seldin, JMLR 2021) with the 1/2-Tsallis
-  entropy regulariser, competing with the best fixed grid point in hindsight.
+  entropy regulariser, competing with the best fixed grid point in hindsight. Choices made here:
+  learning rate ``eta_t = eta_scale / sqrt(t)`` (``eta_scale = 2`` by default, the adversarial
+  tuning) and the plain importance-weighted loss estimator.
 * `square_cb_*`: a contextual bandit for a known scalar context per system (e.g. the diagonal shift
-  ``c`` of ``A + c I``), competing with the instance-optimal choice: SquareCB's inverse-gap weighting
-  (Foster & Rakhlin, ICML 2020) on per-arm online ridge regressions over Chebyshev features of the
-  context, the construction the paper calls ChebCB.
+  ``c`` of ``A + c I``), competing with the instance-optimal choice. The paper's contextual method
+  regresses the cost on Chebyshev polynomials of the context; here that is SquareCB's inverse-gap
+  weighting (Foster & Rakhlin, ICML 2020) over per-arm online ridge regressions on Chebyshev
+  features, with ``gamma_t = gamma_scale sqrt(K t)`` (this module's choices, not the paper's
+  tuned constants).
 
 Losses are iteration counts divided by the sweep budget, so they lie in [0, 1]. All learner
 functions are pure (state in, state out, explicit PRNG keys) and jit/scan compatible. Run the
@@ -116,9 +120,12 @@ def sor_iterations(a: jax.Array, b: jax.Array, omegas: jax.Array, *, tol: float 
 
 
 def young_omega(jacobi_radius) -> jax.Array:
-  """Young's optimal SOR relaxation ``2 / (1 + sqrt(1 - rho^2))`` for a consistently ordered
-  matrix whose Jacobi iteration matrix has spectral radius ``rho < 1`` (e.g. the Poisson matrices,
-  ``rho = cos(pi h)``, also after a diagonal shift ``c``: ``rho = 4 cos(pi h) / (4 + c)`` in 2-D)."""
+  """Young's optimal SOR relaxation ``2 / (1 + sqrt(1 - rho^2))``.
+
+  For a consistently ordered matrix whose Jacobi iteration matrix has spectral radius
+  ``rho < 1``, e.g. the Poisson matrices (``rho = cos(pi h)``; after a diagonal shift ``c`` in 2-D,
+  ``rho = 4 cos(pi h) / (4 + c)``).
+  """
   rho = jnp.asarray(jacobi_radius)
   return 2.0 / (1.0 + jnp.sqrt(1.0 - rho ** 2))
 

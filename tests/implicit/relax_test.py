@@ -129,7 +129,8 @@ def test_square_cb_probabilities_match_ridge_regression_and_inverse_gap_weightin
     rows = [(h[0], h[2]) for h in history if h[1] == i]
     x = np.polynomial.chebyshev.chebvander(
         2 * (np.array([r[0] for r in rows]) - low) / (high - low) - 1, degree)
-    coef = np.linalg.solve(x.T @ x + ridge * np.eye(degree + 1), x.T @ np.array([r[1] for r in rows]))
+    targets = np.array([r[1] for r in rows])
+    coef = np.linalg.solve(x.T @ x + ridge * np.eye(degree + 1), x.T @ targets)
     preds.append(float(phi @ coef))
   preds = np.array(preds)
   gamma = 0.7 * np.sqrt(k * 26)
