@@ -11,7 +11,9 @@ kernel stood, so the existing models run it unchanged)::
   out = W_elem x + b_elem + s(z) * (W_hyper x + b_hyper),    s(z) = z @ S
 
 ``z`` is the unconstrained hyperparameter vector (h,) or one per example (B, h); ``S`` is
-(h, out). The layer's own bias is ``b_elem``; ``b_hyper`` lives in the `HyperKernel`.
+(h, out). The layer's own bias is ``b_elem``; ``b_hyper`` lives in the `HyperKernel`. ``W_elem``
+may itself be structured (a LoRA-style adapter) and ``W_hyper`` may be low rank
+(`LowRankProduct`, ``wrap(..., hyper_rank=r)``).
 
 Hyperparameters (`Hyperparameter`) are unconstrained reals mapped to their range by a sigmoid
 (interval) or a softplus (lower bound only).
@@ -50,6 +52,7 @@ PyTree = Any
 __all__ = [
     "HyperKernel",
     "Hyperparameter",
+    "LowRankProduct",
     "STN",
     "STNState",
     "cycle",
@@ -76,14 +79,15 @@ class HyperKernel(structured.Structured):
 
   Attributes:
     elem: the elementary kernel (dense or structured).
-    hyper: kernel of the hyper branch, same shape as ``elem``.
+    hyper: kernel of the hyper branch, same shape as ``elem`` (dense, or structured such as a
+      `LowRankProduct`).
     hyper_bias: (out,) bias of the hyper branch, or None for layers without bias.
     scale_map: (h, out) matrix ``S``.
     hyperparameters: the unconstrained hyperparameters ``z``, (h,) or per example (B, h); None
       until `with_hyperparameters` sets them.
   """
   elem: Any
-  hyper: jax.Array
+  hyper: Any
   hyper_bias: Any
   scale_map: jax.Array
   hyperparameters: Any = None
@@ -145,40 +149,80 @@ def _bias_path(kernel_path: str) -> str:
   return f"{parent}/bias" if parent else "bias"
 
 
+@flax.struct.dataclass
+class LowRankProduct(structured.Structured):
+  """The kernel ``a @ b`` kept factored: a (*in, r), b (r, out). The low-rank hyper branch."""
+  a: jax.Array
+  b: jax.Array
+
+  @property
+  def shape(self):
+    return tuple(self.a.shape[:-1]) + tuple(self.b.shape[1:])
+
+  @property
+  def dtype(self):
+    return self.a.dtype
+
+  def materialize(self):
+    return jnp.tensordot(self.a, self.b, axes=1)
+
+  def matmul(self, x, in_ndim: int = 1):
+    return structured.dense(structured.dense(x, self.a, in_ndim=in_ndim), self.b)
+
+  def conv(self, x, **conv_kwargs):
+    return structured.conv(x, self.a, **conv_kwargs) @ self.b.astype(x.dtype)
+
+
+def _hyper_init(key, shape, dtype, rank):
+  """N(0, 1/fan_in) dense kernel, or factors with N(0, 1/fan_in) and N(0, 1/rank) entries."""
+  fan_in = math.prod(shape[:-1])
+  if rank is None:
+    return jax.random.normal(key, shape, dtype) / math.sqrt(fan_in)
+  key_a, key_b = jax.random.split(key)
+  return LowRankProduct(
+      jax.random.normal(key_a, tuple(shape[:-1]) + (rank,), dtype) / math.sqrt(fan_in),
+      jax.random.normal(key_b, (rank, shape[-1]), dtype) / math.sqrt(rank))
+
+
 def wrap(params: PyTree, key: jax.Array, num_hyperparameters: int,
-         targets: targeting.Targets = r"(.*/)?kernel") -> PyTree:
+         targets: targeting.Targets = r"(.*/)?kernel", hyper_rank: int | None = None) -> PyTree:
   """Replaces the selected kernels by `HyperKernel`s whose best response starts at the kernel.
 
-  ``hyper`` is drawn from N(0, 1/fan_in), ``scale_map`` and ``hyper_bias`` start at zero, so the
-  wrapped model computes exactly what the original did, for any hyperparameters.
+  ``hyper`` is drawn at random (see `_hyper_init`), ``scale_map`` and ``hyper_bias`` start at
+  zero, so the wrapped model computes exactly what the original did, for any hyperparameters.
+  A target may already be structured (e.g. a `LowRank` adapter): it becomes ``elem`` unchanged,
+  which is where STN meets parameter-efficient fine-tuning (train only the adapter factors and the
+  hyper branch, e.g. with `optax.masked`).
 
   Args:
     params: model parameters (dicts with ``.../kernel`` and optional sibling ``.../bias``).
     key: PRNG key for ``hyper``.
     num_hyperparameters: h, the length of the hyperparameter vector.
     targets: regex(es) or callable selecting the kernels (`lowrank_jax.targeting.resolve`).
+    hyper_rank: None for a dense hyper kernel, or r for a `LowRankProduct` hyper branch.
 
   Raises:
-    ValueError: ``num_hyperparameters < 1``, a target that is not a kernel of rank >= 2, or a
-      target that is already structured.
+    ValueError: ``num_hyperparameters < 1``, ``hyper_rank < 1``, or a target that is not a kernel
+      of rank >= 2.
   """
   if not isinstance(num_hyperparameters, int) or num_hyperparameters < 1:
     raise ValueError(f"stn.wrap: `num_hyperparameters` must be a positive int, got "
                      f"{num_hyperparameters!r}")
+  if hyper_rank is not None and (not isinstance(hyper_rank, int) or hyper_rank < 1):
+    raise ValueError(f"stn.wrap: `hyper_rank` must be None or a positive int, got {hyper_rank!r}")
   flat = dict(targeting.named_leaves(params))
   replacements = {}
   for path in targeting.resolve(params, targets):
     kernel = flat[path]
-    if structured.is_structured(kernel) or getattr(kernel, "ndim", 0) < 2:
-      raise ValueError(f"stn.wrap: target {path!r} must be a dense kernel of rank >= 2, got "
-                       f"{type(kernel).__name__} of shape {getattr(kernel, 'shape', None)}")
-    out = kernel.shape[-1]
-    fan_in = math.prod(kernel.shape[:-1])
-    hyper = jax.random.normal(tree_lib.derive_key(key, path), kernel.shape, kernel.dtype)
+    shape = tuple(getattr(kernel, "shape", ()))
+    if len(shape) < 2 or _is_hyper(kernel):
+      raise ValueError(f"stn.wrap: target {path!r} must be a kernel of rank >= 2 (not already "
+                       f"wrapped), got {type(kernel).__name__} of shape {shape}")
     replacements[path] = HyperKernel(
-        elem=kernel, hyper=hyper / math.sqrt(fan_in),
-        hyper_bias=jnp.zeros((out,), kernel.dtype) if _bias_path(path) in flat else None,
-        scale_map=jnp.zeros((num_hyperparameters, out), kernel.dtype))
+        elem=kernel, hyper=_hyper_init(tree_lib.derive_key(key, path), shape, kernel.dtype,
+                                       hyper_rank),
+        hyper_bias=jnp.zeros(shape[-1:], kernel.dtype) if _bias_path(path) in flat else None,
+        scale_map=jnp.zeros((num_hyperparameters, shape[-1]), kernel.dtype))
   return tree_lib.replace_by_name(params, replacements, is_leaf=structured.is_structured,
                                   what="stn.wrap")
 
@@ -203,7 +247,7 @@ def fix(params: PyTree, z: jax.Array) -> PyTree:
       continue
     s = z.astype(w.scale_map.dtype) @ w.scale_map
     elem = structured.materialize(w.elem)
-    replacements[path] = (elem + w.hyper * s).astype(elem.dtype)
+    replacements[path] = (elem + structured.materialize(w.hyper) * s).astype(elem.dtype)
     if w.hyper_bias is not None:
       bias_path = _bias_path(path)
       replacements[bias_path] = flat[bias_path] + (s * w.hyper_bias).astype(flat[bias_path].dtype)

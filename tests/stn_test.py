@@ -23,24 +23,34 @@ def x64():
     yield
 
 
-def _hyper_kernel(rng, kernel_shape, h, z):
+def _hyper_kernel(rng, kernel_shape, h, z, rank=None):
+  """A HyperKernel with random entries and its dense numpy parts (hyper as a dense array)."""
   out = kernel_shape[-1]
-  parts = [rng.normal(size=kernel_shape), rng.normal(size=kernel_shape), rng.normal(size=out),
-           rng.normal(size=(h, out))]
-  w = stn.HyperKernel(*map(jnp.asarray, parts), hyperparameters=jnp.asarray(z))
-  return w, parts
+  elem, hyper_bias, scale_map = (rng.normal(size=kernel_shape), rng.normal(size=out),
+                                 rng.normal(size=(h, out)))
+  if rank is None:
+    hyper = rng.normal(size=kernel_shape)
+    hyper_weight = jnp.asarray(hyper)
+  else:
+    a, b = rng.normal(size=kernel_shape[:-1] + (rank,)), rng.normal(size=(rank, out))
+    hyper = np.tensordot(a, b, axes=1)
+    hyper_weight = stn.LowRankProduct(jnp.asarray(a), jnp.asarray(b))
+  w = stn.HyperKernel(jnp.asarray(elem), hyper_weight, jnp.asarray(hyper_bias),
+                      jnp.asarray(scale_map), hyperparameters=jnp.asarray(z))
+  return w, (elem, hyper, hyper_bias, scale_map)
 
 
+@pytest.mark.parametrize("rank", [None, 2])
 @pytest.mark.parametrize("per_example", [False, True])
-def test_dense_layer_equals_the_formula_in_numpy(per_example, x64):
+def test_dense_layer_equals_the_formula_in_numpy(per_example, rank, x64):
   rng = np.random.default_rng(0)
   z = rng.normal(size=(3, 2) if per_example else (2,))
-  w, (elem, hyper, hyper_bias, scale_map) = _hyper_kernel(rng, (5, 4), 2, z)
+  w, (elem, hyper, hyper_bias, scale_map) = _hyper_kernel(rng, (5, 4), 2, z, rank)
   x, bias = rng.normal(size=(3, 5)), rng.normal(size=4)
   s = np.broadcast_to(z @ scale_map, (3, 4))
   want = x @ elem + bias + s * (x @ hyper + hyper_bias)
   got = _layers.dense({"kernel": w, "bias": jnp.asarray(bias)}, jnp.asarray(x))
-  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12)
+  np.testing.assert_allclose(np.asarray(got), want, rtol=1e-12, atol=1e-12)
 
 
 def _conv_same(x, k):
@@ -54,10 +64,11 @@ def _conv_same(x, k):
   return out
 
 
-def test_conv_layer_equals_the_formula_in_numpy(x64):
+@pytest.mark.parametrize("rank", [None, 2])
+def test_conv_layer_equals_the_formula_in_numpy(rank, x64):
   rng = np.random.default_rng(1)
   z = rng.normal(size=(2, 3))
-  w, (elem, hyper, hyper_bias, scale_map) = _hyper_kernel(rng, (3, 3, 2, 4), 3, z)
+  w, (elem, hyper, hyper_bias, scale_map) = _hyper_kernel(rng, (3, 3, 2, 4), 3, z, rank)
   x = rng.normal(size=(2, 5, 5, 2))
   s = (z @ scale_map)[:, None, None, :]
   want = _conv_same(x, elem) + s * (_conv_same(x, hyper) + hyper_bias)
@@ -102,6 +113,37 @@ def test_wrapped_model_at_fixed_hyperparameters_is_the_plain_model(x64):
                                np.asarray(g_plain[f"dense_{i}"]["kernel"]), rtol=1e-10)
   with pytest.raises(TypeError, match="stn.fix"):
     lj.merge(with_z)
+
+
+def test_lora_adapter_as_elem_with_low_rank_hyper_branch(x64):
+  """STN over a LoRA-adapted model: elem is the LowRank adapter, the hyper branch is rank 2."""
+  cfg = mlp.MLPConfig(features=(6, 5, 3))
+  rng = np.random.default_rng(6)
+  plain = mlp.init(jax.random.key(0), cfg, jnp.float64)
+  adapted = {k: {"kernel": lj.LowRank(v["kernel"], jnp.asarray(rng.normal(size=(
+      v["kernel"].shape[0], 2))), jnp.asarray(rng.normal(size=(2, v["kernel"].shape[1]))), 0.5),
+                 "bias": v["bias"]} for k, v in plain.items()}
+  params = stn.wrap(adapted, jax.random.key(1), 1, hyper_rank=2)
+  params = jax.tree.map(
+      lambda w: w.replace(scale_map=jnp.asarray(rng.normal(size=w.scale_map.shape)),
+                          hyper_bias=jnp.asarray(rng.normal(size=w.hyper_bias.shape)))
+      if isinstance(w, stn.HyperKernel) else w, params,
+      is_leaf=lambda w: isinstance(w, stn.HyperKernel))
+  x, z = rng.normal(size=(4, 6)), np.array([0.8])
+  h = x
+  for i in range(2):
+    w, lora = params[f"dense_{i}"]["kernel"], adapted[f"dense_{i}"]["kernel"]
+    kernel = np.asarray(lora.base) + 0.5 * np.asarray(lora.a) @ np.asarray(lora.b)
+    hyper = np.asarray(w.hyper.a) @ np.asarray(w.hyper.b)
+    s = z @ np.asarray(w.scale_map)
+    h = h @ kernel + np.asarray(plain[f"dense_{i}"]["bias"]) + s * (
+        h @ hyper + np.asarray(w.hyper_bias))
+    if i == 0:
+      h = np.maximum(h, 0)
+  got = mlp.apply(stn.with_hyperparameters(params, jnp.asarray(z)), jnp.asarray(x), cfg)
+  np.testing.assert_allclose(np.asarray(got), h, rtol=1e-11)
+  np.testing.assert_allclose(np.asarray(mlp.apply(stn.fix(params, jnp.asarray(z)), x, cfg)), h,
+                             rtol=1e-11)
 
 
 def _val_loss(cfg, x, labels):
