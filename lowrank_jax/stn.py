@@ -259,6 +259,10 @@ def fix(params: PyTree, z: jax.Array) -> PyTree:
 # Hyperparameters and the alternating algorithm.
 # ----------------------------------------------------------------------------------------------
 
+def _softplus_inverse(x: float) -> float:
+  return float(np.log(np.expm1(x)))
+
+
 @dataclasses.dataclass(frozen=True)
 class Hyperparameter:
   """A tuned hyperparameter: ``low + (high - low) sigmoid(z)`` when ``high`` is set, else
@@ -286,13 +290,9 @@ class Hyperparameter:
       raise ValueError(f"Hyperparameter {self.name!r}: value {x} must lie strictly inside "
                        f"({self.low}, {top})")
     if self.high is None:
-      return float(np.log(np.expm1(x - self.low)))
+      return _softplus_inverse(x - self.low)
     t = (x - self.low) / (self.high - self.low)
     return float(np.log(t) - np.log1p(-t))
-
-
-def _softplus_inverse(x: float) -> float:
-  return float(np.log(np.expm1(x)))
 
 
 @dataclasses.dataclass(frozen=True)
