@@ -11,6 +11,9 @@ Public API:
   * `kept_subspace_projector`, `corda_delta`, `damped_covariance`, `ProjectorInfo`:
     the differentiable CorDA initialisation with the gap-only Sylvester/CG backward.
   * `lowrank_jax.implicit.testing.check_implicit_grad` for gradient checks.
+  * `lowrank_jax.implicit.relax`: SOR on explicit matrices and the bandits that choose its
+    relaxation across a sequence of systems (Tsallis-INF; SquareCB on Chebyshev features of a
+    context such as a diagonal shift).
 
 All rules are `custom_vjp`: reverse mode composes with `jit` and `vmap`; forward mode (`jvp`,
 `jacfwd`) is blocked by JAX for `custom_vjp` functions.
@@ -26,6 +29,7 @@ from lowrank_jax.implicit._projector import kept_subspace_projector
 from lowrank_jax.implicit._root import custom_fixed_point
 from lowrank_jax.implicit._root import custom_root
 from lowrank_jax.implicit._root import fixed_point_iteration
+from lowrank_jax.implicit import relax
 
 __all__ = [
     "AdjointConfig",
@@ -39,4 +43,5 @@ __all__ = [
     "fixed_point_iteration",
     "kept_subspace_projector",
     "linear_solve",
+    "relax",
 ]
