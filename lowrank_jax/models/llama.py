@@ -4,7 +4,7 @@ Presets run from `tiny` (tests) to `tinyllama_1_1b` and `llama2_7b` shapes (benc
 init, use `jax.eval_shape(init, ...)` to get shapes without allocating). `load_hf_checkpoint(path)`
 reads a local Hugging Face checkpoint directory of the Llama family (Llama, Mistral, Qwen2:
 ``config.json`` + ``model.safetensors`` or shards listed in ``model.safetensors.index.json``);
-`save_hf_checkpoint` writes one that the same loader and `transformers` read.
+`save_hf_checkpoint` writes one in the same layout.
 
 The family differs in small switches, all in `LlamaConfig`: grouped-query attention
 (`num_kv_heads`, 1 for multi-query), `head_dim`, biases on the attention projections (`qkv_bias`,
@@ -533,13 +533,14 @@ def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, An
   return out
 
 
-def _rotary_buffer_error(name: str, value: Any, cfg: LlamaConfig) -> str | None:
-  """Some checkpoints store RoPE's `inv_freq` buffer; it is consumed if it matches `cfg`."""
-  if not re.fullmatch(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq", name):
-    return None
-  if np.allclose(np.asarray(value, np.float64), rope_inv_freq(cfg), rtol=1e-2, atol=0):
-    return ""
-  return f"{name} does not match the config's RoPE frequencies (rope_theta / rope_scaling)"
+# Some checkpoints store RoPE's `inv_freq` buffer; it is consumed if it matches the config (to
+# bf16 precision: a model cast to bf16 casts its buffers too).
+_ROTARY_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _matches_rope(value: Any, cfg: LlamaConfig) -> bool:
+  value, want = np.asarray(value, np.float64), rope_inv_freq(cfg)
+  return value.shape == want.shape and np.allclose(value, want, rtol=1e-2, atol=0)
 
 
 def from_hf_state_dict(tensors: Mapping[str, Any], cfg: LlamaConfig, dtype=None) -> dict:
@@ -566,11 +567,11 @@ def from_hf_state_dict(tensors: Mapping[str, Any], cfg: LlamaConfig, dtype=None)
       problems.append("lm_head.weight differs from model.embed_tokens.weight although "
                       "tie_word_embeddings is true")
   for name in sorted(set(tensors) - set(expected)):
-    error = _rotary_buffer_error(name, tensors[name], cfg)
-    if error is None:
+    if not _ROTARY_BUFFER.fullmatch(name):
       problems.append(f"unexpected tensor {name} (not part of a {_describe(cfg)} model)")
-    elif error:
-      problems.append(error)
+    elif not _matches_rope(tensors[name], cfg):
+      problems.append(f"{name} does not match the config's RoPE frequencies (rope_theta, "
+                      "rope_scaling)")
   missing = [name for name in expected if name not in tensors]
   if missing:
     problems.append(f"{len(missing)} missing tensors: {missing[:8]}"
@@ -581,7 +582,7 @@ def from_hf_state_dict(tensors: Mapping[str, Any], cfg: LlamaConfig, dtype=None)
       continue
     want = _get(shapes, path).shape
     want = tuple(reversed(want)) if transpose else tuple(want)
-    value = tensors[name]
+    value = tensors.pop(name)  # frees each stored tensor once converted
     if tuple(value.shape) != want:
       problems.append(f"tensor {name} has shape {tuple(value.shape)}, the config needs {want}")
       continue
@@ -705,9 +706,8 @@ def load_hf_checkpoint(path: str | pathlib.Path, dtype=None) -> tuple[dict, Llam
   if not (path / "config.json").is_file():
     raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: no config.json")
   cfg = config_from_hf(json.loads((path / "config.json").read_text()))
-  tensors = _read_checkpoint_tensors(path)
   try:
-    params = from_hf_state_dict(tensors, cfg, dtype)
+    params = from_hf_state_dict(_read_checkpoint_tensors(path), cfg, dtype)
   except ValueError as e:
     raise ValueError(f"{path}: {e}") from e
   return params, cfg
@@ -741,11 +741,13 @@ def save_hf_checkpoint(params: dict, cfg: LlamaConfig, path: str | pathlib.Path,
   tensors = to_hf_state_dict(params, cfg)
   hf_cfg = config_to_hf(cfg, torch_dtype=str(tensors["model.embed_tokens.weight"].dtype))
   shards: list[dict[str, np.ndarray]] = [{}]
+  shard_bytes = 0
   for name, value in tensors.items():
-    if shards[-1] and limit is not None and (
-        sum(v.nbytes for v in shards[-1].values()) + value.nbytes > limit):
+    if shards[-1] and limit is not None and shard_bytes + value.nbytes > limit:
       shards.append({})
+      shard_bytes = 0
     shards[-1][name] = value
+    shard_bytes += value.nbytes
   path = pathlib.Path(path).expanduser()
   path.mkdir(parents=True, exist_ok=True)
   for stale in [path / INDEX_FILE, path / "model.safetensors",
