@@ -357,12 +357,11 @@ _HONOURED_KEYS = frozenset({
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
     "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps", "hidden_act",
-    "tie_word_embeddings", "attention_dropout"})
+    "tie_word_embeddings", "attention_dropout", "layer_types"})
 _FAMILY_KEYS = {
     "llama": frozenset({"attention_bias", "mlp_bias"}),
     "mistral": frozenset({"sliding_window"}),
-    "qwen2": frozenset({"sliding_window", "use_sliding_window", "max_window_layers",
-                        "layer_types"}),
+    "qwen2": frozenset({"sliding_window", "use_sliding_window", "max_window_layers"}),
 }
 # Keys that do not change the forward: bookkeeping, token ids, generation defaults, and
 # `pretraining_tp` (a sliced matmul, the same product).
@@ -430,24 +429,22 @@ def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
 
 
 def _check_sliding_window(hf: Mapping[str, Any], family: str, max_positions: int) -> None:
-  """Sliding-window attention is not implemented: refuses a window the model could reach."""
+  """Sliding-window attention is not implemented: refuses a window shorter than the context."""
+  types = hf.get("layer_types") or []
+  unknown_types = sorted(set(types) - {"full_attention", "sliding_attention"})
+  if unknown_types:
+    raise _refuse("layer_types", unknown_types, "'full_attention' or 'sliding_attention'")
   window = hf.get("sliding_window", _FAMILY_DEFAULTS[family].get("sliding_window"))
-  reachable = window is not None and window < max_positions
-  if family == "qwen2":
-    used = hf.get("use_sliding_window", False)
-    types = hf.get("layer_types") or []
-    bad_types = sorted(set(types) - {"full_attention", "sliding_attention"})
-    if bad_types:
-      raise _refuse("layer_types", bad_types, "'full_attention' (or 'sliding_attention' with "
-                    "sliding_window >= max_position_embeddings)")
-    if reachable and (used or "sliding_attention" in types):
-      raise _refuse("use_sliding_window" if used else "layer_types", used or types,
-                    f"false / all 'full_attention', or sliding_window >= max_position_embeddings="
-                    f"{max_positions} (sliding-window attention is not implemented)")
-  elif family == "mistral" and reachable:
-    raise _refuse("sliding_window", window,
-                  f"null or >= max_position_embeddings={max_positions} (sliding-window attention "
-                  "is not implemented; lowering max_position_embeddings to the window also works)")
+  if window is None or window >= max_positions:
+    return
+  valid = (f"sliding_window null or >= max_position_embeddings={max_positions} (sliding-window "
+           "attention is not implemented)")
+  if family == "mistral":
+    raise _refuse("sliding_window", window, valid)
+  if hf.get("use_sliding_window", False):
+    raise _refuse("use_sliding_window", True, "false, or " + valid)
+  if "sliding_attention" in types:
+    raise _refuse("layer_types", types, "all 'full_attention', or " + valid)
 
 
 def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:

@@ -304,6 +304,8 @@ def _bad_config(**changes):
                       pretraining_tp=Ellipsis), sliding_window=16), "sliding_window=16"),
     (dict(_bad_config(model_type="qwen2", attention_bias=Ellipsis, mlp_bias=Ellipsis),
           use_sliding_window=True, sliding_window=16), "use_sliding_window"),
+    (dict(_bad_config(model_type="qwen2", attention_bias=Ellipsis, mlp_bias=Ellipsis),
+          layer_types=["full_attention", "sliding_attention"], sliding_window=16), "layer_types"),
     (_bad_config(sliding_window=4096), r"\['sliding_window'\]"),  # not a Llama key
 ])
 def test_config_keys_that_cannot_be_honoured_are_refused_by_name(config, match):
@@ -318,7 +320,7 @@ def test_harmless_and_default_keys():
                    rope_parameters={"rope_type": "default", "rope_theta": 5e5})
   assert llama.config_from_hf(v5).rope_theta == 5e5  # not the 4.x default 1e4
   qwen = _bad_config(model_type="qwen2", attention_bias=Ellipsis, mlp_bias=Ellipsis,
-                     pretraining_tp=Ellipsis)
+                     pretraining_tp=Ellipsis, layer_types=["full_attention"] * 2)
   cfg = llama.config_from_hf(qwen)
   assert cfg.qkv_bias and not cfg.o_bias and not cfg.mlp_bias
   # A Mistral window at least as long as the model's context changes nothing.
