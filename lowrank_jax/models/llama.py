@@ -700,9 +700,13 @@ def load_hf_checkpoint(path: str | pathlib.Path, dtype=None) -> tuple[dict, Llam
       (each named).
   """
   path = pathlib.Path(path).expanduser()
-  if not (path / "config.json").is_file():
+  config_file = path / "config.json"
+  if not config_file.is_file():
     raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: no config.json")
-  cfg = config_from_hf(json.loads((path / "config.json").read_text()))
+  try:
+    cfg = config_from_hf(json.loads(config_file.read_text()))
+  except ValueError as e:  # json.JSONDecodeError is a ValueError too
+    raise ValueError(f"{config_file}: {e}") from e
   try:
     params = from_hf_state_dict(_read_checkpoint_tensors(path), cfg, dtype)
   except ValueError as e:

@@ -363,6 +363,11 @@ def test_stored_rope_buffer_is_consumed_when_it_matches(tmp_path):
 def test_bad_directories(tmp_path):
   with pytest.raises(FileNotFoundError, match="no config.json"):
     llama.load_hf_checkpoint(tmp_path)
+  (tmp_path / "config.json").write_text(json.dumps(_bad_config(rope_scaling={"type": "dynamic",
+                                                                             "factor": 2.0})))
+  with pytest.raises(ValueError, match=r"config.json: rope_type='dynamic' is not supported"):
+    llama.load_hf_checkpoint(tmp_path)
+  (tmp_path / "config.json").unlink()
   path = _broken(tmp_path, lambda sd: None, shards=2)
   (path / "model-00002-of-00002.safetensors").unlink()
   with pytest.raises(FileNotFoundError, match="model-00002-of-00002.safetensors"):
