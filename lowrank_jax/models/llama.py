@@ -1,18 +1,24 @@
-"""Llama-style decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) as pure functions.
+"""Llama-family decoder (RMSNorm, RoPE, grouped-query attention, SwiGLU) as pure functions.
 
 Presets run from `tiny` (tests) to `tinyllama_1_1b` and `llama2_7b` shapes (benchmarks; random
 init, use `jax.eval_shape(init, ...)` to get shapes without allocating). `load_hf_checkpoint(path)`
-reads a Hugging Face Llama checkpoint directory (``config.json`` + ``*.safetensors``) from local
-disk.
+reads a local Hugging Face checkpoint directory of the Llama family (Llama, Mistral, Qwen2:
+``config.json`` + ``model.safetensors`` or shards listed in ``model.safetensors.index.json``);
+`save_hf_checkpoint` writes one in the same layout.
+
+The family differs in small switches, all in `LlamaConfig`: grouped-query attention
+(`num_kv_heads`, 1 for multi-query), `head_dim`, biases on the attention projections (`qkv_bias`,
+`o_bias`) and on the MLP (`mlp_bias`), an lm head tied to the embedding (`tie_word_embeddings`),
+and RoPE frequency scaling (`rope_scaling`: Llama-3's "llama3" or "linear").
 
 Parameter paths (kernels in flax layout ``(d_in, d_out)``)::
 
   embed/embedding
-  layers/layer_{i}/attention/{q_proj,k_proj,v_proj,o_proj}/kernel
-  layers/layer_{i}/mlp/{gate_proj,up_proj,down_proj}/kernel
+  layers/layer_{i}/attention/{q_proj,k_proj,v_proj,o_proj}/kernel  (+ bias: qkv_bias, o_bias)
+  layers/layer_{i}/mlp/{gate_proj,up_proj,down_proj}/kernel        (+ bias: mlp_bias)
   layers/layer_{i}/{input_norm,post_attention_norm}/scale
   final_norm/scale
-  lm_head/kernel
+  lm_head/kernel                                          (absent with tie_word_embeddings)
 
 Name map to Hugging Face `LlamaForCausalLM` modules (`hf_name_map`; our path without its leaf)::
 
@@ -24,8 +30,8 @@ Name map to Hugging Face `LlamaForCausalLM` modules (`hf_name_map`; our path wit
   final_norm                          -> model.norm
   lm_head                             -> lm_head
 
-Leaves: kernel <-> weight (transposed), embedding <-> weight, scale <-> weight. RoPE uses the HF
-"rotate half" convention, so HF checkpoints load without permuting q/k.
+Leaves: kernel <-> weight (transposed), bias <-> bias, embedding <-> weight, scale <-> weight. RoPE
+uses the HF "rotate half" convention, so HF checkpoints load without permuting q/k.
 
 >>> import jax, jax.numpy as jnp
 >>> from lowrank_jax.models import llama
@@ -38,7 +44,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
+import re
 from typing import Any, Mapping
 
 import jax
@@ -46,12 +54,67 @@ import jax.numpy as jnp
 import numpy as np
 
 from lowrank_jax import ops
+from lowrank_jax import structured
 from lowrank_jax.models import _layers as L
+
+ROPE_TYPES = ("linear", "llama3")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+  """RoPE frequency scaling (the HF `rope_scaling` dict without its "default" type).
+
+  Attributes:
+    rope_type: "linear" (every inverse frequency divided by `factor`, i.e. positions divided by
+      `factor`) or "llama3" (Llama 3.1: wavelengths longer than
+      `original_max_position_embeddings / low_freq_factor` divided by `factor`, shorter than
+      `original_max_position_embeddings / high_freq_factor` kept, interpolated in between).
+    factor: the scaling factor (> 0).
+    low_freq_factor: "llama3" only.
+    high_freq_factor: "llama3" only (> low_freq_factor).
+    original_max_position_embeddings: "llama3" only: the pretraining context length.
+  """
+  rope_type: str
+  factor: float
+  low_freq_factor: float | None = None
+  high_freq_factor: float | None = None
+  original_max_position_embeddings: int | None = None
+
+  def __post_init__(self):
+    L.check_choice("rope_scaling.rope_type", self.rope_type, ROPE_TYPES)
+    if not self.factor > 0:
+      raise ValueError(f"rope_scaling.factor must be > 0, got {self.factor!r}")
+    llama3 = ("low_freq_factor", "high_freq_factor", "original_max_position_embeddings")
+    for f in llama3:
+      given = getattr(self, f) is not None
+      if given != (self.rope_type == "llama3"):
+        raise ValueError(f"rope_scaling.{f} is {'required' if not given else 'not used'} with "
+                         f"rope_type={self.rope_type!r} (llama3 takes {list(llama3)})")
+    if self.rope_type == "llama3" and not (
+        0 < self.low_freq_factor < self.high_freq_factor
+        and self.original_max_position_embeddings > 0):
+      raise ValueError("rope_scaling (llama3) needs 0 < low_freq_factor < high_freq_factor and "
+                       f"original_max_position_embeddings > 0, got {self}")
 
 
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
-  """Llama decoder hyperparameters."""
+  """Llama-family decoder hyperparameters.
+
+  Attributes:
+    vocab_size, hidden_size, intermediate_size, num_layers, num_heads: the shapes.
+    num_kv_heads: key/value heads (grouped-query attention; 1 is multi-query attention).
+    head_dim: per-head size; None means hidden_size // num_heads.
+    max_position_embeddings: the longest sequence the model is meant for.
+    rope_theta: RoPE base.
+    rms_norm_eps: RMSNorm epsilon.
+    dropout_rate: residual dropout in training.
+    qkv_bias: biases on q/k/v projections (HF Llama `attention_bias`; always on in Qwen2).
+    o_bias: bias on the output projection (HF Llama `attention_bias`; never in Qwen2).
+    mlp_bias: biases on gate/up/down projections (HF Llama `mlp_bias`).
+    tie_word_embeddings: logits = hidden @ embedding.T; there is no `lm_head` param.
+    rope_scaling: None, a `RopeScaling`, or a mapping of its fields (converted).
+  """
   vocab_size: int = 256
   hidden_size: int = 64
   intermediate_size: int = 128
@@ -63,6 +126,11 @@ class LlamaConfig:
   rope_theta: float = 10000.0
   rms_norm_eps: float = 1e-5
   dropout_rate: float = 0.0
+  qkv_bias: bool = False
+  o_bias: bool = False
+  mlp_bias: bool = False
+  tie_word_embeddings: bool = False
+  rope_scaling: RopeScaling | None = None
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -77,6 +145,13 @@ class LlamaConfig:
                        f"num_heads={self.num_heads}; set head_dim")
     if self.dim_per_head % 2:
       raise ValueError(f"LlamaConfig head dim must be even for RoPE, got {self.dim_per_head}")
+    if not self.rope_theta > 0:
+      raise ValueError(f"LlamaConfig.rope_theta must be > 0, got {self.rope_theta}")
+    if isinstance(self.rope_scaling, Mapping):
+      object.__setattr__(self, "rope_scaling", RopeScaling(**self.rope_scaling))
+    if not isinstance(self.rope_scaling, (RopeScaling, type(None))):
+      raise TypeError(f"LlamaConfig.rope_scaling must be None, a RopeScaling or a mapping of its "
+                      f"fields, got {type(self.rope_scaling).__name__}")
 
   @property
   def dim_per_head(self) -> int:
@@ -107,32 +182,56 @@ PRESETS: dict[str, LlamaConfig] = {
 
 
 def init(key: jax.Array, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
-  """Random params (normal, std 0.02; norms at one)."""
+  """Random params (normal, std 0.02; norms at one; biases, where `cfg` has them, at zero)."""
   d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.dim_per_head
-  lin = lambda k, i, o: L.dense_init(k, i, o, bias=False, std=0.02, dtype=dtype)
+  lin = lambda k, i, o, bias: L.dense_init(k, i, o, bias=bias, std=0.02, dtype=dtype)
+  mb = cfg.mlp_bias
   k_embed, k_head, k_layers = jax.random.split(key, 3)
   params: dict = {"embed": L.embed_init(k_embed, cfg.vocab_size, d, dtype=dtype), "layers": {}}
   for i in range(cfg.num_layers):
     ks = jax.random.split(jax.random.fold_in(k_layers, i), 7)
     params["layers"][f"layer_{i}"] = {
-        "attention": {"q_proj": lin(ks[0], d, cfg.num_heads * hd),
-                      "k_proj": lin(ks[1], d, cfg.num_kv_heads * hd),
-                      "v_proj": lin(ks[2], d, cfg.num_kv_heads * hd),
-                      "o_proj": lin(ks[3], cfg.num_heads * hd, d)},
-        "mlp": {"gate_proj": lin(ks[4], d, f), "up_proj": lin(ks[5], d, f),
-                "down_proj": lin(ks[6], f, d)},
+        "attention": {"q_proj": lin(ks[0], d, cfg.num_heads * hd, cfg.qkv_bias),
+                      "k_proj": lin(ks[1], d, cfg.num_kv_heads * hd, cfg.qkv_bias),
+                      "v_proj": lin(ks[2], d, cfg.num_kv_heads * hd, cfg.qkv_bias),
+                      "o_proj": lin(ks[3], cfg.num_heads * hd, d, cfg.o_bias)},
+        "mlp": {"gate_proj": lin(ks[4], d, f, mb), "up_proj": lin(ks[5], d, f, mb),
+                "down_proj": lin(ks[6], f, d, mb)},
         "input_norm": L.rms_norm_init(d, dtype),
         "post_attention_norm": L.rms_norm_init(d, dtype),
     }
   params["final_norm"] = L.rms_norm_init(d, dtype)
-  params["lm_head"] = lin(k_head, d, cfg.vocab_size)
+  if not cfg.tie_word_embeddings:
+    params["lm_head"] = lin(k_head, d, cfg.vocab_size, False)
   return params
 
 
-def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
-  """Rotary embedding, HF rotate-half convention. x (B, T, H, D), positions (B, T)."""
+def rope_inv_freq(cfg: LlamaConfig) -> np.ndarray:
+  """RoPE inverse frequencies (D/2,) float32 for `cfg`, with its `rope_scaling` applied."""
+  d = cfg.dim_per_head
+  inv_freq = 1.0 / (cfg.rope_theta ** (np.arange(0, d, 2, dtype=np.float64) / d))
+  s = cfg.rope_scaling
+  if s is not None and s.rope_type == "linear":
+    inv_freq = inv_freq / s.factor
+  elif s is not None and s.rope_type == "llama3":
+    wavelen = 2 * math.pi / inv_freq
+    old = s.original_max_position_embeddings
+    smooth = (old / wavelen - s.low_freq_factor) / (s.high_freq_factor - s.low_freq_factor)
+    interpolated = (1 - smooth) * inv_freq / s.factor + smooth * inv_freq
+    inv_freq = np.where(wavelen > old / s.low_freq_factor, inv_freq / s.factor,
+                        np.where(wavelen < old / s.high_freq_factor, inv_freq, interpolated))
+  return inv_freq.astype(np.float32)
+
+
+def rope(x: jax.Array, positions: jax.Array, theta: float, *,
+         inv_freq: jax.Array | np.ndarray | None = None) -> jax.Array:
+  """Rotary embedding, HF rotate-half convention. x (B, T, H, D), positions (B, T).
+
+  `inv_freq` (D/2,) overrides the unscaled frequencies `theta ** (-2i/D)` (see `rope_inv_freq`).
+  """
   d = x.shape[-1]
-  inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
+  if inv_freq is None:
+    inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
   ang = positions.astype(jnp.float32)[..., None] * inv_freq            # (B, T, D/2)
   ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]            # (B, T, 1, D)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
@@ -143,18 +242,27 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
 def _attention(p, x, positions, mask, cfg):
   b, t, _ = x.shape
   hd = cfg.dim_per_head
-  q = ops.dense(x, p["q_proj"]["kernel"]).reshape(b, t, cfg.num_heads, hd)
-  k = ops.dense(x, p["k_proj"]["kernel"]).reshape(b, t, cfg.num_kv_heads, hd)
-  v = ops.dense(x, p["v_proj"]["kernel"]).reshape(b, t, cfg.num_kv_heads, hd)
-  q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
+  q = L.dense(p["q_proj"], x).reshape(b, t, cfg.num_heads, hd)
+  k = L.dense(p["k_proj"], x).reshape(b, t, cfg.num_kv_heads, hd)
+  v = L.dense(p["v_proj"], x).reshape(b, t, cfg.num_kv_heads, hd)
+  inv_freq = rope_inv_freq(cfg)
+  q = rope(q, positions, cfg.rope_theta, inv_freq=inv_freq)
+  k = rope(k, positions, cfg.rope_theta, inv_freq=inv_freq)
   o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)   # GQA built in
-  return ops.dense(o.reshape(b, t, cfg.num_heads * hd), p["o_proj"]["kernel"])
+  return L.dense(p["o_proj"], o.reshape(b, t, cfg.num_heads * hd))
 
 
 def _mlp(p, x):
-  g = ops.dense(x, p["gate_proj"]["kernel"])
-  u = ops.dense(x, p["up_proj"]["kernel"])
-  return ops.dense(jax.nn.silu(g) * u, p["down_proj"]["kernel"])
+  g = L.dense(p["gate_proj"], x)
+  u = L.dense(p["up_proj"], x)
+  return L.dense(p["down_proj"], jax.nn.silu(g) * u)
+
+
+def lm_logits(params: dict, h: jax.Array, cfg: LlamaConfig) -> jax.Array:
+  """Logits from final hidden states: `lm_head`, or the embedding transposed when tied."""
+  if cfg.tie_word_embeddings:
+    return ops.dense(h, ops.materialize(params["embed"]["embedding"]).T)
+  return ops.dense(h, params["lm_head"]["kernel"])
 
 
 def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
@@ -192,7 +300,7 @@ def apply(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
   """
   h = hidden_states(params, input_ids, cfg, positions=positions, attention_mask=attention_mask,
                     deterministic=deterministic, rng=rng)
-  return ops.dense(h, params["lm_head"]["kernel"])
+  return lm_logits(params, h, cfg)
 
 
 def num_params(cfg: LlamaConfig) -> int:
@@ -205,131 +313,453 @@ def num_params(cfg: LlamaConfig) -> int:
 # Hugging Face names and checkpoints.
 # ---------------------------------------------------------------------------------------------
 
-def _hf_modules(cfg: LlamaConfig) -> list[tuple[str, str, str]]:
-  mods = [("embed", "model.embed_tokens", "embedding")]
+def _hf_modules(cfg: LlamaConfig) -> list[tuple[str, str, str, bool]]:
+  """(our module path, HF module name, kind, has a bias) for every module of `cfg`."""
+  mods = [("embed", "model.embed_tokens", "embedding", False)]
   for i in range(cfg.num_layers):
     o, h = f"layers/layer_{i}", f"model.layers.{i}"
-    mods += [(f"{o}/attention/{n}", f"{h}.self_attn.{n}", "linear")
-             for n in ("q_proj", "k_proj", "v_proj", "o_proj")]
-    mods += [(f"{o}/mlp/{n}", f"{h}.mlp.{n}", "linear")
+    mods += [(f"{o}/attention/{n}", f"{h}.self_attn.{n}", "linear", cfg.qkv_bias)
+             for n in ("q_proj", "k_proj", "v_proj")]
+    mods += [(f"{o}/attention/o_proj", f"{h}.self_attn.o_proj", "linear", cfg.o_bias)]
+    mods += [(f"{o}/mlp/{n}", f"{h}.mlp.{n}", "linear", cfg.mlp_bias)
              for n in ("gate_proj", "up_proj", "down_proj")]
-    mods += [(f"{o}/input_norm", f"{h}.input_layernorm", "norm"),
-             (f"{o}/post_attention_norm", f"{h}.post_attention_layernorm", "norm")]
-  mods += [("final_norm", "model.norm", "norm"), ("lm_head", "lm_head", "linear")]
+    mods += [(f"{o}/input_norm", f"{h}.input_layernorm", "norm", False),
+             (f"{o}/post_attention_norm", f"{h}.post_attention_layernorm", "norm", False)]
+  mods += [("final_norm", "model.norm", "norm", False)]
+  if not cfg.tie_word_embeddings:
+    mods += [("lm_head", "lm_head", "linear", False)]
   return mods
 
 
 _LEAF = {"linear": ("kernel", True), "embedding": ("embedding", False), "norm": ("scale", False)}
 
 
-def hf_name_map(cfg: LlamaConfig) -> dict[str, str]:
-  """{our module path (param path without its leaf): HF `LlamaForCausalLM` module name}."""
-  return {ours: hf for ours, hf, _ in _hf_modules(cfg)}
-
-
-def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
-  """LlamaConfig from a HF Llama `config.json` dict."""
-  if hf.get("hidden_act", "silu") != "silu":
-    raise ValueError(f"hidden_act={hf['hidden_act']!r} is not supported; valid values: ['silu']")
-  if hf.get("rope_scaling"):
-    raise ValueError(f"rope_scaling={hf['rope_scaling']!r} is not supported; valid values: [None]")
-  heads = hf["num_attention_heads"]
-  head_dim = hf.get("head_dim")
-  if head_dim == hf["hidden_size"] // heads:
-    head_dim = None
-  return LlamaConfig(
-      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
-      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
-      num_heads=heads, num_kv_heads=hf.get("num_key_value_heads") or heads, head_dim=head_dim,
-      max_position_embeddings=hf.get("max_position_embeddings", 2048),
-      rope_theta=float(hf.get("rope_theta", 10000.0)),
-      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)))
-
-
-def config_to_hf(cfg: LlamaConfig) -> dict[str, Any]:
-  """A HF `config.json` dict for `cfg`."""
-  return {"architectures": ["LlamaForCausalLM"], "model_type": "llama",
-          "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
-          "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
-          "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
-          "head_dim": cfg.dim_per_head, "max_position_embeddings": cfg.max_position_embeddings,
-          "rope_theta": cfg.rope_theta, "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu",
-          "tie_word_embeddings": False, "torch_dtype": "float32"}
-
-
-def from_hf_state_dict(tensors: Mapping[str, Any], cfg: LlamaConfig, dtype=jnp.float32,
-                       tie_word_embeddings: bool = False) -> dict:
-  """HF Llama state dict (PyTorch layout) -> our nested params.
-
-  A missing `lm_head.weight` with `tie_word_embeddings` is filled from the embedding table.
-  """
-  tensors = dict(tensors)
-  if "lm_head.weight" not in tensors and tie_word_embeddings:
-    tensors["lm_head.weight"] = tensors.get("model.embed_tokens.weight")
-  params: dict = {}
-  missing = []
-  for ours, hf, kind in _hf_modules(cfg):
-    leaf, transpose = _LEAF[kind]
-    value = tensors.get(f"{hf}.weight")
-    if value is None:
-      missing.append(f"{hf}.weight")
-      continue
-    value = jnp.asarray(value, dtype)
-    node = params
-    for part in ours.split("/"):
-      node = node.setdefault(part, {})
-    node[leaf] = value.T if transpose else value
-  if missing:
-    raise ValueError(f"checkpoint is missing {len(missing)} tensors, e.g. {missing[:5]}")
-  return params
-
-
-def to_hf_state_dict(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
-  """Inverse of `from_hf_state_dict` (dense params; `merge` structured weights first)."""
+def _hf_tensors(cfg: LlamaConfig) -> dict[str, tuple[tuple[str, ...], bool]]:
+  """{HF tensor name: (our param path, transposed)} for every tensor of `cfg`."""
   out = {}
-  for ours, hf, kind in _hf_modules(cfg):
+  for ours, hf, kind, bias in _hf_modules(cfg):
     leaf, transpose = _LEAF[kind]
-    node = params
-    for part in ours.split("/"):
-      node = node[part]
-    value = np.asarray(node[leaf])
-    out[f"{hf}.weight"] = np.ascontiguousarray(value.T if transpose else value)
+    out[f"{hf}.weight"] = ((*ours.split("/"), leaf), transpose)
+    if bias:
+      out[f"{hf}.bias"] = ((*ours.split("/"), "bias"), False)
   return out
 
 
-def load_hf_checkpoint(path: str | pathlib.Path, dtype=jnp.float32) -> tuple[dict, LlamaConfig]:
-  """Loads a local HF Llama checkpoint directory (`config.json` + one or more `*.safetensors`).
+def hf_name_map(cfg: LlamaConfig) -> dict[str, str]:
+  """{our module path (param path without its leaf): HF `LlamaForCausalLM` module name}."""
+  return {ours: hf for ours, hf, _, _ in _hf_modules(cfg)}
 
+
+# config.json keys, by what they do. Every key of a config must be in one of these sets: a key
+# that is not is refused, because a key we do not know may change the math (e.g. a new attention
+# variant) and ignoring it would load a wrong model without a word.
+_HONOURED_KEYS = frozenset({
+    "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+    "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
+    "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps", "hidden_act",
+    "tie_word_embeddings", "attention_dropout", "layer_types"})
+_FAMILY_KEYS = {
+    "llama": frozenset({"attention_bias", "mlp_bias"}),
+    "mistral": frozenset({"sliding_window"}),
+    "qwen2": frozenset({"sliding_window", "use_sliding_window", "max_window_layers"}),
+}
+# Keys that do not change the forward: bookkeeping, token ids, generation defaults, and
+# `pretraining_tp` (a sliced matmul, the same product).
+_HARMLESS_KEYS = frozenset({
+    "architectures", "transformers_version", "torch_dtype", "dtype", "_name_or_path",
+    "initializer_range", "use_cache", "bos_token_id", "eos_token_id", "pad_token_id",
+    "sep_token_id", "decoder_start_token_id", "pretraining_tp", "return_dict",
+    "output_attentions", "output_hidden_states", "torchscript", "use_bfloat16", "is_decoder",
+    "is_encoder_decoder", "tokenizer_class", "id2label", "label2id", "problem_type",
+    "finetuning_task", "task_specific_params", "prefix", "max_length", "min_length",
+    "do_sample", "early_stopping", "num_beams", "num_beam_groups", "num_return_sequences",
+    "temperature", "top_k", "top_p", "typical_p", "repetition_penalty", "length_penalty",
+    "no_repeat_ngram_size", "bad_words_ids", "forced_bos_token_id", "forced_eos_token_id",
+    "suppress_tokens", "begin_suppress_tokens", "diversity_penalty", "output_scores",
+    "return_dict_in_generate", "remove_invalid_values", "chunk_size_feed_forward",
+    "tie_encoder_decoder", "add_cross_attention", "pruned_heads", "tf_legacy_loss"})
+# HF's defaults for keys a config.json may leave out, per family.
+_FAMILY_DEFAULTS = {
+    "llama": {"max_position_embeddings": 2048, "attention_bias": False, "mlp_bias": False},
+    "mistral": {"max_position_embeddings": 4096 * 32, "sliding_window": 4096},
+    "qwen2": {"max_position_embeddings": 32768, "sliding_window": 4096,
+              "use_sliding_window": False},
+}
+_ROPE_KEYS = {"default": (), "linear": ("factor",),
+              "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                         "original_max_position_embeddings")}
+
+
+def _refuse(key: str, value: Any, valid: str) -> ValueError:
+  return ValueError(f"config.json: {key}={value!r} is not supported; valid: {valid}")
+
+
+def _rope_from_hf(hf: Mapping[str, Any]) -> tuple[float, RopeScaling | None]:
+  """(rope_theta, rope_scaling) from either layout: transformers 4.x (top-level `rope_theta` and
+  `rope_scaling`) or 5.x (one `rope_parameters` dict holding `rope_theta`, `rope_type`, ...)."""
+  rope: dict[str, Any] = {}
+  for key in ("rope_scaling", "rope_parameters"):
+    value = hf.get(key)
+    if value is None:
+      continue
+    if not isinstance(value, Mapping):
+      raise _refuse(key, value, "null or a dict")
+    for k, v in value.items():
+      if k in rope and rope[k] != v:
+        raise ValueError(f"config.json: rope_scaling and rope_parameters disagree on {k!r} "
+                         f"({rope[k]!r} vs {v!r})")
+      rope[k] = v
+  thetas = {float(v) for v in (hf.get("rope_theta"), rope.pop("rope_theta", None)) if v is not None}
+  if len(thetas) > 1:
+    raise ValueError(f"config.json: rope_theta and rope_parameters.rope_theta disagree: {thetas}")
+  theta = thetas.pop() if thetas else 10000.0
+  types = {rope.pop(k) for k in ("rope_type", "type") if k in rope}
+  if len(types) > 1:
+    raise ValueError(f"config.json: rope type given twice, differently: {sorted(types)}")
+  rope_type = types.pop() if types else "default"
+  if rope_type not in _ROPE_KEYS:
+    raise _refuse("rope_type", rope_type, str(list(_ROPE_KEYS)))
+  wanted = _ROPE_KEYS[rope_type]
+  if set(rope) != set(wanted):
+    raise ValueError(f"config.json: rope_type={rope_type!r} takes the keys {list(wanted)}, got "
+                     f"{sorted(rope)}")
+  if rope_type == "default":
+    return theta, None
+  return theta, RopeScaling(rope_type, **rope)
+
+
+def _check_sliding_window(hf: Mapping[str, Any], family: str, max_positions: int) -> None:
+  """Sliding-window attention is not implemented: refuses a window shorter than the context."""
+  types = hf.get("layer_types") or []
+  unknown_types = sorted(set(types) - {"full_attention", "sliding_attention"})
+  if unknown_types:
+    raise _refuse("layer_types", unknown_types, "'full_attention' or 'sliding_attention'")
+  window = hf.get("sliding_window", _FAMILY_DEFAULTS[family].get("sliding_window"))
+  if window is None or window >= max_positions:
+    return
+  valid = (f"sliding_window null or >= max_position_embeddings={max_positions} (sliding-window "
+           "attention is not implemented)")
+  if family == "mistral":
+    raise _refuse("sliding_window", window, valid)
+  if hf.get("use_sliding_window", False):
+    raise _refuse("use_sliding_window", True, "false, or " + valid)
+  if "sliding_attention" in types:
+    raise _refuse("layer_types", types, "all 'full_attention', or " + valid)
+
+
+def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
+  """LlamaConfig from a HF `config.json` dict of model_type "llama", "mistral" or "qwen2".
+
+  Reads both layouts (transformers 4.x top-level `rope_theta`/`rope_scaling`, 5.x
+  `rope_parameters`). Every key is honoured, refused, or one of a fixed set of keys known not to
+  change the forward (bookkeeping, token ids, generation defaults): a key outside these sets is
+  refused, so that a config with a feature this model lacks never loads as a different model.
+  Qwen2 has q/k/v biases and no o_proj bias (`qkv_bias=True, o_bias=False`); Llama's
+  `attention_bias` puts biases on all four projections.
+
+  Raises:
+    ValueError: an unknown model_type, a missing required key, a key or value that is not
+      supported (named, with the valid values).
+  """
+  family = hf.get("model_type")
+  L.check_choice("config.json model_type", family, _FAMILY_KEYS)
+  unknown = sorted(set(hf) - _HONOURED_KEYS - _FAMILY_KEYS[family] - _HARMLESS_KEYS)
+  if unknown:
+    raise ValueError(f"config.json keys {unknown} are not supported for model_type={family!r}: "
+                     f"they may change the model, so they are refused rather than ignored; "
+                     f"honoured keys: {sorted(_HONOURED_KEYS | _FAMILY_KEYS[family])}")
+  missing = [k for k in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                         "num_attention_heads") if hf.get(k) is None]
+  if missing:
+    raise ValueError(f"config.json is missing the required keys {missing}")
+  get = lambda k, default=None: hf[k] if hf.get(k) is not None else (
+      _FAMILY_DEFAULTS[family].get(k, default))
+  if get("hidden_act", "silu") != "silu":
+    raise _refuse("hidden_act", hf["hidden_act"], "['silu']")
+  if get("attention_dropout", 0.0) != 0.0:
+    raise _refuse("attention_dropout", hf["attention_dropout"],
+                  "[0.0] (attention-probability dropout is not implemented)")
+  heads, max_positions = hf["num_attention_heads"], get("max_position_embeddings")
+  _check_sliding_window(hf, family, max_positions)
+  theta, scaling = _rope_from_hf(hf)
+  head_dim = get("head_dim")
+  if head_dim == hf["hidden_size"] // heads:
+    head_dim = None
+  attention_bias = bool(get("attention_bias", False))
+  return LlamaConfig(
+      vocab_size=hf["vocab_size"], hidden_size=hf["hidden_size"],
+      intermediate_size=hf["intermediate_size"], num_layers=hf["num_hidden_layers"],
+      num_heads=heads, num_kv_heads=get("num_key_value_heads", heads), head_dim=head_dim,
+      max_position_embeddings=max_positions, rope_theta=theta,
+      rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
+      qkv_bias=attention_bias or family == "qwen2", o_bias=attention_bias,
+      mlp_bias=bool(get("mlp_bias", False)),
+      tie_word_embeddings=bool(get("tie_word_embeddings", False)), rope_scaling=scaling)
+
+
+def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
+  """A HF `config.json` dict for `cfg` (transformers 4.x layout, which 5.x reads too).
+
+  Llama unless the biases are Qwen2's (q/k/v without o_proj), then Qwen2.
+
+  Raises:
+    ValueError: `cfg` is neither a Llama nor a Qwen2 model (o_proj bias without q/k/v biases;
+      Qwen2's biases with `mlp_bias` or a non-default head_dim).
+  """
+  qwen2 = cfg.qkv_bias and not cfg.o_bias
+  if cfg.o_bias and not cfg.qkv_bias:
+    raise ValueError("config_to_hf: o_bias without qkv_bias is neither Llama nor Qwen2")
+  if qwen2 and (cfg.mlp_bias or cfg.head_dim is not None):
+    raise ValueError("config_to_hf: q/k/v biases without an o_proj bias are Qwen2's, which has "
+                     "no mlp_bias and head_dim = hidden_size // num_heads")
+  s = cfg.rope_scaling
+  out = {"architectures": ["Qwen2ForCausalLM" if qwen2 else "LlamaForCausalLM"],
+         "model_type": "qwen2" if qwen2 else "llama",
+         "vocab_size": cfg.vocab_size, "hidden_size": cfg.hidden_size,
+         "intermediate_size": cfg.intermediate_size, "num_hidden_layers": cfg.num_layers,
+         "num_attention_heads": cfg.num_heads, "num_key_value_heads": cfg.num_kv_heads,
+         "max_position_embeddings": cfg.max_position_embeddings, "rope_theta": cfg.rope_theta,
+         "rope_scaling": None if s is None else {
+             k: v for k, v in dataclasses.asdict(s).items() if v is not None},
+         "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu",
+         "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": torch_dtype}
+  if qwen2:
+    out.update(use_sliding_window=False, sliding_window=None)
+  else:
+    out.update(head_dim=cfg.dim_per_head, attention_bias=cfg.qkv_bias, mlp_bias=cfg.mlp_bias)
+  return out
+
+
+# Some checkpoints store RoPE's `inv_freq` buffer; it is consumed if it matches the config (to
+# bf16 precision: a model cast to bf16 casts its buffers too).
+_ROTARY_BUFFER = re.compile(r"model\.layers\.\d+\.self_attn\.rotary_emb\.inv_freq")
+
+
+def _matches_rope(value: Any, cfg: LlamaConfig) -> bool:
+  value, want = np.asarray(value, np.float64), rope_inv_freq(cfg)
+  return value.shape == want.shape and np.allclose(value, want, rtol=1e-2, atol=0)
+
+
+def from_hf_state_dict(tensors: Mapping[str, Any], cfg: LlamaConfig, dtype=None) -> dict:
+  """HF state dict (PyTorch layout) -> our nested params.
+
+  Every tensor is consumed: `lm_head.weight` of a tied model must equal the embedding, a stored
+  RoPE `inv_freq` buffer must match the config, anything else unknown is an error.
+
+  Args:
+    tensors: {HF tensor name: array}.
+    cfg: the model config.
+    dtype: cast to this dtype; None keeps each tensor's stored dtype (bf16 stays bf16).
+  Raises:
+    ValueError: missing, unexpected or misshapen tensors (named).
+  """
+  tensors = dict(tensors)
+  expected = _hf_tensors(cfg)
+  shapes = jax.eval_shape(lambda: init(jax.random.key(0), cfg))
+  problems = []
+  if cfg.tie_word_embeddings and "lm_head.weight" in tensors:
+    head = tensors.pop("lm_head.weight")
+    embed = tensors.get("model.embed_tokens.weight")
+    if embed is None or not np.array_equal(np.asarray(head), np.asarray(embed)):
+      problems.append("lm_head.weight differs from model.embed_tokens.weight although "
+                      "tie_word_embeddings is true")
+  for name in sorted(set(tensors) - set(expected)):
+    if not _ROTARY_BUFFER.fullmatch(name):
+      problems.append(f"unexpected tensor {name} (not part of a {_describe(cfg)} model)")
+    elif not _matches_rope(tensors[name], cfg):
+      problems.append(f"{name} does not match the config's RoPE frequencies (rope_theta, "
+                      "rope_scaling)")
+  missing = [name for name in expected if name not in tensors]
+  if missing:
+    problems.append(f"{len(missing)} missing tensors: {missing[:8]}"
+                    + (" ..." if len(missing) > 8 else ""))
+  params: dict = {}
+  for name, (path, transpose) in expected.items():
+    if name not in tensors:
+      continue
+    want = _get(shapes, path).shape
+    want = tuple(reversed(want)) if transpose else tuple(want)
+    value = tensors.pop(name)  # frees each stored tensor once converted
+    if tuple(value.shape) != want:
+      problems.append(f"tensor {name} has shape {tuple(value.shape)}, the config needs {want}")
+      continue
+    value = jnp.asarray(value, dtype)
+    _set(params, path, value.T if transpose else value)
+  if problems:
+    raise ValueError("checkpoint does not match its config: " + "; ".join(problems))
+  return params
+
+
+def _describe(cfg: LlamaConfig) -> str:
+  switches = [f for f in ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings")
+              if getattr(cfg, f)]
+  return "Llama-family" + (f" ({', '.join(switches)})" if switches else " (no biases, untied)")
+
+
+def _get(tree: Mapping, path: tuple[str, ...]) -> Any:
+  for part in path:
+    tree = tree[part]
+  return tree
+
+
+def _set(tree: dict, path: tuple[str, ...], value: Any) -> None:
+  for part in path[:-1]:
+    tree = tree.setdefault(part, {})
+  tree[path[-1]] = value
+
+
+def to_hf_state_dict(params: dict, cfg: LlamaConfig) -> dict[str, np.ndarray]:
+  """Inverse of `from_hf_state_dict`: numpy arrays in the params' dtypes.
+
+  Raises:
+    TypeError: a structured (adapted) leaf: `lowrank_jax.merge` the params first.
+    ValueError: params that `cfg` does not describe (a missing or an extra leaf, named).
+  """
+  expected = _hf_tensors(cfg)
+  flat = {tuple(str(getattr(k, "key", k)) for k in kp): v for kp, v in
+          jax.tree_util.tree_flatten_with_path(params, is_leaf=structured.is_structured)[0]}
+  ours = {path for path, _ in expected.values()}
+  extra, missing = sorted(set(flat) - ours), sorted(ours - set(flat))
+  if extra or missing:
+    raise ValueError(f"params do not match the config: extra leaves {['/'.join(p) for p in extra]}"
+                     f", missing leaves {['/'.join(p) for p in missing]}")
+  out = {}
+  for name, (path, transpose) in expected.items():
+    value = flat[path]
+    if structured.is_structured(value):
+      raise TypeError(f"{'/'.join(path)} is a structured weight ({type(value).__name__}); "
+                      "save `lowrank_jax.merge(params)`")
+    value = np.asarray(value)
+    out[name] = np.ascontiguousarray(value.T if transpose else value)
+  return out
+
+
+INDEX_FILE = "model.safetensors.index.json"
+_SIZE_UNITS = {"B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "KIB": 2**10, "MIB": 2**20,
+               "GIB": 2**30}
+
+
+def _read_safetensors(file: pathlib.Path) -> dict[str, jax.Array]:
+  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
+  # The flax framework reads bfloat16 on every safetensors version.
+  with safe_open(str(file), framework="flax") as fh:
+    return {name: fh.get_tensor(name) for name in fh.keys()}
+
+
+def _read_checkpoint_tensors(path: pathlib.Path) -> dict[str, jax.Array]:
+  """All tensors of a checkpoint: the files of its index, else `model.safetensors`, else every
+  `*.safetensors` in the directory. A tensor stored twice, or a file or tensor that the index
+  lists but that is not there, or a tensor in a file that the index does not list, is an error."""
+  index_file = path / INDEX_FILE
+  if index_file.is_file():
+    weight_map = json.loads(index_file.read_text()).get("weight_map")
+    if not isinstance(weight_map, Mapping):
+      raise ValueError(f"{index_file} has no weight_map dict")
+    files = sorted(set(weight_map.values()))
+    absent = [f for f in files if not (path / f).is_file()]
+    if absent:
+      raise FileNotFoundError(f"{index_file} lists files that are not in {path}: {absent}")
+  elif (path / "model.safetensors").is_file():
+    weight_map, files = None, ["model.safetensors"]
+  else:
+    weight_map, files = None, sorted(f.name for f in path.glob("*.safetensors"))
+    if not files:
+      raise FileNotFoundError(f"no *.safetensors files in {path} (PyTorch .bin files are not read)")
+  tensors: dict[str, jax.Array] = {}
+  for file in files:
+    for name, value in _read_safetensors(path / file).items():
+      if name in tensors:
+        raise ValueError(f"{path}: tensor {name} is stored twice (again in {file})")
+      if weight_map is not None and weight_map.get(name) != file:
+        raise ValueError(f"{path}: tensor {name} is in {file} but {INDEX_FILE} puts it in "
+                         f"{weight_map.get(name)}")
+      tensors[name] = value
+  if weight_map is not None:
+    absent = sorted(set(weight_map) - set(tensors))
+    if absent:
+      raise ValueError(f"{path}: {INDEX_FILE} lists tensors that are not in their files: "
+                       f"{absent[:8]}")
+  return tensors
+
+
+def load_hf_checkpoint(path: str | pathlib.Path, dtype=None) -> tuple[dict, LlamaConfig]:
+  """Loads a local HF Llama/Mistral/Qwen2 checkpoint directory.
+
+  Reads `config.json` (see `config_from_hf`) and the weights: the shards listed in
+  `model.safetensors.index.json`, else `model.safetensors`, else every `*.safetensors` file.
+
+  Args:
+    path: the checkpoint directory.
+    dtype: cast every tensor to this dtype; None keeps the stored dtypes (bf16 stays bf16;
+      adapters keep their own dtype, e.g. fp32 LoRA factors on a bf16 base).
   Returns:
     (params, cfg).
   Raises:
-    FileNotFoundError: the directory, its config.json or its safetensors files are missing.
+    FileNotFoundError: the directory, its config.json, or its weight files are missing.
+    ValueError: a config key that cannot be honoured; missing, unexpected or misshapen tensors
+      (each named).
   """
-  from safetensors import safe_open  # pylint: disable=g-import-not-at-top
   path = pathlib.Path(path).expanduser()
-  if not (path / "config.json").is_file():
+  config_file = path / "config.json"
+  if not config_file.is_file():
     raise FileNotFoundError(f"{path} is not a Hugging Face checkpoint directory: no config.json")
-  hf_cfg = json.loads((path / "config.json").read_text())
-  cfg = config_from_hf(hf_cfg)
-  files = sorted(path.glob("*.safetensors"))
-  if not files:
-    raise FileNotFoundError(f"no *.safetensors files in {path} (PyTorch .bin files are not read)")
-  tensors = {}
-  for f in files:
-    # The flax framework reads bfloat16 too (numpy has no bfloat16).
-    with safe_open(str(f), framework="flax") as fh:
-      for name in fh.keys():
-        tensors[name] = fh.get_tensor(name)
-  params = from_hf_state_dict(tensors, cfg, dtype,
-                              tie_word_embeddings=hf_cfg.get("tie_word_embeddings", False))
+  try:
+    cfg = config_from_hf(json.loads(config_file.read_text()))
+  except ValueError as e:  # json.JSONDecodeError is a ValueError too
+    raise ValueError(f"{config_file}: {e}") from e
+  try:
+    params = from_hf_state_dict(_read_checkpoint_tensors(path), cfg, dtype)
+  except ValueError as e:
+    raise ValueError(f"{path}: {e}") from e
   return params, cfg
 
 
-def save_hf_checkpoint(params: dict, cfg: LlamaConfig, path: str | pathlib.Path) -> None:
-  """Writes `config.json` + `model.safetensors` in the HF layout (float32)."""
+def _shard_limit(max_shard_size: int | str | None) -> int | None:
+  if max_shard_size is None or (isinstance(max_shard_size, int) and max_shard_size > 0):
+    return max_shard_size
+  m = re.fullmatch(r"\s*(\d+(?:\.\d+)?)\s*([KMG]I?B|B)\s*", str(max_shard_size).upper())
+  if not m:
+    raise ValueError(f"max_shard_size={max_shard_size!r} is not valid; valid: None, a positive "
+                     "number of bytes, or a string like '500MB' or '2GiB'")
+  return int(float(m.group(1)) * _SIZE_UNITS[m.group(2)])
+
+
+def save_hf_checkpoint(params: dict, cfg: LlamaConfig, path: str | pathlib.Path, *,
+                       max_shard_size: int | str | None = None) -> None:
+  """Writes `config.json` and the weights in the HF layout, in the params' dtypes.
+
+  One `model.safetensors`, or with `max_shard_size` (bytes, or "500MB", "2GiB") shards
+  `model-0000i-of-0000n.safetensors` of at most that size (a larger tensor gets a shard of its
+  own) and `model.safetensors.index.json`. Weight files of an earlier checkpoint in `path` (the
+  index, `model.safetensors`, `model-*-of-*.safetensors`) are replaced.
+
+  Raises:
+    TypeError: a structured (adapted) leaf: save `lowrank_jax.merge(params)`.
+    ValueError: params that `cfg` does not describe, or a bad `max_shard_size`.
+  """
   import safetensors.numpy  # pylint: disable=g-import-not-at-top
-  path = pathlib.Path(path)
+  limit = _shard_limit(max_shard_size)
+  tensors = to_hf_state_dict(params, cfg)
+  hf_cfg = config_to_hf(cfg, torch_dtype=str(tensors["model.embed_tokens.weight"].dtype))
+  shards: list[dict[str, np.ndarray]] = [{}]
+  shard_bytes = 0
+  for name, value in tensors.items():
+    if shards[-1] and limit is not None and shard_bytes + value.nbytes > limit:
+      shards.append({})
+      shard_bytes = 0
+    shards[-1][name] = value
+    shard_bytes += value.nbytes
+  path = pathlib.Path(path).expanduser()
   path.mkdir(parents=True, exist_ok=True)
-  (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
-  tensors = {k: v.astype(np.float32) for k, v in to_hf_state_dict(params, cfg).items()}
-  safetensors.numpy.save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+  for stale in [path / INDEX_FILE, path / "model.safetensors",
+                *path.glob("model-*-of-*.safetensors")]:
+    stale.unlink(missing_ok=True)
+  names = (["model.safetensors"] if len(shards) == 1 else
+           [f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors" for i in range(len(shards))])
+  for name, shard in zip(names, shards):
+    safetensors.numpy.save_file(shard, str(path / name), metadata={"format": "pt"})
+  if len(shards) > 1:
+    index = {"metadata": {"total_size": sum(v.nbytes for v in tensors.values())},
+             "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
+    (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
+  (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))
