@@ -10,8 +10,8 @@
 >>> lj.count_params(state)  # A is 8x2, B is 2x8
 32
 
-Submodules loaded on first use: `models`, `data`, `train`, `calibrate`, `implicit`, `bilevel`,
-`adapter_io`, `checkpoint`, `registry`, `testing`.
+Submodules loaded on first use: `models`, `data`, `train`, `steps`, `tasks`, `optim`, `calibrate`,
+`implicit`, `bilevel`, `stn`, `adapter_io`, `checkpoint`, `registry`, `testing`, `metrics`.
 """
 import importlib as _importlib
 
@@ -37,8 +37,8 @@ from lowrank_jax.targeting import KernelAxes
 
 __version__ = "0.1.0"
 
-_LAZY = ("models", "data", "train", "calibrate", "implicit", "bilevel", "adapter_io",
-         "checkpoint", "registry", "testing", "metrics")
+_LAZY = ("models", "data", "train", "steps", "tasks", "optim", "calibrate", "implicit", "bilevel",
+         "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics")
 
 
 def __getattr__(name):
