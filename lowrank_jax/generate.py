@@ -3,8 +3,8 @@
 One jitted call per batch: a prefill pass over the prompts fills the cache, then a
 `jax.lax.while_loop` decodes one token per step (greedy or sampled) until every row has emitted a
 stop token or `max_new_tokens` tokens. The loop bound, temperature, top-k, top-p, pad id and the
-stop tokens' values are traced, so the compiled program is reused for every call with the same
-batch size, prompt length, cache length (`max_len`), number of stop tokens and params structure;
+stop tokens are traced, so the compiled program is reused for every call with the same batch
+size, prompt length, cache length (`max_len`) and params structure;
 pad prompts to one length (with `prompt_mask`) to reuse it across prompt lengths. Params may hold
 structured (adapted) weights, which run factored, or dense ones.
 
@@ -46,11 +46,12 @@ def filter_logits(logits: jax.Array, temperature, top_k=None, top_p=None) -> jax
   vocab = logits.shape[-1]
   scaled = logits.astype(jnp.float32) / temperature
   descending = -jnp.sort(-scaled, axis=-1)
-  in_top_k = jnp.arange(vocab) < (vocab if top_k is None else top_k)
-  probs = jax.nn.softmax(jnp.where(in_top_k, descending, -jnp.inf), axis=-1)
-  mass_before = jnp.cumsum(probs, axis=-1) - probs
-  in_nucleus = True if top_p is None else (mass_before < top_p) | (top_p >= 1.0)
-  num_kept = jnp.sum(in_top_k & in_nucleus, axis=-1, keepdims=True)
+  kept = jnp.broadcast_to(jnp.arange(vocab) < (vocab if top_k is None else top_k), scaled.shape)
+  if top_p is not None:
+    probs = jax.nn.softmax(jnp.where(kept, descending, -jnp.inf), axis=-1)
+    mass_before = jnp.cumsum(probs, axis=-1) - probs
+    kept = kept & ((mass_before < top_p) | (top_p >= 1.0))
+  num_kept = jnp.sum(kept, axis=-1, keepdims=True)
   threshold = jnp.take_along_axis(descending, num_kept - 1, axis=-1)
   return jnp.where(scaled >= threshold, scaled, -jnp.inf)
 
@@ -74,7 +75,7 @@ class _Loop(NamedTuple):
 
 
 def _generate(params, prompt_ids, prompt_mask, key, max_new_tokens, temperature, top_k, top_p,
-              stop_tokens, pad_id, *, cfg, max_len, cache_dtype):
+              is_stop, pad_id, *, cfg, max_len, cache_dtype):
   b, t = prompt_ids.shape
 
   def emit(s: _Loop, logits) -> _Loop:
@@ -83,7 +84,7 @@ def _generate(params, prompt_ids, prompt_mask, key, max_new_tokens, temperature,
     token = jnp.where(s.done, pad_id, token)
     return s._replace(step=s.step + 1, tokens=s.tokens.at[:, s.step].set(token),
                       lengths=s.lengths + (~s.done).astype(jnp.int32),
-                      done=s.done | jnp.isin(token, stop_tokens), last=token)
+                      done=s.done | is_stop[token], last=token)
 
   def decode(s: _Loop) -> _Loop:
     logits, cache = llama.apply(params, s.last[:, None], cfg, positions=s.positions[:, None],
@@ -202,6 +203,8 @@ def generate(params: dict, cfg: llama.LlamaConfig, prompt_ids, max_new_tokens: i
   _check_sampling(temperature, top_k, top_p, key, vocab)
   stops = np.asarray(list(stop_tokens), np.int64).reshape(-1)
   _check_token_ids("stop_tokens", stops, vocab)
+  is_stop = np.zeros(vocab, bool)
+  is_stop[stops] = True
   if not _is_int(pad_id):
     raise ValueError(f"generate: pad_id must be an integer, got {pad_id!r}")
   _check_token_ids("pad_id", np.asarray([pad_id]), vocab)
@@ -214,6 +217,6 @@ def generate(params: dict, cfg: llama.LlamaConfig, prompt_ids, max_new_tokens: i
   tokens, lengths = _generate_jit(
       params, jnp.asarray(ids), jnp.asarray(mask), key, jnp.int32(max_new_tokens),
       jnp.float32(temperature), jnp.int32(vocab if top_k is None else top_k),
-      jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(stops, jnp.int32),
+      jnp.float32(1.0 if top_p is None else top_p), jnp.asarray(is_stop),
       jnp.int32(pad_id), cfg=cfg, max_len=max_len, cache_dtype=jnp.dtype(cache_dtype))
   return tokens[:, :max_new_tokens], lengths
