@@ -135,8 +135,8 @@ def _check_prompt(prompt_ids, prompt_mask, vocab: int) -> tuple[np.ndarray, np.n
 
 
 def _check_sampling(temperature, top_k, top_p, key, vocab: int) -> None:
-  if not isinstance(temperature, (int, float, np.number)) or not math.isfinite(temperature) \
-      or temperature < 0:
+  if not isinstance(temperature, (int, float, np.number)) or isinstance(temperature, bool) \
+      or not math.isfinite(temperature) or temperature < 0:
     raise ValueError(f"generate: temperature must be a finite number >= 0 (0: greedy), got "
                      f"{temperature!r}")
   if top_k is not None and (not _is_int(top_k) or not 1 <= top_k <= vocab):

@@ -181,6 +181,7 @@ def test_compiled_once_per_shape(counting_apply):
     (dict(max_new_tokens=2.0), "max_new_tokens must be an integer >= 1"),
     (dict(temperature=-0.5, key=jax.random.key(0)), "temperature must be a finite number >= 0"),
     (dict(temperature=float("nan")), "temperature must be a finite number >= 0"),
+    (dict(temperature=True, key=jax.random.key(0)), "temperature must be a finite number >= 0"),
     (dict(temperature=1.0, top_k=0, key=jax.random.key(0)), "top_k must be None or an integer"),
     (dict(temperature=1.0, top_k=257, key=jax.random.key(0)), r"top_k .* \[1, vocab_size=256\]"),
     (dict(temperature=1.0, top_p=0.0, key=jax.random.key(0)), r"top_p .* \(0, 1\]"),
