@@ -140,15 +140,29 @@ def rope(x: jax.Array, positions: jax.Array, theta: float) -> jax.Array:
   return (x * jnp.cos(ang) + rotated * jnp.sin(ang)).astype(x.dtype)
 
 
-def _attention(p, x, positions, mask, cfg):
+def _attention(p, x, positions, mask, cfg, kv=None, index=None):
+  """Self-attention; with a layer cache `kv` ({"k", "v"}) the new keys/values are written at slot
+  `index` and the queries attend over the whole cache. Returns (output, updated kv or None)."""
   b, t, _ = x.shape
   hd = cfg.dim_per_head
   q = ops.dense(x, p["q_proj"]["kernel"]).reshape(b, t, cfg.num_heads, hd)
   k = ops.dense(x, p["k_proj"]["kernel"]).reshape(b, t, cfg.num_kv_heads, hd)
   v = ops.dense(x, p["v_proj"]["kernel"]).reshape(b, t, cfg.num_kv_heads, hd)
   q, k = rope(q, positions, cfg.rope_theta), rope(k, positions, cfg.rope_theta)
-  o = jax.nn.dot_product_attention(q, k, v, mask=mask, is_causal=True)   # GQA built in
-  return ops.dense(o.reshape(b, t, cfg.num_heads * hd), p["o_proj"]["kernel"])
+  if kv is not None:
+    write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index,
+                                                                  axis=1)
+    kv = {"k": write(kv["k"], k), "v": write(kv["v"], v)}
+    k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)
+  o = jax.nn.dot_product_attention(q, k, v, mask=mask)   # GQA built in
+  return ops.dense(o.reshape(b, t, cfg.num_heads * hd), p["o_proj"]["kernel"]), kv
+
+
+def _attention_mask(q_segments, kv_segments, q_slots, kv_slots):
+  """Boolean (B, 1, T, S): query t sees key s iff s is not after t and both share a segment."""
+  causal = kv_slots[None, :] <= q_slots[:, None]                       # (T, S)
+  same_segment = q_segments[:, :, None] == kv_segments[:, None, :]     # (B, T, S)
+  return (causal & same_segment)[:, None]
 
 
 def _mlp(p, x):
@@ -157,42 +171,109 @@ def _mlp(p, x):
   return ops.dense(jax.nn.silu(g) * u, p["down_proj"]["kernel"])
 
 
+def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) -> dict:
+  """An empty KV cache of `max_len` slots per row for `apply(..., cache=...)`.
+
+  A pure pytree:
+
+  - ``layers/layer_{i}/{k,v}``: the (rotated) keys and the values of every slot, shape
+    (batch, max_len, num_kv_heads, head_dim) in `dtype`;
+  - ``segment_ids``: int32 (batch, max_len), the segment id of the token in each slot (0: padding);
+  - ``index``: int32 scalar, the next slot to write. All rows advance together, one slot per token
+    fed; a row's padding slots hold segment 0, which its tokens never attend.
+
+  A token never attends a slot written after it (the causal mask runs over slots), so the zeros
+  the cache starts with are never read.
+
+  Raises:
+    ValueError: `batch` or `max_len` is not a positive integer.
+  """
+  for name, value in (("batch", batch), ("max_len", max_len)):
+    if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
+      raise ValueError(f"init_cache: {name} must be a positive integer, got {value!r}")
+  slots = jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.dim_per_head), dtype)
+  return {"layers": {f"layer_{i}": {"k": slots, "v": slots} for i in range(cfg.num_layers)},
+          "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
+          "index": jnp.zeros((), jnp.int32)}
+
+
 def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
-                  positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-                  deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
-  """Final-norm hidden states (B, T, hidden)."""
+                  positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+                  attention_mask: jax.Array | None = None, cache: dict | None = None,
+                  deterministic: bool = True, rng: jax.Array | None = None):
+  """Final-norm hidden states (B, T, hidden); with `cache`, (hidden states, updated cache).
+
+  Arguments as in `apply`.
+  """
   b, t = input_ids.shape
+  first_slot = 0 if cache is None else cache["index"]
   if positions is None:
-    positions = jnp.broadcast_to(jnp.arange(t), (b, t))
-  mask = L.key_padding_mask(attention_mask)
+    positions = jnp.broadcast_to(first_slot + jnp.arange(t), (b, t))
+  segments = jnp.ones((b, t), jnp.int32) if segment_ids is None else segment_ids.astype(jnp.int32)
+  if attention_mask is not None:
+    segments = segments * attention_mask.astype(jnp.int32)
+  q_slots = first_slot + jnp.arange(t)
+  if cache is None:
+    kv_segments, kv_slots = segments, q_slots
+  else:
+    if t > cache["segment_ids"].shape[1]:
+      raise ValueError(f"apply: {t} tokens do not fit a cache of "
+                       f"{cache['segment_ids'].shape[1]} slots")
+    kv_segments = jax.lax.dynamic_update_slice_in_dim(cache["segment_ids"], segments, first_slot,
+                                                      axis=1)
+    kv_slots = jnp.arange(kv_segments.shape[1])
+  mask = _attention_mask(segments, kv_segments, q_slots, kv_slots)
+  new_layers = {}
   x = ops.embed(input_ids, params["embed"]["embedding"])
   for i in range(cfg.num_layers):
     lp = params["layers"][f"layer_{i}"]
-    h = _attention(lp["attention"], L.rms_norm(lp["input_norm"], x, cfg.rms_norm_eps),
-                   positions, mask, cfg)
+    kv = None if cache is None else cache["layers"][f"layer_{i}"]
+    h, kv = _attention(lp["attention"], L.rms_norm(lp["input_norm"], x, cfg.rms_norm_eps),
+                       positions, mask, cfg, kv, first_slot)
+    new_layers[f"layer_{i}"] = kv
     x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 0), deterministic)
     h = _mlp(lp["mlp"], L.rms_norm(lp["post_attention_norm"], x, cfg.rms_norm_eps))
     x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 1), deterministic)
-  return L.rms_norm(params["final_norm"], x, cfg.rms_norm_eps)
+  h = L.rms_norm(params["final_norm"], x, cfg.rms_norm_eps)
+  if cache is None:
+    return h
+  return h, {"layers": new_layers, "segment_ids": kv_segments, "index": first_slot + t}
 
 
 def apply(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
-          positions: jax.Array | None = None, attention_mask: jax.Array | None = None,
-          deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
-  """Next-token logits (B, T, vocab) with causal attention.
+          positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
+          attention_mask: jax.Array | None = None, cache: dict | None = None,
+          deterministic: bool = True, rng: jax.Array | None = None):
+  """Next-token logits (B, T, vocab) with causal attention; with `cache`, (logits, new cache).
+
+  Token t attends token s iff s is not after t and both have the same segment id. Segment id 0
+  marks padding: padding tokens attend only padding, real tokens never do. Packing several
+  examples into one row: give each example its own segment id (1, 2, ...) and positions that
+  restart at 0 per example; each example's logits are then those of the example run alone.
+
+  With a cache (`init_cache`), the T tokens (a prompt, or one decoded token) fill slots
+  ``cache["index"]`` .. ``+T-1`` and attend every earlier slot of the same segment, so prefill and
+  decode are the same call. The caller keeps ``index + T`` within the cache's slots (a write past
+  the end is clamped by XLA, not detected under jit).
 
   Args:
-    params: nested-dict params.
+    params: nested-dict params; kernels may be structured weights (run factored).
     input_ids: int (B, T).
     cfg: the model config.
-    positions: int (B, T) RoPE positions; defaults to 0..T-1.
-    attention_mask: {0,1} (B, T) key padding mask (combined with the causal mask).
+    positions: int (B, T) RoPE positions; defaults to the slot numbers (0..T-1 without a cache).
+    segment_ids: int (B, T) segment of each token (0: padding); defaults to all ones.
+    attention_mask: {0,1} (B, T) key padding mask; a 0 sets that token's segment id to 0.
+    cache: a KV cache from `init_cache` (or a previous call) to read and extend.
     deterministic: if False, applies residual dropout (`cfg.dropout_rate`) with `rng`.
     rng: dropout key.
   """
-  h = hidden_states(params, input_ids, cfg, positions=positions, attention_mask=attention_mask,
-                    deterministic=deterministic, rng=rng)
-  return ops.dense(h, params["lm_head"]["kernel"])
+  out = hidden_states(params, input_ids, cfg, positions=positions, segment_ids=segment_ids,
+                      attention_mask=attention_mask, cache=cache, deterministic=deterministic,
+                      rng=rng)
+  if cache is None:
+    return ops.dense(out, params["lm_head"]["kernel"])
+  h, cache = out
+  return ops.dense(h, params["lm_head"]["kernel"]), cache
 
 
 def num_params(cfg: LlamaConfig) -> int:
