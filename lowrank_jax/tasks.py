@@ -92,9 +92,9 @@ class CausalLM(NamedTuple):
                                                                    jax.Array]:
     """(float32 cross-entropy, correct (argmax == target), mask), each (B, T), of the targets
     `input_ids` shifted left by one (the last position's target is a dummy 0, masked out)."""
-    ids = batch[self.ids_key]
+    ids = jnp.asarray(batch[self.ids_key])
     targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
-    mask = batch[self.mask_key].astype(jnp.float32).at[:, -1].set(0.0)
+    mask = jnp.asarray(batch[self.mask_key], jnp.float32).at[:, -1].set(0.0)
     ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
     correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
     return ce, correct, mask

@@ -414,3 +414,15 @@ def save_hf_checkpoint(params: dict, cfg: LlamaConfig, path: str | pathlib.Path)
   (path / "config.json").write_text(json.dumps(config_to_hf(cfg), indent=2))
   tensors = {k: v.astype(np.float32) for k, v in to_hf_state_dict(params, cfg).items()}
   safetensors.numpy.save_file(tensors, str(path / "model.safetensors"), metadata={"format": "pt"})
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's view of a decoder LM (`models.ModelSpec.lm_logits`).
+# ---------------------------------------------------------------------------------------------
+
+def lm_logits(params: dict, cfg: LlamaConfig, batch: Mapping[str, Any], *,
+              deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+  """Next-token logits (B, T, vocab) of a batch's `input_ids`, with its packing (`positions`,
+  `segment_ids`) when it has them."""
+  return apply(params, batch["input_ids"], cfg, positions=batch.get("positions"),
+               segment_ids=batch.get("segment_ids"), deterministic=deterministic, rng=rng)
