@@ -13,7 +13,7 @@ texts into rows of `seq_len` tokens (attention never crosses texts), trains ever
 as a Hugging Face checkpoint with its `tokenizer.json` to `workdir/hf`, which
 `configs/gloss_sft.py` instruction-tunes.
 
-Args (after `:`): seed (0), steps (1200), runlocal (False: a 2-layer model, 6 steps, 256 train and
+Args (after `:`): seed (0), steps (400), runlocal (False: a 2-layer model, 6 steps, 256 train and
 64 validation texts, for CI).
 
 Expected result: see the README's "Decoder LMs" section (measured figures).
@@ -22,14 +22,14 @@ import ml_collections
 
 from configs import common
 
-MODEL = {"vocab_size": 4096, "hidden_size": 192, "intermediate_size": 512, "num_layers": 4,
+MODEL = {"vocab_size": 2048, "hidden_size": 192, "intermediate_size": 512, "num_layers": 4,
          "num_heads": 6, "num_kv_heads": 2, "max_position_embeddings": 128}
 MODEL_RUNLOCAL = {"vocab_size": 384, "hidden_size": 32, "intermediate_size": 64, "num_layers": 2,
                   "num_heads": 2, "num_kv_heads": 1, "max_position_embeddings": 128}
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, seed=0, steps=1200, runlocal=False)
+  a = common.parse_arg(arg, seed=0, steps=400, runlocal=False)
   c = common.base_config()
   c.task = "causal_lm"
   c.seed = a.seed
@@ -38,7 +38,7 @@ def get_config(arg=None):
   c.eval_batch_size = 16 if a.runlocal else 32
   c.eval_every = 0
   c.log_every = 2 if a.runlocal else 50
-  c.ckpt_every = 0 if a.runlocal else 400
+  c.ckpt_every = 0 if a.runlocal else 200
   c.model.name = "llama_tiny"        # the family; `model.config` sets the shape
   c.model.config = ml_collections.ConfigDict(MODEL_RUNLOCAL if a.runlocal else MODEL)
   c.model.checkpoint = ""
@@ -59,7 +59,7 @@ def get_config(arg=None):
   c.optimizer.head_lr = 3e-3
   c.optimizer.wd = 0.01
   c.optimizer.schedule = "cosine"
-  c.optimizer.warmup_steps = 2 if a.runlocal else 60
+  c.optimizer.warmup_steps = 2 if a.runlocal else 40
   c.optimizer.grad_clip = 1.0
   c.save_adapter = False
   c.export_hf = True
