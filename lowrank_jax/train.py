@@ -23,6 +23,18 @@ Config fields (all numbers that change a result live in the config; see `configs
   shuffle_seed}, adapter.{method, **factory kwargs}, optimizer.{name, lr, head_lr, wd, b1, b2,
   schedule, warmup_steps, grad_clip}, task (default "classification"), calib_batches, baseline,
   save_adapter, export_peft, progress, overwrite.
+
+Task "causal_lm" (a decoder LM, `tasks.CausalLM`) reads, besides:
+
+  model.checkpoint (a Hugging Face checkpoint directory to start from; "" initializes randomly
+  with the `model.config` field overrides), model.tokenizer (a tokenizer.json; "" takes the
+  checkpoint's, else trains a byte-level BPE of the model's vocab size on the train texts),
+  dataset.{prompt, response} (format strings over an example's fields, e.g. "{lemmas[0]}" or
+  "{label_name}"; only the response is trained; an empty prompt makes plain-text pretraining),
+  dataset.template (the instruction template, with a `{prompt}` field), dataset.seq_len (the
+  packed row length), eval_before (evaluate before the first step too), generate.{num_examples,
+  max_new_tokens, batch_size, print_samples} (greedy generation exact match on the eval
+  prompts), export_hf (write the merged model + tokenizer.json to `workdir/hf`).
 """
 from __future__ import annotations
 
