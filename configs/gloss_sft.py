@@ -15,7 +15,7 @@ the run reports the response perplexity and the exact-match accuracy of greedy g
 at `<|eos|>`), and prints a few sample generations. The adapter (any registered method via the
 `method` arg; rank on the q/k/v/o and MLP kernels) trains on a frozen base.
 
-Args (after `:`): method (lora), rank (8), seed (0), steps (300), checkpoint (/tmp/gloss_lm/hf),
+Args (after `:`): method (lora), rank (8), seed (0), steps (150), checkpoint (/tmp/gloss_lm/hf),
 runlocal (False: 6 steps, 128 train / 32 test examples, for CI).
 
 Expected result: see the README's "Decoder LMs" section (measured figures).
@@ -29,7 +29,7 @@ TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=300,
+  a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=150,
                        checkpoint="/tmp/gloss_lm/hf", runlocal=False)
   c = common.base_config()
   c.task = "causal_lm"
@@ -39,7 +39,7 @@ def get_config(arg=None):
   c.eval_batch_size = 16 if a.runlocal else 32
   c.eval_every = 0
   c.log_every = 2 if a.runlocal else 25
-  c.ckpt_every = 0 if a.runlocal else 100
+  c.ckpt_every = 0 if a.runlocal else 50
   c.model.name = "llama_tiny"         # the family; the checkpoint's config.json sets the shape
   c.model.checkpoint = a.checkpoint
   c.model.tokenizer = ""              # "": the checkpoint's tokenizer.json
@@ -48,7 +48,7 @@ def get_config(arg=None):
   c.dataset.train_split = "train"
   c.dataset.eval_split = "test"
   c.dataset.max_train_examples = 128 if a.runlocal else 0
-  c.dataset.max_eval_examples = 32 if a.runlocal else 1000
+  c.dataset.max_eval_examples = 32 if a.runlocal else 600
   c.dataset.seq_len = 128
   c.dataset.shuffle_seed = a.seed
   c.dataset.template = TEMPLATE

@@ -258,6 +258,15 @@ def lm_formatter(dcfg):
                              names)
 
 
+def read_all(source, chunk: int = 4096):
+  """Every example of a random-access `source`, read `chunk` at a time where it reads in bulk
+  (`__getitems__`, as tfds data sources do)."""
+  get_many = getattr(source, "__getitems__", None)
+  for start in range(0, len(source), chunk):
+    idx = range(start, min(len(source), start + chunk))
+    yield from (get_many(list(idx)) if get_many is not None else (source[i] for i in idx))
+
+
 def make_decoder_and_data(config, key: jax.Array) -> tuple["Model", Data]:
   """The decoder LM of `config.model` and packed batches of `config.dataset`'s texts."""
   from lowrank_jax import data  # pylint: disable=g-import-not-at-top
@@ -267,16 +276,14 @@ def make_decoder_and_data(config, key: jax.Array) -> tuple["Model", Data]:
   eval_source = load_split(dcfg, dcfg.eval_split, dcfg.max_eval_examples)
   formatter = lm_formatter(dcfg)
   tok = lm_tokenizer(config, spec,
-                     lambda: ("".join(formatter(train_source[i]))
-                              for i in range(len(train_source))))
+                     lambda: ("".join(formatter(ex)) for ex in read_all(train_source)))
   transform = data.lm_transform(tok, formatter, dcfg.seq_len)
   train_iter = data.make_packed_pipeline(
       train_source, transform=transform, seq_len=dcfg.seq_len, batch_size=config.batch_size,
       seed=dcfg.shuffle_seed, num_epochs=None, shard_index=0, shard_count=1)
 
   def make_eval_batches(batch_size):
-    rows = data.pack_rows((transform(eval_source[i]) for i in range(len(eval_source))),
-                          dcfg.seq_len, batch_size)
+    rows = data.pack_rows(map(transform, read_all(eval_source)), dcfg.seq_len, batch_size)
     return data.packed_batches(rows, batch_size, dcfg.seq_len)
 
   def apply(p, batch, *, train, rng):
