@@ -41,6 +41,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect as inspect_mod
+import itertools
 import json
 import logging
 import os
@@ -130,10 +131,17 @@ class Data:
   eval_source: Any
   transform: Callable[[dict], dict]
   train_iter: Any
-  # eval_batches(batch_size) -> fixed-shape eval batches (None: `eval_batches` of the examples).
-  make_eval_batches: Optional[Callable[[int], list[dict]]] = None
+  # pack_batches(source, batch_size, limit) -> packed fixed-shape batches of the first `limit`
+  # (0: all) examples (None: one example a row).
+  pack_batches: Optional[Callable[[Any, int, int], list[dict]]] = None
   # formatter(example) -> (prompt text, response text) of a text task (None: not one).
   formatter: Optional[Callable[[dict], tuple[str, str]]] = None
+
+  def fixed_batches(self, source, batch_size: int, limit: int = 0) -> list[dict]:
+    """Fixed-shape batches of `source` (eval, calibration): padded, so none recompiles."""
+    if self.pack_batches is not None:
+      return self.pack_batches(source, batch_size, limit)
+    return eval_batches(source, self.transform, batch_size, limit)
 
 
 def make_data(config, model: "Model") -> Data:
@@ -213,11 +221,14 @@ def decoder_spec(mcfg, key: jax.Array):
   `model.checkpoint` when set, else a random init with the `model.config` field overrides."""
   from lowrank_jax import models  # pylint: disable=g-import-not-at-top
   spec = models.get_model(mcfg.name)
+  fields = mcfg.get("config", None)
+  fields = fields.to_dict() if fields else {}
   if mcfg.get("checkpoint", ""):
+    if fields:
+      raise ValueError(f"model.config {sorted(fields)} cannot change the shape of the checkpoint "
+                       f"model.checkpoint={mcfg.checkpoint!r}; drop one of them")
     params, spec = spec.load_checkpoint(mcfg.checkpoint)
   else:
-    fields = mcfg.get("config", None)
-    fields = fields.to_dict() if fields else {}
     unknown = [k for k in fields if not hasattr(spec.config, k)]
     if unknown:
       raise ValueError(f"model.config.{unknown[0]} is not a field of model {mcfg.name!r}; its "
@@ -282,8 +293,9 @@ def make_decoder_and_data(config, key: jax.Array) -> tuple["Model", Data]:
       train_source, transform=transform, seq_len=dcfg.seq_len, batch_size=config.batch_size,
       seed=dcfg.shuffle_seed, num_epochs=None, shard_index=0, shard_count=1)
 
-  def make_eval_batches(batch_size):
-    rows = data.pack_rows(map(transform, read_all(eval_source)), dcfg.seq_len, batch_size)
+  def pack_batches(source, batch_size, limit):
+    examples = itertools.islice(read_all(source), limit if limit > 0 else None)
+    rows = data.pack_rows(map(transform, examples), dcfg.seq_len, batch_size)
     return data.packed_batches(rows, batch_size, dcfg.seq_len)
 
   def apply(p, batch, *, train, rng):
@@ -292,7 +304,7 @@ def make_decoder_and_data(config, key: jax.Array) -> tuple["Model", Data]:
   logging.info("data: %d train / %d eval texts of %s; model %s: %d params", len(train_source),
                len(eval_source), dcfg.name, config.model.name, tree_lib.tree_size(params))
   return (Model(params, apply, tok, spec),
-          Data(train_source, eval_source, transform, train_iter, make_eval_batches, formatter))
+          Data(train_source, eval_source, transform, train_iter, pack_batches, formatter))
 
 
 def make_classifier_and_data(config, key: jax.Array) -> tuple["Model", Data]:
@@ -439,7 +451,9 @@ def init_adapter(config, model: Model, data: Data, key: jax.Array):
   head_flat, head_paths = split_head(model.params, config.head)
   stats = None
   if registry.needs_stats(method):
-    stats = _calibrate(config, model, data.train_source, data.transform,
+    limit = int(config.get("calib_batches", 8)) * config.batch_size
+    stats = _calibrate(config, model,
+                       data.fixed_batches(data.train_source, config.batch_size, limit),
                        adapter_kwargs(config).get("targets"))
   base, ad_state = adapter.init(key, model.params, stats)
   adapted_paths = set(tree_lib.unnest(ad_state.trainable)) if isinstance(ad_state.trainable,
@@ -481,8 +495,7 @@ def make_evaluate(eval_step, base, data: Data, batch_size: int, task, sharding):
 
   def evaluate(state):
     if not cache:
-      cache.extend(data.make_eval_batches(batch_size) if data.make_eval_batches is not None
-                   else eval_batches(data.eval_source, data.transform, batch_size))
+      cache.extend(data.fixed_batches(data.eval_source, batch_size))
       tasks.check_batch(cache[0], task.eval_keys, "eval")
     totals = {}
     for batch in cache:
@@ -778,7 +791,9 @@ def load_trained(config: ml_collections.ConfigDict, adapter_path: str) -> tuple[
   stats = None
   if registry.needs_stats(config.adapter.method):
     source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
-    stats = _calibrate(config, model, source, make_transform(dcfg, model.tokenizer),
+    limit = int(config.get("calib_batches", 8)) * config.batch_size
+    stats = _calibrate(config, model, eval_batches(source, make_transform(dcfg, model.tokenizer),
+                                                   config.batch_size, limit),
                        adapter_kwargs(config).get("targets"))
   base, _ = adapter.init(k_adapter, model.params, stats)
   return steps.adapted_params(adapter, base, state, head), model
@@ -828,20 +843,22 @@ def _decoder_summary(r: dict) -> list[str]:
   return lines
 
 
-def _calibrate(config, model: Model, train_source, transform, targets):
-  """Calibration statistics for methods such as CorDA (`lowrank_jax.calibrate.collect`)."""
+def _calibrate(config, model: Model, batches: list[dict], targets):
+  """Calibration statistics for methods such as CorDA (`lowrank_jax.calibrate.collect`) of the
+  first train `batches`; padding tokens (attention mask or segment id 0) do not count."""
   try:
     from lowrank_jax import calibrate  # pylint: disable=g-import-not-at-top
   except ImportError as e:
     raise ValueError(f"method {config.adapter.method!r} needs calibration statistics, but "
                      f"lowrank_jax.calibrate is not available ({e})") from None
-  n = int(config.get("calib_batches", 8))
-  batches = eval_batches(train_source, transform, config.batch_size, limit=n * config.batch_size)
   apply_fn = lambda p, b: model.apply(p, b, train=False, rng=None)
-  text = "attention_mask" in batches[0]
+  mask_fn = None
+  if "segment_ids" in batches[0]:
+    mask_fn = lambda b: b["segment_ids"] > 0
+  elif "attention_mask" in batches[0]:
+    mask_fn = lambda b: b["attention_mask"]
   logging.info("calibrating %s on %d batches", config.adapter.method, len(batches))
-  return calibrate.collect(apply_fn, model.params, batches, targets,
-                           mask_key="attention_mask" if text else None,
+  return calibrate.collect(apply_fn, model.params, batches, targets, mask_fn=mask_fn,
                            sample_scale=registry.facts(config.adapter.method).stats_sample_scale)
 
 
