@@ -836,8 +836,10 @@ def _decoder_summary(r: dict) -> list[str]:
            f"tokens/s"]
   if "exact_match" in r:
     lines.append(f"generation exact match {was('exact_match', '.4f')}{r['exact_match']:.4f}")
-    for prompt, ref, pred in r["samples"]:
-      lines.append(f"  {prompt!r} -> {pred!r} (reference {ref!r})")
+    untuned = [pred for _, _, pred in b.get("samples", [])]
+    for i, (prompt, ref, pred) in enumerate(r["samples"]):
+      was_pred = f"; before training {untuned[i]!r}" if i < len(untuned) else ""
+      lines.append(f"  {prompt!r} -> {pred!r} (reference {ref!r}{was_pred})")
   if r.get("hf_path"):
     lines.append(f"merged model + tokenizer.json saved to {r['hf_path']}")
   return lines
