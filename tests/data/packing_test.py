@@ -79,6 +79,26 @@ class PackingTest(absltest.TestCase):
     np.testing.assert_allclose(float(sums["loss"]), ce_sum, rtol=1e-6)
     self.assertEqual(float(sums["count"]), count)
 
+  def test_packed_pipeline_resumes_from_its_state(self):
+    src = data.ArraySource({"n": np.arange(40)})
+    transform = lambda e: {"input_ids": np.full(int(e["n"]) % 7 + 2, int(e["n"]), np.int32),
+                           "loss_mask": np.ones(int(e["n"]) % 7 + 2, np.float32)}
+    make = lambda: data.make_packed_pipeline(src, transform=transform, seq_len=SEQ_LEN,
+                                             batch_size=3, seed=5, num_epochs=None,
+                                             shard_index=0, shard_count=1)
+    it = make()
+    for _ in range(4):
+      next(it)
+    state = it.get_state()
+    want = [next(it) for _ in range(3)]
+    it2 = make()
+    it2.set_state(state)
+    for w in want:
+      got = next(it2)
+      self.assertEqual(sorted(got), sorted(data.PACKED_KEYS))
+      for k in data.PACKED_KEYS:
+        np.testing.assert_array_equal(got[k], w[k])
+
   def test_padding_rows_fill_the_last_batch(self):
     batches = data.packed_batches(data.pack_rows(_examples(), SEQ_LEN), 4, SEQ_LEN)
     last = batches[-1]
