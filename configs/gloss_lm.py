@@ -16,7 +16,11 @@ as a Hugging Face checkpoint with its `tokenizer.json` to `workdir/hf`, which
 Args (after `:`): seed (0), steps (400), runlocal (False: a 2-layer model, 6 steps, 256 train and
 64 validation texts, for CI).
 
-Expected result: see the README's "Decoder LMs" section (measured figures).
+Measured (seed 0, 2026-12-02, 2 CPU cores shared with ~4 other jobs, load average ~8): a 2.36M-
+parameter Llama (4 layers, hidden 192, 6 query / 2 key-value heads, 2,048-token BPE) reaches a
+validation perplexity of 125.7 (next-token accuracy 0.164) over 60,626 target tokens of 2,000
+held-out glosses after 400 steps of 16 packed rows of 128 tokens (~0.78M tokens, about half an
+epoch); 1,211 tokens/s; 644 s of training, 731 s wall in all. runlocal: ~30 s.
 """
 import ml_collections
 

@@ -15,10 +15,18 @@ the run reports the response perplexity and the exact-match accuracy of greedy g
 at `<|eos|>`), and prints a few sample generations. The adapter (any registered method via the
 `method` arg; rank on the q/k/v/o and MLP kernels) trains on a frozen base.
 
-Args (after `:`): method (lora), rank (8), seed (0), steps (150), checkpoint (/tmp/gloss_lm/hf),
+Args (after `:`): method (lora), rank (8), seed (0), steps (600), checkpoint (/tmp/gloss_lm/hf),
 runlocal (False: 6 steps, 128 train / 32 test examples, for CI).
 
-Expected result: see the README's "Decoder LMs" section (measured figures).
+Measured (seed 0, 2026-12-02, same contended 2 cores, on the checkpoint measured in
+`configs/gloss_lm.py`): LoRA rank 8 (108,544 params) on 600 steps: held-out response perplexity
+362.8 -> 3.07 (4,469 response tokens of 600 test synsets; next-token accuracy 0.083 -> 0.886);
+greedy exact match on 300 test prompts 0.000 -> 0.200 (the most frequent class, noun.artifact,
+is 0.130 of them; the untuned model mostly ends the text at once); 3,600 tokens/s, 284 s of
+training, 326 s wall. With 150 steps the tuned model answered the second most frequent class
+(noun.person) to every prompt: exact match 0.113, perplexity 4.31. Sample generations (tuned;
+reference): settle -> verb.cognition (verb.change), capture -> verb.cognition (verb.emotion),
+Sistrurus -> noun.person (noun.animal). runlocal: ~35 s.
 """
 import ml_collections
 
@@ -29,7 +37,7 @@ TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 
 
 def get_config(arg=None):
-  a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=150,
+  a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=600,
                        checkpoint="/tmp/gloss_lm/hf", runlocal=False)
   c = common.base_config()
   c.task = "causal_lm"
