@@ -337,24 +337,22 @@ def generation_eval(params, model: "Model", data: Data, gcfg) -> dict:
   n = min(int(gcfg.num_examples), len(data.eval_source))
   pairs = [fmt(data.eval_source[i]) for i in range(n)]
   prompts = [data_lib.encode_pair(tok, p, "")[0] for p, _ in pairs]
+  bs = int(gcfg.batch_size)
+  prompts += [prompts[-1]] * (-n % bs)      # whole batches (the copies are dropped)
   width = max(map(len, prompts))
-  ids = np.full((n, width), pad, np.int32)
-  mask = np.zeros((n, width), np.int32)
+  ids = np.full((len(prompts), width), pad, np.int32)
+  mask = np.zeros((len(prompts), width), np.int32)
   for i, p in enumerate(prompts):
     ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
-  bs = int(gcfg.batch_size)
   preds = []
-  for start in range(0, n, bs):
-    rows = slice(start, min(n, start + bs))
-    take = rows.stop - rows.start
-    pad_rows = lambda a: np.concatenate([a[rows], np.repeat(a[rows][-1:], bs - take, 0)])
-    out, lengths = gen_lib.generate(params, model.spec.config, pad_rows(ids),
-                                    int(gcfg.max_new_tokens), prompt_mask=pad_rows(mask),
+  for start in range(0, len(prompts), bs):
+    out, lengths = gen_lib.generate(params, model.spec.config, ids[start:start + bs],
+                                    int(gcfg.max_new_tokens), prompt_mask=mask[start:start + bs],
                                     stop_tokens=(eos,), pad_id=pad)
     out, lengths = np.asarray(out), np.asarray(lengths)
-    for r in range(take):
-      toks = [t for t in out[r, :lengths[r]].tolist() if t != eos]
-      preds.append(tok.decode(toks))
+    preds += [tok.decode([t for t in row[:k].tolist() if t != eos])
+              for row, k in zip(out, lengths)]
+  preds = preds[:n]
   hits = [pred.strip() == ref.strip() for pred, (_, ref) in zip(preds, pairs)]
   samples = [(p, r, pred) for (p, r), pred in zip(pairs, preds)][:int(gcfg.print_samples)]
   return {"exact_match": float(np.mean(hits)), "samples": samples}

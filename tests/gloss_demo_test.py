@@ -6,10 +6,14 @@ import os
 import tempfile
 
 from absl.testing import absltest
+import jax
+import ml_collections
 import numpy as np
 
 from configs import gloss_lm
 from configs import gloss_sft
+from lowrank_jax import data
+from lowrank_jax import models
 from lowrank_jax import tokenizer as tok_lib
 from lowrank_jax import train
 from lowrank_jax.models import llama
@@ -68,6 +72,38 @@ class GlossDemoTest(absltest.TestCase):
     with self.assertRaisesRegex(ValueError, r"tokenizer has \d+ tokens but model 'llama_tiny' "
                                 r"has vocab_size=384"):
       train.train_and_evaluate(c, os.path.join(self.tmp.name, "bad_tok"))
+
+
+class GenerationEvalTest(absltest.TestCase):
+
+  def test_matches_an_uncached_greedy_loop_per_prompt(self):
+    words = ["dog", "a cat", "the big red fox", "x", "an old tree stump", "sea", "rain"]
+    tok = tok_lib.train_bpe([f"say {w}: {w} ok" for w in words] * 5, 300)
+    spec = models.get_model("llama_tiny").with_config(vocab_size=300)
+    params = spec.init(jax.random.key(3))
+    eos = tok.token_to_id(tok_lib.EOS)
+    fmt = data.text_formatter("say {w}", "{ref}", "Q: {prompt}\nA: ")
+
+    def greedy(prompt_ids, steps=5):   # independent: full forward each step, one prompt alone
+      ids, out = list(prompt_ids), []
+      for _ in range(steps):
+        nxt = int(np.argmax(np.asarray(llama.apply(params, np.asarray([ids]), spec.config))[0, -1]))
+        out.append(nxt)
+        if nxt == eos:
+          break
+        ids.append(nxt)
+      return tok.decode([t for t in out if t != eos])
+
+    want = [greedy(data.encode_pair(tok, fmt({"w": w, "ref": ""})[0], "")[0]) for w in words]
+    refs = [w if i % 2 else "no match" for i, w in enumerate(want)]     # every other one hits
+    source = [{"w": w, "ref": r} for w, r in zip(words, refs)]
+    d = train.Data(None, source, None, None, formatter=fmt)
+    model = train.Model(None, None, tok, spec)
+    gcfg = ml_collections.ConfigDict({"num_examples": 7, "max_new_tokens": 5, "batch_size": 3,
+                                      "print_samples": 7})
+    out = train.generation_eval(params, model, d, gcfg)
+    self.assertEqual([pred for _, _, pred in out["samples"]], want)
+    self.assertAlmostEqual(out["exact_match"], sum(r == w for r, w in zip(refs, want)) / 7)
 
 
 class CausalLMConfigErrorsTest(absltest.TestCase):
