@@ -78,7 +78,7 @@ class CausalLM(NamedTuple):
   ids_key: str = "input_ids"
   mask_key: str = "loss_mask"
   segment_key: str = "segment_ids"
-  model_kind = "decoder"       # what the trainer builds: a model with an `lm_logits` output
+  model_kind = "decoder"       # what the trainer builds: a decoder LM (`ModelSpec.lm_logits`)
 
   @property
   def train_keys(self) -> tuple[str, ...]:

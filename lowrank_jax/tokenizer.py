@@ -29,7 +29,8 @@ def train_bpe(texts: Iterable[str], vocab_size: int):
   Raises:
     ValueError: `vocab_size` leaves no room beyond the 256 bytes and the special tokens.
   """
-  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers  # pylint: disable=g-import-not-at-top
+  # pylint: disable-next=g-import-not-at-top
+  from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
   smallest = 256 + len(SPECIAL_TOKENS)
   if vocab_size < smallest:
     raise ValueError(f"vocab_size={vocab_size} is below the {smallest} tokens of a byte-level "

@@ -51,8 +51,8 @@ class ClassificationTest(absltest.TestCase):
       tasks.check_batch({"image": 0, "label": 0}, task.eval_keys, "eval")
 
   def test_unknown_task(self):
-    with self.assertRaisesRegex(ValueError,
-                                r"Unknown task 'lm'; valid names: \['causal_lm', 'classification'\]"):
+    with self.assertRaisesRegex(
+        ValueError, r"Unknown task 'lm'; valid names: \['causal_lm', 'classification'\]"):
       tasks.get_task("lm")
 
 

@@ -2,9 +2,10 @@
 
 Each module exposes a frozen config dataclass with presets, `init(key, cfg) -> params`,
 `apply(params, inputs, cfg, *, deterministic=True, rng=None)` and `hf_name_map(cfg)`.
-A decoder LM module has `lm_logits(params, cfg, batch, *, deterministic, rng) -> (B, T, vocab)`
-logits of a token batch and, to read and write Hugging Face checkpoint directories,
-`load_hf_checkpoint(path) -> (params, cfg)` and `save_hf_checkpoint(params, cfg, path)`.
+A decoder LM module has `causal_lm_logits(params, cfg, batch, *, deterministic, rng)`, the
+(B, T, vocab) next-token logits of a token batch, and, to read and write Hugging Face checkpoint
+directories, `load_hf_checkpoint(path) -> (params, cfg)` and `save_hf_checkpoint(params, cfg,
+path)`.
 A classifier module also has `MODALITY` ("image" or "text": what `classify` reads),
 `classify(params, cfg, batch, *, deterministic, rng) -> logits` and `dummy_batch(cfg)`; a text
 one `load_tokenizer(max_length)`; one whose head is not built in `add_classifier_head(key, params,
@@ -54,8 +55,8 @@ class ModelSpec(NamedTuple):
 
   @property
   def is_decoder(self) -> bool:
-    """Whether the model is a decoder LM (has next-token `lm_logits`)."""
-    return hasattr(self.module, "lm_logits")
+    """Whether the model is a decoder LM (its module has next-token `causal_lm_logits`)."""
+    return hasattr(self.module, "causal_lm_logits")
 
   @property
   def modality(self) -> Optional[str]:
@@ -92,7 +93,8 @@ class ModelSpec(NamedTuple):
   def lm_logits(self, params, batch, *, deterministic: bool = True,
                 rng: Optional[jax.Array] = None) -> jax.Array:
     """Next-token logits (B, T, vocab) of a token batch (`input_ids`, optional packing)."""
-    return self.module.lm_logits(params, self.config, batch, deterministic=deterministic, rng=rng)
+    return self.module.causal_lm_logits(params, self.config, batch, deterministic=deterministic,
+                                        rng=rng)
 
   def load_checkpoint(self, path: str) -> tuple[dict, "ModelSpec"]:
     """(params, this spec with the checkpoint's config) of a Hugging Face checkpoint directory.

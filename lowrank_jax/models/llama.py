@@ -420,8 +420,8 @@ def save_hf_checkpoint(params: dict, cfg: LlamaConfig, path: str | pathlib.Path)
 # The trainer's view of a decoder LM (`models.ModelSpec.lm_logits`).
 # ---------------------------------------------------------------------------------------------
 
-def lm_logits(params: dict, cfg: LlamaConfig, batch: Mapping[str, Any], *,
-              deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+def causal_lm_logits(params: dict, cfg: LlamaConfig, batch: Mapping[str, Any], *,
+                     deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
   """Next-token logits (B, T, vocab) of a batch's `input_ids`, with its packing (`positions`,
   `segment_ids`) when it has them."""
   return apply(params, batch["input_ids"], cfg, positions=batch.get("positions"),

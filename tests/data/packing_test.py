@@ -61,7 +61,7 @@ class PackingTest(absltest.TestCase):
     batch = data.packed_batches(data.pack_rows(exs, SEQ_LEN), 8, SEQ_LEN)
     self.assertLen(batch, 1)
     task = tasks.get_task("causal_lm")
-    logits = llama.lm_logits(params, cfg, jax.tree.map(jnp.asarray, batch[0]))
+    logits = llama.causal_lm_logits(params, cfg, jax.tree.map(jnp.asarray, batch[0]))
     loss, aux = task.loss(logits, batch[0])
     ce_sum, count, correct = 0.0, 0.0, 0.0
     for e in exs:   # each example alone: no packing, default positions, one segment
