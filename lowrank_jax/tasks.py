@@ -32,6 +32,7 @@ class Classification(NamedTuple):
   """
   label_key: str = "label"
   mask_key: str = "mask"
+  model_kind = "classifier"    # what the trainer builds: a model with a `classify` output
 
   @property
   def train_keys(self) -> tuple[str, ...]:
@@ -64,10 +65,67 @@ class Classification(NamedTuple):
             "eval_loss": totals["loss"] / totals["count"]}
 
 
-TASKS = {"classification": Classification()}
+class CausalLM(NamedTuple):
+  """Next-token prediction: logits (B, T, vocab) at position t score token t + 1 of `input_ids`,
+  weighted by `loss_mask` at t (0 on prompts when training on responses only, on padding, and on
+  the last token of each packed example, so no target crosses examples).
+
+  Attributes:
+    ids_key: batch key of the int token ids (B, T).
+    mask_key: batch key of the float loss mask (B, T).
+    segment_key: batch key of the packed segment ids (0: padding); counts the tokens read.
+  """
+  ids_key: str = "input_ids"
+  mask_key: str = "loss_mask"
+  segment_key: str = "segment_ids"
+  model_kind = "decoder"       # what the trainer builds: a model with an `lm_logits` output
+
+  @property
+  def train_keys(self) -> tuple[str, ...]:
+    return (self.ids_key, self.mask_key, self.segment_key)
+
+  @property
+  def eval_keys(self) -> tuple[str, ...]:
+    return (self.ids_key, self.mask_key)
+
+  def token_stats(self, logits: jax.Array, batch: Batch) -> tuple[jax.Array, jax.Array,
+                                                                   jax.Array]:
+    """(float32 cross-entropy, correct (argmax == target), mask), each (B, T), of the targets
+    `input_ids` shifted left by one (the last position's target is a dummy 0, masked out)."""
+    ids = jnp.asarray(batch[self.ids_key])
+    targets = jnp.concatenate([ids[:, 1:], jnp.zeros_like(ids[:, :1])], axis=1)
+    mask = jnp.asarray(batch[self.mask_key], jnp.float32).at[:, -1].set(0.0)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits.astype(jnp.float32), targets)
+    correct = (jnp.argmax(logits, -1) == targets).astype(jnp.float32)
+    return ce, correct, mask
+
+  def loss(self, logits: jax.Array, batch: Batch) -> tuple[jax.Array, dict]:
+    """Mean cross-entropy over the masked tokens, and {"ce", "perplexity", "train_accuracy",
+    "tokens" (non-padding tokens read, for the trainer's tokens/s)}."""
+    ce, correct, mask = self.token_stats(logits, batch)
+    n = jnp.maximum(jnp.sum(mask), 1.0)
+    mean_ce = jnp.sum(ce * mask) / n
+    return mean_ce, {"ce": mean_ce, "perplexity": jnp.exp(mean_ce),
+                     "train_accuracy": jnp.sum(correct * mask) / n,
+                     "tokens": jnp.sum(batch[self.segment_key] > 0)}
+
+  def eval_metrics(self, logits: jax.Array, batch: Batch) -> dict:
+    """Sums over the masked tokens: {"loss", "correct", "count"}."""
+    ce, correct, mask = self.token_stats(logits, batch)
+    return {"loss": jnp.sum(ce * mask), "correct": jnp.sum(correct * mask),
+            "count": jnp.sum(mask)}
+
+  def summarize(self, totals: Mapping[str, float]) -> dict:
+    """{"eval_loss" (per token), "perplexity", "accuracy" (next-token, masked), "eval_tokens"}."""
+    mean = totals["loss"] / totals["count"]
+    return {"eval_loss": mean, "perplexity": float(np.exp(mean)),
+            "accuracy": totals["correct"] / totals["count"], "eval_tokens": totals["count"]}
 
 
-def get_task(name: str) -> Classification:
+TASKS = {"classification": Classification(), "causal_lm": CausalLM()}
+
+
+def get_task(name: str):
   """The task `name`; raises ValueError listing the valid names."""
   if name not in TASKS:
     raise ValueError(f"Unknown task {name!r}; valid names: {sorted(TASKS)}")

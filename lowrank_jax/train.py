@@ -23,6 +23,18 @@ Config fields (all numbers that change a result live in the config; see `configs
   shuffle_seed}, adapter.{method, **factory kwargs}, optimizer.{name, lr, head_lr, wd, b1, b2,
   schedule, warmup_steps, grad_clip}, task (default "classification"), calib_batches, baseline,
   save_adapter, export_peft, progress, overwrite.
+
+Task "causal_lm" (a decoder LM, `tasks.CausalLM`) reads, besides:
+
+  model.checkpoint (a Hugging Face checkpoint directory to start from; "" initializes randomly
+  with the `model.config` field overrides), model.tokenizer (a tokenizer.json; "" takes the
+  checkpoint's, else trains a byte-level BPE of the model's vocab size on the train texts),
+  dataset.{prompt, response} (format strings over an example's fields, e.g. "{lemmas[0]}" or
+  "{label_name}"; only the response is trained; an empty prompt makes plain-text pretraining),
+  dataset.template (the instruction template, with a `{prompt}` field), dataset.seq_len (the
+  packed row length), eval_before (evaluate before the first step too), generate.{num_examples,
+  max_new_tokens, batch_size, print_samples} (greedy generation exact match on the eval
+  prompts), export_hf (write the merged model + tokenizer.json to `workdir/hf`).
 """
 from __future__ import annotations
 
@@ -118,6 +130,10 @@ class Data:
   eval_source: Any
   transform: Callable[[dict], dict]
   train_iter: Any
+  # eval_batches(batch_size) -> fixed-shape eval batches (None: `eval_batches` of the examples).
+  make_eval_batches: Optional[Callable[[int], list[dict]]] = None
+  # formatter(example) -> (prompt text, response text) of a text task (None: not one).
+  formatter: Optional[Callable[[dict], tuple[str, str]]] = None
 
 
 def make_data(config, model: "Model") -> Data:
@@ -160,12 +176,7 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
     raise ValueError(f"model {mcfg.name!r} is not a classifier; valid classifiers: "
                      f"{models.list_models(classifiers_only=True)}")
   k_init, k_head = jax.random.split(key)
-  override = {k: mcfg[k] for k in _DROPOUT_FIELDS if k in mcfg}
-  unknown = [k for k in override if not hasattr(spec.config, k)]
-  if unknown:
-    has = [f for f in _DROPOUT_FIELDS if hasattr(spec.config, f)]
-    raise ValueError(f"model.{unknown[0]} is not a field of model {mcfg.name!r}; its dropout "
-                     f"fields: {has}")
+  override = dropout_overrides(mcfg, spec)
   if mcfg.get("pretrained", False):
     params, spec = spec.load_pretrained()
   else:
@@ -176,6 +187,165 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
   def apply(p, batch, *, train, rng):
     return spec.classify(p, batch, deterministic=not train, rng=rng)
   return Model(params, apply, spec.tokenizer(seq_len if seq_len > 0 else 128), spec)
+
+
+def dropout_overrides(mcfg, spec) -> dict:
+  """The dropout fields `mcfg` sets (`model.dropout_rate`, ...), checked against the model's.
+
+  Raises:
+    ValueError: a dropout field the model's config lacks.
+  """
+  override = {k: mcfg[k] for k in _DROPOUT_FIELDS if k in mcfg}
+  unknown = [k for k in override if not hasattr(spec.config, k)]
+  if unknown:
+    has = [f for f in _DROPOUT_FIELDS if hasattr(spec.config, f)]
+    raise ValueError(f"model.{unknown[0]} is not a field of model {mcfg.name!r}; its dropout "
+                     f"fields: {has}")
+  return override
+
+
+# =============================================================================================
+# Decoder LMs (task "causal_lm"): model, tokenizer and packed text data; generation eval.
+# =============================================================================================
+
+def decoder_spec(mcfg, key: jax.Array):
+  """(params, spec) of the decoder `mcfg.name`: the Hugging Face checkpoint directory
+  `model.checkpoint` when set, else a random init with the `model.config` field overrides."""
+  from lowrank_jax import models  # pylint: disable=g-import-not-at-top
+  spec = models.get_model(mcfg.name)
+  if mcfg.get("checkpoint", ""):
+    params, spec = spec.load_checkpoint(mcfg.checkpoint)
+  else:
+    fields = mcfg.get("config", None)
+    fields = fields.to_dict() if fields else {}
+    unknown = [k for k in fields if not hasattr(spec.config, k)]
+    if unknown:
+      raise ValueError(f"model.config.{unknown[0]} is not a field of model {mcfg.name!r}; its "
+                       f"fields: {[f.name for f in dataclasses.fields(spec.config)]}")
+    spec = spec.with_config(**fields)
+    params = spec.init(key)
+  return params, spec.with_config(**dropout_overrides(mcfg, spec))
+
+
+def lm_tokenizer(config, spec, texts: Callable[[], Any]):
+  """The run's tokenizer: `model.tokenizer` (a tokenizer.json or a directory holding one), else
+  the checkpoint's own `tokenizer.json`, else a byte-level BPE of the model's vocab size trained
+  on `texts()` (without a checkpoint only).
+
+  Raises:
+    FileNotFoundError: a checkpoint without a tokenizer.json and no `model.tokenizer`.
+    ValueError: the tokenizer has more tokens than the model's vocabulary.
+  """
+  from lowrank_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  mcfg = config.model
+  path = mcfg.get("tokenizer", "") or mcfg.get("checkpoint", "")
+  if path:
+    tok = tok_lib.load(path)
+  else:
+    logging.info("training a byte-level BPE of %d tokens", spec.config.vocab_size)
+    tok = tok_lib.train_bpe(texts(), spec.config.vocab_size)
+  tok_lib.check_vocab(tok, spec.config.vocab_size, mcfg.name)
+  return tok
+
+
+def lm_formatter(dcfg):
+  """(prompt, response) texts of an example: `dataset.prompt` in `dataset.template`, and
+  `dataset.response` (format strings over the example's fields and `label_name`)."""
+  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+  entry = data.dataset_entry(dcfg.name)
+  names = data.label_names(dcfg.name) if entry.label_key == "label" else ()
+  return data.text_formatter(dcfg.get("prompt", ""), dcfg.response, dcfg.get("template", ""),
+                             names)
+
+
+def read_all(source, chunk: int = 4096):
+  """Every example of a random-access `source`, read `chunk` at a time where it reads in bulk
+  (`__getitems__`, as tfds data sources do)."""
+  get_many = getattr(source, "__getitems__", None)
+  for start in range(0, len(source), chunk):
+    idx = range(start, min(len(source), start + chunk))
+    yield from (get_many(list(idx)) if get_many is not None else (source[i] for i in idx))
+
+
+def make_decoder_and_data(config, key: jax.Array) -> tuple["Model", Data]:
+  """The decoder LM of `config.model` and packed batches of `config.dataset`'s texts."""
+  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+  dcfg = config.dataset
+  params, spec = decoder_spec(config.model, key)
+  train_source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
+  eval_source = load_split(dcfg, dcfg.eval_split, dcfg.max_eval_examples)
+  formatter = lm_formatter(dcfg)
+  tok = lm_tokenizer(config, spec,
+                     lambda: ("".join(formatter(ex)) for ex in read_all(train_source)))
+  transform = data.lm_transform(tok, formatter, dcfg.seq_len)
+  train_iter = data.make_packed_pipeline(
+      train_source, transform=transform, seq_len=dcfg.seq_len, batch_size=config.batch_size,
+      seed=dcfg.shuffle_seed, num_epochs=None, shard_index=0, shard_count=1)
+
+  def make_eval_batches(batch_size):
+    rows = data.pack_rows(map(transform, read_all(eval_source)), dcfg.seq_len, batch_size)
+    return data.packed_batches(rows, batch_size, dcfg.seq_len)
+
+  def apply(p, batch, *, train, rng):
+    return spec.lm_logits(p, batch, deterministic=not train, rng=rng)
+
+  logging.info("data: %d train / %d eval texts of %s; model %s: %d params", len(train_source),
+               len(eval_source), dcfg.name, config.model.name, tree_lib.tree_size(params))
+  return (Model(params, apply, tok, spec),
+          Data(train_source, eval_source, transform, train_iter, make_eval_batches, formatter))
+
+
+def make_classifier_and_data(config, key: jax.Array) -> tuple["Model", Data]:
+  """The classifier of `config.model` (an output per class) and batches of `config.dataset`."""
+  dcfg = config.dataset
+  model = make_model(config.model, num_classes_of(dcfg.name), key, dcfg.get("seq_len", 0))
+  return model, make_data(config, model)
+
+
+# What the trainer builds for a task's `model_kind`.
+MODEL_BUILDERS = {"classifier": make_classifier_and_data, "decoder": make_decoder_and_data}
+
+
+def generation_eval(params, model: "Model", data: Data, gcfg) -> dict:
+  """Greedy generation from the prompts of the first `gcfg.num_examples` eval examples.
+
+  Prompts are left-padded to the longest one, so `generate` compiles once. A prediction is the
+  decoded text before `<|eos|>`; it matches when it equals the reference response (both
+  stripped of surrounding whitespace).
+
+  Returns:
+    {"exact_match", "samples": [(prompt, reference, prediction), ...] (the first
+    `gcfg.print_samples`)}.
+  """
+  from lowrank_jax import data as data_lib  # pylint: disable=g-import-not-at-top
+  from lowrank_jax import generate as gen_lib  # pylint: disable=g-import-not-at-top
+  from lowrank_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+  tok, fmt = model.tokenizer, data.formatter
+  eos, pad = tok_lib.special_id(tok, tok_lib.EOS), tok_lib.special_id(tok, tok_lib.PAD)
+  n = min(int(gcfg.num_examples), len(data.eval_source))
+  pairs = [fmt(data.eval_source[i]) for i in range(n)]
+  prompts = [data_lib.encode_pair(tok, p, "")[0] for p, _ in pairs]
+  width = max(map(len, prompts))
+  ids = np.full((n, width), pad, np.int32)
+  mask = np.zeros((n, width), np.int32)
+  for i, p in enumerate(prompts):
+    ids[i, width - len(p):], mask[i, width - len(p):] = p, 1
+  bs = int(gcfg.batch_size)
+  preds = []
+  for start in range(0, n, bs):
+    rows = slice(start, min(n, start + bs))
+    take = rows.stop - rows.start
+    pad_rows = lambda a: np.concatenate([a[rows], np.repeat(a[rows][-1:], bs - take, 0)])
+    out, lengths = gen_lib.generate(params, model.spec.config, pad_rows(ids),
+                                    int(gcfg.max_new_tokens), prompt_mask=pad_rows(mask),
+                                    stop_tokens=(eos,), pad_id=pad)
+    out, lengths = np.asarray(out), np.asarray(lengths)
+    for r in range(take):
+      toks = [t for t in out[r, :lengths[r]].tolist() if t != eos]
+      preds.append(tok.decode(toks))
+  hits = [pred.strip() == ref.strip() for pred, (_, ref) in zip(preds, pairs)]
+  samples = [(p, r, pred) for (p, r), pred in zip(pairs, preds)][:int(gcfg.print_samples)]
+  return {"exact_match": float(np.mean(hits)), "samples": samples}
 
 
 # =============================================================================================
@@ -193,8 +363,18 @@ def check_config(config: ml_collections.ConfigDict):
   entry = data.dataset_entry(config.dataset.name)   # unknown dataset -> ValueError
   registry.get_factory(config.adapter.method)       # unknown/unavailable method -> ValueError
   spec = models.get_model(config.model.name)        # unknown model -> ValueError
-  tasks.get_task(config.get("task", DEFAULT_TASK))
-  if spec.is_classifier and entry.modality != spec.modality:
+  task = tasks.get_task(config.get("task", DEFAULT_TASK))
+  if task.model_kind == "decoder":
+    if not spec.is_decoder:
+      raise ValueError(f"config.task={config.task!r} trains a decoder LM; model {spec.name!r} "
+                       f"is not one; decoder models: {models.list_models(decoders_only=True)}")
+    if entry.modality != "text":
+      raise ValueError(f"config.task={config.task!r} reads text; dataset "
+                       f"{config.dataset.name!r} is {entry.modality}")
+    if "response" not in config.dataset:
+      raise ValueError(f"config.task={config.task!r} needs config.dataset.response, the format "
+                       f"string of the trained text (e.g. '{{lemmas[0]}}: {{gloss}}')")
+  elif spec.is_classifier and entry.modality != spec.modality:
     readers = [n for n in models.list_models(classifiers_only=True)
                if models.get_model(n).modality == entry.modality]
     raise ValueError(f"dataset {config.dataset.name!r} is {entry.modality}; model "
@@ -301,7 +481,8 @@ def make_evaluate(eval_step, base, data: Data, batch_size: int, task, sharding):
 
   def evaluate(state):
     if not cache:
-      cache.extend(eval_batches(data.eval_source, data.transform, batch_size))
+      cache.extend(data.make_eval_batches(batch_size) if data.make_eval_batches is not None
+                   else eval_batches(data.eval_source, data.transform, batch_size))
       tasks.check_batch(cache[0], task.eval_keys, "eval")
     totals = {}
     for batch in cache:
@@ -347,9 +528,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
 
   repl, data_sharding = data_parallel_shardings()
   k_model, k_adapter, rng_loop = run_keys(config.seed)
-  dcfg = config.dataset
-  model = make_model(config.model, num_classes_of(dcfg.name), k_model, dcfg.get("seq_len", 0))
-  data = make_data(config, model)
+  task = tasks.get_task(config.get("task", DEFAULT_TASK))
+  model, data = MODEL_BUILDERS[task.model_kind](config, k_model)
   adapter, base, ad_state, head = init_adapter(config, model, data, k_adapter)
   del k_adapter
   counts = param_counts(config.adapter.method, ad_state, head)
@@ -360,7 +540,6 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   const = jax.device_put(base, repl)
   del base
   model.params = None
-  task = tasks.get_task(config.get("task", DEFAULT_TASK))
   train_step, eval_step = make_steps(adapter, model, task, tx)
   evaluate = make_evaluate(eval_step, const, data, config.eval_batch_size, task, data_sharding)
 
@@ -368,11 +547,13 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   state, start = restore_or_init(ckpt, init_state, data.train_iter, repl)
   del ad_state, head
   writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+  before = {}
   if start == 0:
     writer.write(0, {"trainable_params": counts["trainable_params"]})
+    before = evaluate_before(config, state, adapter, const, model, data, evaluate)
   t_loop = time.perf_counter()
-  state = train_loop(config, workdir, state, start, train_step, const, data, data_sharding,
-                     evaluate, ckpt, writer)
+  state, tokens = train_loop(config, workdir, state, start, train_step, const, data,
+                             data_sharding, evaluate, ckpt, writer)
   train_s = time.perf_counter() - t_loop
   ckpt.maybe_save(config.total_steps, state, data.train_iter.get_state(), force=True)
   ev = evaluate(state)
@@ -381,6 +562,11 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   ckpt.close()
 
   adapter_path = save_outputs(config, workdir, model, adapter, jax.device_get(state), initial)
+  ev.update(decoder_outputs(config, workdir, state, adapter, const, model, data))
+  if tokens:
+    ev["tokens_per_s"] = tokens / train_s
+  if before:
+    ev["before"] = before
   results = {"method": config.adapter.method, **ev, **counts, "steps": config.total_steps,
              "resumed_from": start, "train_s": train_s,
              "wall_s": time.perf_counter() - (t_run if baseline is not None else t_start),
@@ -394,6 +580,43 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     json.dump(results, f, indent=2, default=str)
   _print_summary(results)
   return results
+
+
+def merged_params(adapter, base, state: dict):
+  """The dense params of a train state (adapter merged, head in place)."""
+  from lowrank_jax import merge  # pylint: disable=g-import-not-at-top
+  return merge(steps.adapted_params(adapter, base, steps.adapter_state(state), state["head"]))
+
+
+def evaluate_before(config, state, adapter, base, model: Model, data: Data, evaluate) -> dict:
+  """With `config.eval_before`, the eval metrics (and, with `config.generate`, the generation
+  metrics) of the train state before any step; else {}."""
+  if not config.get("eval_before", False):
+    return {}
+  out = evaluate(state)
+  if config.get("generate", None):
+    out.update(generation_eval(merged_params(adapter, base, state), model, data,
+                               config.generate))
+  return out
+
+
+def decoder_outputs(config, workdir: str, state, adapter, base, model: Model, data: Data) -> dict:
+  """What a finished run adds besides its eval metrics: with `config.generate`, generation
+  metrics of the trained model; with `config.export_hf`, the merged model written as a Hugging
+  Face checkpoint (+ its tokenizer.json) to `workdir/hf` ({"hf_path"})."""
+  if not (config.get("generate", None) or config.get("export_hf", False)):
+    return {}
+  params = merged_params(adapter, base, state)
+  out = {}
+  if config.get("generate", None):
+    out.update(generation_eval(params, model, data, config.generate))
+  if config.get("export_hf", False):
+    from lowrank_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
+    path = os.path.join(workdir, "hf")
+    model.spec.save_checkpoint(jax.device_get(params), path)
+    tok_lib.save(model.tokenizer, path)
+    out["hf_path"] = path
+  return out
 
 
 def train_baseline(config, workdir: str) -> Optional[dict]:
@@ -452,7 +675,8 @@ def restore_or_init(ckpt, init_state, train_iter, sharding):
 def train_loop(config, workdir, state, start, train_step, base, data: Data, sharding, evaluate,
                ckpt, writer):
   """Steps `start + 1 .. total_steps`: metrics every `log_every` (rank allocations too, for
-  methods that change them), evaluation every `eval_every`, checkpoints; returns the state.
+  methods that change them; tokens/s for tasks that count tokens), evaluation every `eval_every`,
+  checkpoints; returns (the state, the tokens the steps read: 0 for tasks that count none).
 
   Raises:
     FloatingPointError: the loss became NaN/inf (the message names the step).
@@ -467,11 +691,15 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
                                   log_every=config.get("log_every", 50), desc=method)
   log_every = max(1, config.get("log_every", 50))
   eval_every = config.get("eval_every", 0)
+  tokens_total, tokens_since, t_log = 0.0, 0.0, time.perf_counter()
   for step in range(start + 1, total + 1):
     batch = jax.device_put(next(data.train_iter), sharding)
     with jax.transfer_guard("disallow"):   # no hidden host<->device copies in the step
       state, m = train_step(state, base, batch)
     m = jax.device_get(m)
+    if "tokens" in m:   # tasks that count the tokens they read: tokens/s between logs
+      tokens_total += float(m["tokens"])
+      tokens_since += float(m["tokens"])
     loss = float(m["loss"])
     if not np.isfinite(loss):
       raise FloatingPointError(
@@ -479,7 +707,12 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
           f"lower optimizer.lr or check the data")
     progress.update(step, loss)
     if step % log_every == 0 or step == total:
-      writer.write(step, {**m, "lr": float(schedule(step - 1))})
+      extra = {}
+      if "tokens" in m:
+        now = time.perf_counter()
+        extra["tokens_per_s"] = tokens_since / max(now - t_log, 1e-9)
+        tokens_since, t_log = 0.0, now
+      writer.write(step, {**m, "lr": float(schedule(step - 1)), **extra})
       if ranks_writer is not None:
         ranks_writer.write(step, {"ranks": rank_fn(jax.device_get(steps.adapter_state(state)))})
     if eval_every and (step % eval_every == 0) and step != total:
@@ -488,7 +721,7 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
       logging.info("checkpoint at step %d", step)
   if ranks_writer is not None:
     ranks_writer.close()
-  return state
+  return state, tokens_total
 
 
 def save_outputs(config, workdir: str, model: Model, adapter: base_lib.Adapter, host: dict,
@@ -572,7 +805,27 @@ def _print_summary(r: dict):
     lines.append(f"total wall time (baseline + {r['method']}): {r['total_wall_s']:.1f}s")
   if r.get("adapter_path"):
     lines.append(f"adapter saved to {r['adapter_path']} ({r['adapter_bytes'] / 1e6:.2f} MB)")
+  lines += _decoder_summary(r)
   print("\n".join(lines), flush=True)
+
+
+def _decoder_summary(r: dict) -> list[str]:
+  """Summary lines of a decoder run: perplexity (before -> after), exact match, samples."""
+  if "perplexity" not in r:
+    return []
+  b = r.get("before", {})
+  was = lambda k, f: f"{b[k]:{f}} -> " if k in b else ""
+  lines = [f"eval perplexity {was('perplexity', '.3f')}{r['perplexity']:.3f} over "
+           f"{int(r['eval_tokens']):,} target tokens; next-token accuracy "
+           f"{was('accuracy', '.4f')}{r['accuracy']:.4f}; train {r.get('tokens_per_s', 0):.0f} "
+           f"tokens/s"]
+  if "exact_match" in r:
+    lines.append(f"generation exact match {was('exact_match', '.4f')}{r['exact_match']:.4f}")
+    for prompt, ref, pred in r["samples"]:
+      lines.append(f"  {prompt!r} -> {pred!r} (reference {ref!r})")
+  if r.get("hf_path"):
+    lines.append(f"merged model + tokenizer.json saved to {r['hf_path']}")
+  return lines
 
 
 def _calibrate(config, model: Model, train_source, transform, targets):

@@ -200,6 +200,15 @@ def num_classes(name: str, data_dir: str | os.PathLike | None = None) -> int:
   return b.info.features["label"].num_classes
 
 
+def label_names(name: str, data_dir: str | os.PathLike | None = None) -> list[str]:
+  """The class names of the `label` feature (ours, or of a standard tfds dataset)."""
+  if _is_standard(name):
+    b = _standard_builder(name, _resolve_data_dir(data_dir))
+  else:
+    b = builder(name, data_dir)
+  return list(b.info.features["label"].names)
+
+
 def example_transform(name: str, tokenizer=None, data_dir: str | os.PathLike | None = None):
   """The per-example transform of dataset `name`'s examples to model inputs: tokenized text
   (with a fixed-length `tokenizer`) or float images scaled to [0, 1], plus the int32 label.

@@ -54,9 +54,42 @@ def make_pipeline(source: Sequence[Any], *, batch_size: int, seed: int = 0,
   Returns:
     A `grain.DatasetIterator` yielding dicts of stacked numpy arrays.
   """
-  import grain  # pylint: disable=g-import-not-at-top
   if batch_size < 1:
     raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  ds = example_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                       shard_index=shard_index, shard_count=shard_count, transform=transform,
+                       min_examples=batch_size)
+  ds = ds.batch(batch_size, drop_remainder=True)
+  return iter(ds.to_iter_dataset())
+
+
+def make_packed_pipeline(source: Sequence[Any], *, transform: Callable[[Any], dict],
+                         seq_len: int, batch_size: int, seed: int = 0, shuffle: bool = True,
+                         num_epochs: int | None = 1, shard_index: int | None = None,
+                         shard_count: int | None = None):
+  """A grain iterator of packed batches: tokenized examples (`transform` gives each its
+  `input_ids` and `loss_mask`) concatenated into rows of `seq_len` tokens with `segment_ids` and
+  `positions` (see `lowrank_jax.data._lm`), `batch_size` rows a batch. Shuffling, sharding and
+  checkpointing as `make_pipeline`."""
+  from lowrank_jax.data import _lm  # pylint: disable=g-import-not-at-top
+  if batch_size < 1:
+    raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+  ds = example_dataset(source, seed=seed, shuffle=shuffle, num_epochs=num_epochs,
+                       shard_index=shard_index, shard_count=shard_count, transform=transform,
+                       min_examples=1)
+  ds = _lm.pack(ds.to_iter_dataset(), seq_len, batch_size, seed=seed, shuffle_bins=shuffle)
+  return iter(ds.batch(batch_size, drop_remainder=True))
+
+
+def example_dataset(source: Sequence[Any], *, seed: int, shuffle: bool, num_epochs: int | None,
+                    shard_index: int | None, shard_count: int | None,
+                    transform: Callable[[Any], Any] | None, min_examples: int):
+  """This process's shard of `source`, shuffled, repeated and transformed (a grain MapDataset).
+
+  Raises:
+    ValueError: bad `num_epochs` or shard, or a shard of fewer than `min_examples` examples.
+  """
+  import grain  # pylint: disable=g-import-not-at-top
   if num_epochs is not None and num_epochs < 1:
     raise ValueError(f"num_epochs must be >= 1 or None, got {num_epochs}")
   if shard_count is None or shard_index is None:
@@ -67,8 +100,8 @@ def make_pipeline(source: Sequence[Any], *, batch_size: int, seed: int = 0,
   if shard_count < 1 or not 0 <= shard_index < shard_count:
     raise ValueError(f"shard_index={shard_index} must be in [0, shard_count={shard_count})")
   n = len(source) // shard_count
-  if n < batch_size:
-    raise ValueError(f"shard of {n} examples is smaller than batch_size={batch_size}")
+  if n < min_examples:
+    raise ValueError(f"shard of {n} examples is smaller than batch_size={min_examples}")
   ds = grain.MapDataset.source(source)
   ds = ds[shard_index * n:(shard_index + 1) * n]      # contiguous, equal-size shards
   if shuffle:
@@ -77,8 +110,7 @@ def make_pipeline(source: Sequence[Any], *, batch_size: int, seed: int = 0,
     ds = ds.repeat(num_epochs)
   if transform is not None:
     ds = ds.map(transform)
-  ds = ds.batch(batch_size, drop_remainder=True)
-  return iter(ds.to_iter_dataset())
+  return ds
 
 
 def _to_str(x) -> str:

@@ -2,6 +2,9 @@
 
 Each module exposes a frozen config dataclass with presets, `init(key, cfg) -> params`,
 `apply(params, inputs, cfg, *, deterministic=True, rng=None)` and `hf_name_map(cfg)`.
+A decoder LM module has `batch_logits(params, cfg, batch, *, deterministic, rng) -> (B, T, vocab)`
+logits of a token batch and, to read and write Hugging Face checkpoint directories,
+`load_hf_checkpoint(path) -> (params, cfg)` and `save_hf_checkpoint(params, cfg, path)`.
 A classifier module also has `MODALITY` ("image" or "text": what `classify` reads),
 `classify(params, cfg, batch, *, deterministic, rng) -> logits` and `dummy_batch(cfg)`; a text
 one `load_tokenizer(max_length)`; one whose head is not built in `add_classifier_head(key, params,
@@ -50,6 +53,11 @@ class ModelSpec(NamedTuple):
     return hasattr(self.module, "classify")
 
   @property
+  def is_decoder(self) -> bool:
+    """Whether the model is a decoder LM (has next-token `batch_logits`)."""
+    return hasattr(self.module, "batch_logits")
+
+  @property
   def modality(self) -> Optional[str]:
     """What `classify` reads: "image" or "text" (None: not a classifier)."""
     return getattr(self.module, "MODALITY", None)
@@ -80,6 +88,28 @@ class ModelSpec(NamedTuple):
                rng: Optional[jax.Array] = None) -> jax.Array:
     """Class logits (B, num_classes) of `batch`."""
     return self.module.classify(params, self.config, batch, deterministic=deterministic, rng=rng)
+
+  def lm_logits(self, params, batch, *, deterministic: bool = True,
+                rng: Optional[jax.Array] = None) -> jax.Array:
+    """Next-token logits (B, T, vocab) of a token batch (`input_ids`, optional packing)."""
+    return self.module.batch_logits(params, self.config, batch, deterministic=deterministic, rng=rng)
+
+  def load_checkpoint(self, path: str) -> tuple[dict, "ModelSpec"]:
+    """(params, this spec with the checkpoint's config) of a Hugging Face checkpoint directory.
+
+    Raises:
+      ValueError: the model family reads no checkpoint directories.
+    """
+    load = getattr(self.module, "load_hf_checkpoint", None)
+    if load is None:
+      raise ValueError(f"model {self.name!r} cannot load a checkpoint directory; models that "
+                       f"can: {[n for n, s in _REGISTRY.items() if s.is_decoder]}")
+    params, config = load(path)
+    return params, self._replace(config=config)
+
+  def save_checkpoint(self, params, path: str) -> None:
+    """Writes dense `params` as a Hugging Face checkpoint directory."""
+    self.module.save_hf_checkpoint(params, self.config, path)
 
   def with_classifier(self, key: jax.Array, params, num_classes: int):
     """`params` with a `num_classes` output: a fresh head where the model adds one, else the
@@ -120,11 +150,14 @@ _REGISTRY: dict[str, ModelSpec] = {spec.name: spec for spec in (
 )}
 
 
-def list_models(classifiers_only: bool = False) -> list[str]:
-  """Registered model names (sorted); with `classifiers_only`, those that can `classify`."""
+def list_models(classifiers_only: bool = False, decoders_only: bool = False) -> list[str]:
+  """Registered model names (sorted); with `classifiers_only`, those that can `classify`; with
+  `decoders_only`, the decoder LMs."""
   names = sorted(_REGISTRY)
   if classifiers_only:
     names = [n for n in names if _REGISTRY[n].is_classifier]
+  if decoders_only:
+    names = [n for n in names if _REGISTRY[n].is_decoder]
   return names
 
 

@@ -844,3 +844,15 @@ def save_hf_checkpoint(params: dict, cfg: LlamaConfig, path: str | pathlib.Path,
              "weight_map": {t: name for name, shard in zip(names, shards) for t in shard}}
     (path / INDEX_FILE).write_text(json.dumps(index, indent=2))
   (path / "config.json").write_text(json.dumps(hf_cfg, indent=2))
+
+
+# ---------------------------------------------------------------------------------------------
+# The trainer's view of a decoder LM (`models.ModelSpec.lm_logits`).
+# ---------------------------------------------------------------------------------------------
+
+def batch_logits(params: dict, cfg: LlamaConfig, batch: Mapping[str, Any], *,
+              deterministic: bool = True, rng: jax.Array | None = None) -> jax.Array:
+  """Next-token logits (B, T, vocab) of a batch's `input_ids`, with its packing (`positions`,
+  `segment_ids`) when it has them."""
+  return apply(params, batch["input_ids"], cfg, positions=batch.get("positions"),
+               segment_ids=batch.get("segment_ids"), deterministic=deterministic, rng=rng)

@@ -1,0 +1,71 @@
+r"""Instruction-tunes the `configs/gloss_lm.py` checkpoint on a held-out WordNet task, offline.
+
+Command (after `configs/gloss_lm.py` has written `/tmp/gloss_lm/hf`)::
+
+  python -m experiments.run --config configs/gloss_sft.py --workdir /tmp/gloss_sft
+  python -m experiments.run --config configs/gloss_sft.py:method=dora --workdir /tmp/gloss_dora
+  python -m experiments.run --config configs/gloss_sft.py:runlocal,checkpoint=/tmp/gloss_lm_rl/hf \
+      --workdir /tmp/gloss_sft_rl
+
+The task was never seen in pretraining: "### Instruction:\nWhich sense class is <lemma>
+(<gloss>)?\n### Response:\n" -> the synset's supersense (one of 41 names such as "noun.animal"),
+trained on the response tokens only (the loss mask is 0 on the prompt). Train split: WordNet's
+train synsets; evaluation: its test synsets (held out from both runs). Before training and after,
+the run reports the response perplexity and the exact-match accuracy of greedy generation (stop
+at `<|eos|>`), and prints a few sample generations. The adapter (any registered method via the
+`method` arg; rank on the q/k/v/o and MLP kernels) trains on a frozen base.
+
+Args (after `:`): method (lora), rank (8), seed (0), steps (150), checkpoint (/tmp/gloss_lm/hf),
+runlocal (False: 6 steps, 128 train / 32 test examples, for CI).
+
+Expected result: see the README's "Decoder LMs" section (measured figures).
+"""
+import ml_collections
+
+from configs import common
+
+TARGETS = (r"layers/layer_\d+/(attention|mlp)/\w+_proj/kernel",)
+TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
+
+
+def get_config(arg=None):
+  a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=150,
+                       checkpoint="/tmp/gloss_lm/hf", runlocal=False)
+  c = common.base_config()
+  c.task = "causal_lm"
+  c.seed = a.seed
+  c.total_steps = 6 if a.runlocal else a.steps
+  c.batch_size = 8 if a.runlocal else 16
+  c.eval_batch_size = 16 if a.runlocal else 32
+  c.eval_every = 0
+  c.log_every = 2 if a.runlocal else 25
+  c.ckpt_every = 0 if a.runlocal else 50
+  c.model.name = "llama_tiny"         # the family; the checkpoint's config.json sets the shape
+  c.model.checkpoint = a.checkpoint
+  c.model.tokenizer = ""              # "": the checkpoint's tokenizer.json
+  c.head = ""
+  c.dataset.name = "wordnet_supersense"
+  c.dataset.train_split = "train"
+  c.dataset.eval_split = "test"
+  c.dataset.max_train_examples = 128 if a.runlocal else 0
+  c.dataset.max_eval_examples = 32 if a.runlocal else 600
+  c.dataset.seq_len = 128
+  c.dataset.shuffle_seed = a.seed
+  c.dataset.template = TEMPLATE
+  c.dataset.prompt = "Which sense class is {lemmas[0]} ({gloss})?"
+  c.dataset.response = "{label_name}"
+  c.adapter = common.adapter_config(a.method, rank=a.rank, targets=TARGETS,
+                                    total_steps=c.total_steps)
+  c.optimizer.lr = 3e-3
+  c.optimizer.head_lr = 3e-3
+  c.optimizer.wd = 0.0
+  c.optimizer.schedule = "cosine"
+  c.optimizer.warmup_steps = 2 if a.runlocal else 20
+  c.optimizer.grad_clip = 1.0
+  c.eval_before = True
+  c.generate = ml_collections.ConfigDict({
+      "num_examples": 16 if a.runlocal else 300, "max_new_tokens": 8, "batch_size": 16 if
+      a.runlocal else 50, "print_samples": 3 if a.runlocal else 6})
+  c.save_adapter = True
+  c.export_hf = False
+  return c
