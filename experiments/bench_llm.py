@@ -220,7 +220,8 @@ def main(argv=None):
         "ratio_to_full": round(dt / full_s, 3), **bench.paired_fields(paired[name]),
         "min_ms": round(1e3 * min(wall[name]), 2),
         "cpu_ms_per_step": round(1e3 * float(np.median(cpu[name])), 2),
-        "compile_s": m["compile_s"], "warmup_s": m["warmup_s"], "process_peak_gib": m["process_peak_gib"]}), flush=True)
+        "compile_s": m["compile_s"], "warmup_s": m["warmup_s"],
+        "process_peak_gib": m["process_peak_gib"]}), flush=True)
 
 
 if __name__ == "__main__":

@@ -17,10 +17,10 @@ when it needs them, on a tiny random Llama (one layer, grouped-query attention),
 A method that cannot be built, initialised or trained on the decoder fails here; none is skipped.
 Each method compiles one function (the three forwards and the scanned train steps together).
 
-The model is `llama_tiny` cut to one layer and widened to hidden 128 / MLP 256 (head dim 32): DiffuseKronA's registry
-factors (a1, a2) = (64, 8) must divide every kernel's output and input sizes, and `llama_tiny`'s
-key/value projections have 32 outputs. Every Llama shape of the benchmarks (TinyLlama, Llama-2)
-has all sizes divisible by 64.
+The model is `llama_tiny` cut to one layer and widened to hidden 128 / MLP 256 (head dim 32):
+DiffuseKronA's registry factors (a1, a2) = (64, 8) must divide every kernel's output and input
+sizes, and `llama_tiny`'s key/value projections have 32 outputs. Every Llama shape of the
+benchmarks (TinyLlama, Llama-2) has all sizes divisible by 64.
 """
 from __future__ import annotations
 
