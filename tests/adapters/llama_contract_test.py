@@ -17,10 +17,10 @@ when it needs them, on a tiny random Llama (one layer, grouped-query attention),
 A method that cannot be built, initialised or trained on the decoder fails here; none is skipped.
 Each method compiles one function (the three forwards and the scanned train steps together).
 
-The model is `llama_tiny` cut to one layer and widened to hidden 128 / MLP 256 (head dim 32):
-DiffuseKronA's registry factors (a1, a2) = (64, 8) must divide every kernel's output and input
-sizes, and `llama_tiny`'s key/value projections have 32 outputs. Every Llama shape of the
-benchmarks (TinyLlama, Llama-2) has all sizes divisible by 64.
+The model is `llama_tiny` (hidden 64, MLP 128, 4 query heads over 2 key/value heads) cut to one
+layer, with head dim 32 instead of 16: DiffuseKronA's registry factors (a1, a2) = (64, 8) must
+divide every kernel's output and input sizes, and with head dim 16 the key/value projections have
+32 outputs. Every Llama shape of the benchmarks (TinyLlama, Llama-2) has all sizes divisible by 64.
 """
 from __future__ import annotations
 
@@ -49,8 +49,7 @@ TOL = 1e-5   # float32 logits of O(1)
 
 @functools.cache
 def _setting():
-  spec = models.get_model("llama_tiny").with_config(num_layers=1, hidden_size=128,
-                                                    intermediate_size=256)
+  spec = models.get_model("llama_tiny").with_config(num_layers=1, head_dim=32)
   params = spec.init(jax.random.key(0))
   ids = np.random.default_rng(0).integers(0, spec.config.vocab_size, (BATCH, SEQ))
   batch = {"input_ids": jnp.asarray(ids, jnp.int32),
@@ -118,7 +117,7 @@ def test_train_steps_lower_the_loss(method):
   ce = _run(method)["ce"]
   assert np.all(np.isfinite(ce)), ce
   # Falls at every step, in all by 1e-4 nats: ~200 float32 ulps at this loss, and below the
-  # slowest starter's fall (AdaLoRA, whose singular values start at zero: ~9e-4 here).
+  # slowest starter's fall (AdaLoRA, whose singular values start at zero: ~2e-3 here).
   assert np.all(np.diff(ce) < 0) and ce[-1] < ce[0] - 1e-4, f"{method}: cross-entropy {ce}"
 
 
