@@ -18,6 +18,7 @@ ValueError: Unknown adapter method 'lora2'; valid names: [...]
 from __future__ import annotations
 
 import importlib
+import inspect
 from typing import Callable
 
 from lowrank_jax import base as base_lib
@@ -115,3 +116,19 @@ def make_adapter(name: str, **kwargs) -> base_lib.Adapter:
   except TypeError as e:
     raise ValueError(f"Adapter method {name!r} rejected its arguments {sorted(kwargs)}: {e}") \
         from None
+
+
+def configured_adapter(name: str, rank: int, targets, *, alpha: float | None = None,
+                       total_steps: int = 0) -> base_lib.Adapter:
+  """The adapter of method `name` sized by the generic knob `rank` (`MethodFacts.config_kwargs`),
+  with the run length `total_steps` also handed to a factory that takes it and that
+  `config_kwargs` leaves out (AdaLoRA's pruning schedule needs it).
+
+  Raises:
+    ValueError: like `facts` and `make_adapter`.
+  """
+  found = facts(name)
+  kwargs = found.config_kwargs(rank, alpha, targets, total_steps)
+  if "total_steps" in inspect.signature(found.factory).parameters:
+    kwargs.setdefault("total_steps", total_steps)
+  return make_adapter(name, **kwargs)

@@ -1,0 +1,75 @@
+"""Decoder-LM benchmark: a smoke run on the tiny Llama (the figures themselves come from full runs
+by hand; this checks that every listed mode runs or prints why not, with the PEFT baseline's
+fields and self-consistent figures)."""
+import contextlib
+import io
+import json
+
+from absl.testing import absltest
+import numpy as np
+
+from experiments import bench_llm
+
+# Every field of a row of ../shared/bench/peft_baseline.py but its torch/transformers versions.
+PEFT_FIELDS = {"method", "preset", "batch", "seq", "compile", "ms_per_step", "tokens_per_s", "mfu",
+               "peak_gib", "params_total", "params_trainable", "setup_s", "loss", "device"}
+BATCH, SEQ, RANK = 2, 8, 2
+# llama "tiny": hidden 64, MLP 128, 2 layers, 4 query heads of 16 over 2 kv heads, vocab 256.
+HIDDEN, LAYERS, VOCAB = 64, 2, 256
+PROJ_SIZES = [(64, 64), (64, 32), (64, 32), (64, 64), (64, 128), (64, 128), (128, 64)]
+
+
+def _rows(argv):
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    bench_llm.main(argv)
+  return [json.loads(line) for line in out.getvalue().splitlines()]
+
+
+class BenchLlmSmokeTest(absltest.TestCase):
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.rows = _rows(["--preset", "tiny", "--batch", str(BATCH), "--seq", str(SEQ), "--rank",
+                      str(RANK), "--rounds", "2", "--steps", "1",
+                      "--methods", "krona,diffusekrona"])
+
+  def test_every_listed_mode_ran_or_says_why_not(self):
+    header, modes = self.rows[0], {r["method"]: r for r in self.rows[1:]}
+    self.assertEqual(header["preset"], "tiny")
+    self.assertEqual(set(modes), {"full", "lora", "lora_merged", "krona", "diffusekrona"})
+    # DiffuseKronA's factors (64, 8) do not divide the tiny model's 32 key/value outputs.
+    self.assertIn("a1=64 does not divide d_out=32", modes["diffusekrona"]["skipped"])
+    for name in ("full", "lora", "lora_merged", "krona"):
+      self.assertLessEqual(PEFT_FIELDS, set(modes[name]), name)
+
+  def test_figures(self):
+    header, modes = self.rows[0], {r["method"]: r for r in self.rows[1:] if "skipped" not in r}
+    n_total = header["params_total"]
+    lora_params = RANK * sum(i + o for i, o in PROJ_SIZES) * LAYERS
+    self.assertEqual(modes["full"]["params_trainable"], n_total)
+    self.assertEqual(modes["lora"]["params_trainable"], lora_params)
+    self.assertEqual(modes["lora_merged"]["params_trainable"], lora_params)
+    self.assertEqual(modes["full"]["paired_ratio"], 1.0)
+    for name, r in modes.items():
+      self.assertEqual((r["batch"], r["seq"], r["params_total"]), (BATCH, SEQ, n_total))
+      self.assertTrue(np.isfinite(r["loss"]) and r["loss"] > 0, name)
+      self.assertGreater(r["peak_gib"], 0)
+      self.assertGreater(r["process_peak_gib"], 0)
+      self.assertAlmostEqual(r["tokens_per_s"], BATCH * SEQ / (r["ms_per_step"] / 1e3),
+                             delta=0.01 * r["tokens_per_s"] + 1)
+      n_lin = n_total - VOCAB * HIDDEN
+      flops = (6 if name == "full" else 4) * n_lin + 6 * LAYERS * SEQ * HIDDEN
+      np.testing.assert_allclose(r["mfu"], r["tokens_per_s"] * flops / 989e12, rtol=0.02)
+      lo, hi = r["paired_ratio_range"]
+      self.assertTrue(lo <= r["paired_ratio"] <= hi, name)
+
+  def test_unknown_method_is_refused(self):
+    with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit):
+      bench_llm.parse_args(["--methods", "lora2"])
+    self.assertIn("--methods: unknown ['lora2']", err.getvalue())
+
+
+if __name__ == "__main__":
+  absltest.main()
