@@ -78,7 +78,7 @@ def lm_loss(cfg: llama.LlamaConfig, *, merged: bool = False) -> steps.TaskLoss:
   weights into dense ones first (the merged-LoRA mode)."""
   def task_loss(params, batch, rng):
     del rng   # deterministic steps
-    return CAUSAL_LM.loss(llama.batch_logits(lj.merge(params) if merged else params, cfg, batch),
+    return CAUSAL_LM.loss(llama.causal_lm_logits(lj.merge(params) if merged else params, cfg, batch),
                           batch)
   return task_loss
 
@@ -132,7 +132,7 @@ def build_mode(name, params, cfg, rank, optimizer, batch, total_steps):
     adapter = registry.configured_adapter(method, rank, TARGETS, total_steps=total_steps)
     stats = None
     if registry.needs_stats(method):
-      stats = calibrate.collect(lambda p, b: llama.batch_logits(p, cfg, b), params, [batch],
+      stats = calibrate.collect(lambda p, b: llama.causal_lm_logits(p, cfg, b), params, [batch],
                                 TARGETS, sample_scale=registry.facts(method).stats_sample_scale)
     base, state = jax.block_until_ready(adapter.init(jax.random.key(0), params, stats))
     loss, head = lm_loss(cfg, merged=name == "lora_merged"), None
