@@ -30,7 +30,7 @@ params_trainable, setup_s, loss, device), so that both can run in one command on
                     on an accelerator, the process peak RSS (`resource`) on CPU, read after the
                     mode's warm-up; modes are built in the printed order and all kept for the
                     round-robin, so it is cumulative over the rows above;
-  mfu               the baseline's accounting: per token 6·N (full) or 4·N (frozen base) FLOPs with
+  mfu               the baseline's accounting: per token 6·N (full) or 4·N (frozen base) FLOPs,
                     N the params less the embedding, plus 6·layers·seq·hidden for attention,
                     against `--peak-tflops` (dense bf16 peak; meaningless on CPU).
 """
@@ -78,8 +78,8 @@ def lm_loss(cfg: llama.LlamaConfig, *, merged: bool = False) -> steps.TaskLoss:
   weights into dense ones first (the merged-LoRA mode)."""
   def task_loss(params, batch, rng):
     del rng   # deterministic steps
-    return CAUSAL_LM.loss(llama.causal_lm_logits(lj.merge(params) if merged else params, cfg, batch),
-                          batch)
+    params = lj.merge(params) if merged else params
+    return CAUSAL_LM.loss(llama.causal_lm_logits(params, cfg, batch), batch)
   return task_loss
 
 

@@ -127,8 +127,12 @@ def configured_adapter(name: str, rank: int, targets, *, alpha: float | None = N
   Raises:
     ValueError: like `facts` and `make_adapter`.
   """
-  found = facts(name)
-  kwargs = found.config_kwargs(rank, alpha, targets, total_steps)
-  if "total_steps" in inspect.signature(found.factory).parameters:
-    kwargs.setdefault("total_steps", total_steps)
-  return make_adapter(name, **kwargs)
+  kwargs = facts(name).config_kwargs(rank, alpha, targets, total_steps)
+  return make_adapter(name, **with_run_settings(name, kwargs, total_steps=total_steps))
+
+
+def with_run_settings(name: str, kwargs: dict, **run_settings) -> dict:
+  """`kwargs` plus each of `run_settings` (e.g. `total_steps`, `base_lr`) that method `name`'s
+  factory takes and `kwargs` leaves out; what `kwargs` sets wins."""
+  accepted = inspect.signature(get_factory(name)).parameters
+  return {**{k: v for k, v in run_settings.items() if k in accepted}, **kwargs}

@@ -40,7 +40,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect as inspect_mod
 import itertools
 import json
 import logging
@@ -413,16 +412,9 @@ def adapter_kwargs(config) -> dict:
   kw = {k: v for k, v in config.adapter.to_dict().items() if k != "method"}
   if "targets" in kw and isinstance(kw["targets"], (list, tuple)):
     kw["targets"] = list(kw["targets"])
-  from_run = {"total_steps": int(config.total_steps), "base_lr": float(config.optimizer.lr)}
-  fn = registry.get_factory(config.adapter.method)
-  try:
-    params = inspect_mod.signature(fn).parameters
-  except (TypeError, ValueError):
-    params = {}
-  for name, value in from_run.items():
-    if name in params and name not in kw:
-      kw[name] = value
-  return kw
+  return registry.with_run_settings(config.adapter.method, kw,
+                                    total_steps=int(config.total_steps),
+                                    base_lr=float(config.optimizer.lr))
 
 
 def split_head(params, head_regex: str) -> tuple[dict, list[str]]:
