@@ -3,7 +3,7 @@ r"""Instruction-tunes the `configs/gloss_lm.py` checkpoint on a held-out WordNet
 Command (after `configs/gloss_lm.py` has written `/tmp/gloss_lm/hf`)::
 
   python -m experiments.run --config configs/gloss_sft.py --workdir /tmp/gloss_sft
-  python -m experiments.run --config configs/gloss_sft.py:method=dora --workdir /tmp/gloss_dora
+  python -m experiments.run --config configs/gloss_sft.py:method=pissa --workdir /tmp/gloss_pissa
   python -m experiments.run --config configs/gloss_sft.py:runlocal,checkpoint=/tmp/gloss_lm_rl/hf \
       --workdir /tmp/gloss_sft_rl
 
@@ -23,10 +23,11 @@ Measured (seed 0, 2026-12-02, same contended 2 cores, on the checkpoint measured
 362.8 -> 3.07 (4,469 response tokens of 600 test synsets; next-token accuracy 0.083 -> 0.886);
 greedy exact match on 300 test prompts 0.000 -> 0.200 (the most frequent class, noun.artifact,
 is 0.130 of them; the untuned model mostly ends the text at once). Two runs gave the same
-figures; 2,474-3,600 tokens/s, 284-414 s of training, 326-440 s wall, depending on the load. With 150 steps the tuned model answered the second most frequent class
-(noun.person) to every prompt: exact match 0.113, perplexity 4.31. Sample generations (tuned;
-reference): settle -> verb.cognition (verb.change), capture -> verb.cognition (verb.emotion),
-Sistrurus -> noun.person (noun.animal). runlocal: ~35 s.
+figures; 2,474-3,600 tokens/s, 284-414 s of training, 326-440 s wall, depending on the load.
+With 150 steps the tuned model answered the second most frequent class (noun.person) to every
+prompt: exact match 0.113, perplexity 4.31. Sample generations (tuned; reference): settle ->
+verb.cognition (verb.change), capture -> verb.cognition (verb.emotion), Sistrurus -> noun.person
+(noun.animal). runlocal: ~35 s.
 """
 import ml_collections
 
