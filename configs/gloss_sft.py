@@ -32,6 +32,7 @@ verb.cognition (verb.change), capture -> verb.cognition (verb.emotion), Sistruru
 import ml_collections
 
 from configs import common
+from configs import gloss_lm
 
 TARGETS = (r"layers/layer_\d+/(attention|mlp)/\w+_proj/kernel",)
 TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
@@ -40,37 +41,24 @@ TEMPLATE = "### Instruction:\n{prompt}\n### Response:\n"
 def get_config(arg=None):
   a = common.parse_arg(arg, method="lora", rank=8, seed=0, steps=600,
                        checkpoint="/tmp/gloss_lm/hf", runlocal=False)
-  c = common.base_config()
-  c.task = "causal_lm"
-  c.seed = a.seed
-  c.total_steps = 6 if a.runlocal else a.steps
-  c.batch_size = 8 if a.runlocal else 16
-  c.eval_batch_size = 16 if a.runlocal else 32
-  c.eval_every = 0
+  # The pretraining run's settings (batch, sequence length, corpus), then what differs here.
+  c = gloss_lm.get_config(f"seed={a.seed},steps={a.steps},runlocal={a.runlocal}")
   c.log_every = 2 if a.runlocal else 25
   c.ckpt_every = 0 if a.runlocal else 50
-  c.model.name = "llama_tiny"         # the family; the checkpoint's config.json sets the shape
+  del c.model.config                  # the checkpoint's config.json sets the shape
   c.model.checkpoint = a.checkpoint
   c.model.tokenizer = ""              # "": the checkpoint's tokenizer.json
   c.head = ""
-  c.dataset.name = "wordnet_supersense"
-  c.dataset.train_split = "train"
   c.dataset.eval_split = "test"
   c.dataset.max_train_examples = 128 if a.runlocal else 0
   c.dataset.max_eval_examples = 32 if a.runlocal else 600
-  c.dataset.seq_len = 128
-  c.dataset.shuffle_seed = a.seed
   c.dataset.template = TEMPLATE
   c.dataset.prompt = "Which sense class is {lemmas[0]} ({gloss})?"
   c.dataset.response = "{label_name}"
   c.adapter = common.adapter_config(a.method, rank=a.rank, targets=TARGETS,
                                     total_steps=c.total_steps)
-  c.optimizer.lr = 3e-3
-  c.optimizer.head_lr = 3e-3
   c.optimizer.wd = 0.0
-  c.optimizer.schedule = "cosine"
   c.optimizer.warmup_steps = 2 if a.runlocal else 20
-  c.optimizer.grad_clip = 1.0
   c.eval_before = True
   c.generate = ml_collections.ConfigDict({
       "num_examples": 16 if a.runlocal else 300, "max_new_tokens": 8, "batch_size": 16 if
