@@ -4,13 +4,17 @@ The config module's `sweep(add)` declares the points (as big_vision configs' `sw
 each `add(arg="k=v,...", **{"field.sub": value})` is one run, given by a config arg and/or field
 overrides. Each point runs into `DIR/<point name>` (in this process by default, or as a
 `python -m experiments.run` subprocess with `--subprocess`); points whose `results.json` exists are
-finished and skipped, so an interrupted sweep resumes. At the end it writes
+finished and skipped, so an interrupted sweep resumes. `--only REGEX` selects which points run;
+the results and plots always cover every finished point of the sweep (a filter never drops a
+finished point from `results.csv`). At the end it writes
 
   DIR/results.csv            one row per point (method, rank, seed, accuracy, params, time, ...)
   DIR/accuracy_vs_params.png accuracy vs trainable parameters, one series per method
   DIR/loss_curves.png        training loss vs step of every point
   DIR/rank_allocation.png    per-module ranks of IncreLoRA/AdaLoRA points, if they logged them
                              (`ranks.jsonl` in the point's workdir)
+
+A plot with nothing to show is removed rather than left from an earlier call.
 """
 from __future__ import annotations
 
@@ -33,6 +37,7 @@ _SUBPROCESS = flags.DEFINE_bool("subprocess", False, "Run each point as a subpro
 _ONLY = flags.DEFINE_string("only", "", "Run only points whose name matches this regex.")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only collect results and plot.")
 
+PLOT_FILES = ("accuracy_vs_params.png", "loss_curves.png", "rank_allocation.png")
 RESULT_COLUMNS = ("name", "method", "rank", "seed", "accuracy", "eval_loss", "trainable_params",
                   "adapter_params", "steps", "train_s", "wall_s", "arg", "overrides")
 
@@ -140,11 +145,14 @@ def collect(workdir: str, points: list[Point]) -> list[dict[str, Any]]:
 
 
 def write_csv(path: str, rows: list[dict]):
-  with open(path, "w", newline="") as f:
+  """Writes the rows to `path` through a temporary file, so a crash leaves the old file whole."""
+  tmp = path + ".tmp"
+  with open(tmp, "w", newline="") as f:
     w = csv.DictWriter(f, fieldnames=RESULT_COLUMNS)
     w.writeheader()
     for r in rows:
       w.writerow({k: r.get(k, "") for k in RESULT_COLUMNS})
+  os.replace(tmp, path)
 
 
 def plot(workdir: str, rows: list[dict]) -> list[str]:
@@ -216,25 +224,52 @@ def plot(workdir: str, rows: list[dict]) -> list[str]:
   return out
 
 
+def select(points: list[Point], only: str) -> list[Point]:
+  """The points whose name matches the regex `only` (all points if it is empty).
+
+  Raises:
+    ValueError: `only` is not a valid regex, or matches no point.
+  """
+  if not only:
+    return points
+  try:
+    pattern = re.compile(only)
+  except re.error as e:
+    raise ValueError(f"--only {only!r} is not a valid regex: {e}") from None
+  chosen = [p for p in points if pattern.search(p.name)]
+  if not chosen:
+    raise ValueError(f"--only {only!r} matches no point; points: {[p.name for p in points]}")
+  return chosen
+
+
+def remove_stale_plots(workdir: str, written: list[str]) -> None:
+  """Deletes the sweep's plot files that this call did not rewrite."""
+  for name in PLOT_FILES:
+    path = os.path.join(workdir, name)
+    if path not in written and os.path.exists(path):
+      os.remove(path)
+
+
 def run_sweep(config_path: str, workdir: str, *, use_subprocess: bool = False, only: str = "",
               plot_only: bool = False) -> list[dict]:
-  """Runs (or skips, if finished) every point, then writes results.csv and the plots."""
+  """Runs (or skips, if finished) the points `only` selects, then writes results.csv and the
+  plots over every finished point of the sweep."""
   module = load_config_module(config_path)
   points = expand(module)
-  if only:
-    points = [p for p in points if re.search(only, p.name)]
+  chosen = select(points, only)
   os.makedirs(workdir, exist_ok=True)
   if not plot_only:
-    for i, p in enumerate(points):
+    for i, p in enumerate(chosen):
       wd = os.path.join(workdir, p.name)
       if os.path.exists(os.path.join(wd, "results.json")):
-        print(f"[{i + 1}/{len(points)}] {p.name}: finished, skipped", flush=True)
+        print(f"[{i + 1}/{len(chosen)}] {p.name}: finished, skipped", flush=True)
         continue
-      print(f"[{i + 1}/{len(points)}] {p.name}: running", flush=True)
+      print(f"[{i + 1}/{len(chosen)}] {p.name}: running", flush=True)
       run_point(module, p, wd, use_subprocess)
   rows = collect(workdir, points)
   write_csv(os.path.join(workdir, "results.csv"), rows)
   pngs = plot(workdir, rows)
+  remove_stale_plots(workdir, pngs)
   print(f"{len(rows)}/{len(points)} points finished; wrote {workdir}/results.csv and "
         f"{', '.join(os.path.basename(p) for p in pngs)}", flush=True)
   for r in rows:
