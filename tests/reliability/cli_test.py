@@ -28,6 +28,126 @@ _SWEEP_CONFIG = textwrap.dedent("""\
 """)
 
 
+def _run(*args):
+  env = dict(os.environ)
+  env.pop("LOWRANK_JAX_TRACEBACK", None)
+  return subprocess.run([sys.executable, "-m", "experiments.run", *args], cwd=ROOT,
+                        capture_output=True, text=True, timeout=300, env=env)
+
+
+def _error_line(out):
+  """The one `error:` line of a failed run (asserts exit status 1 and no traceback)."""
+  assert out.returncode == 1, (out.returncode, out.stderr[-2000:])
+  assert "Traceback" not in out.stderr, out.stderr[-2000:]
+  lines = [l for l in out.stderr.splitlines() if l.startswith("error: ")]
+  assert len(lines) == 1, out.stderr[-2000:]
+  return lines[0]
+
+
+class RunErrorTest(absltest.TestCase):
+
+  def test_unknown_top_level_field_lists_valid_names(self):
+    line = _error_line(_run(f"--config={CONFIG}", "--workdir=" + tempfile.mkdtemp(),
+                            "--config.foo=1"))
+    self.assertStartsWith(line, "error: unknown config field 'foo'; valid names: ['adapter', ")
+    self.assertIn("'total_steps'", line)
+
+  def test_unknown_nested_field_lists_names_at_its_level(self):
+    line = _error_line(_run(f"--config={CONFIG}", "--workdir=" + tempfile.mkdtemp(),
+                            "--config.optimizer.lrr=0.1"))
+    self.assertStartsWith(line, "error: unknown config field 'optimizer.lrr'; valid names under "
+                          "'optimizer': [")
+    self.assertIn("'lr'", line)
+
+  def test_missing_config_file(self):
+    line = _error_line(_run("--config=configs/nope.py:runlocal",
+                            "--workdir=" + tempfile.mkdtemp()))
+    self.assertStartsWith(line, "error: config file 'configs/nope.py' not found; configs: [")
+    self.assertIn("'configs/digits_lora.py'", line)
+
+  def test_workdir_is_a_file(self):
+    path = os.path.join(tempfile.mkdtemp(), "file")
+    open(path, "w").close()
+    line = _error_line(_run(f"--config={CONFIG}", f"--workdir={path}"))
+    self.assertEqual(line, f"error: --workdir {path!r} is a file, not a directory")
+
+  def test_workdir_below_a_file(self):
+    path = os.path.join(tempfile.mkdtemp(), "file")
+    open(path, "w").close()
+    line = _error_line(_run(f"--config={CONFIG}", f"--workdir={path}/sub"))
+    self.assertEqual(line, f"error: --workdir '{path}/sub' cannot be written: Not a directory")
+
+  def test_workdir_cannot_be_created(self):
+    line = _error_line(_run(f"--config={CONFIG}", "--workdir=/proc/lowrank_jax_run"))
+    self.assertStartsWith(line, "error: --workdir '/proc/lowrank_jax_run' cannot be written: ")
+
+  def test_read_only_workdir(self):
+    path = tempfile.mkdtemp()
+    os.chmod(path, 0o500)
+    if os.access(path, os.W_OK):   # root writes through any permission bits
+      self.skipTest("running as a user that ignores permission bits")
+    line = _error_line(_run(f"--config={CONFIG}", f"--workdir={path}"))
+    self.assertEqual(line, f"error: --workdir {path!r} cannot be written: Permission denied")
+
+  def test_bad_targets_literal(self):
+    line = _error_line(_run(f"--config={CONFIG}", "--workdir=" + tempfile.mkdtemp(),
+                            "--config.adapter.targets=['a', 1]"))
+    self.assertIn("every target must be a string regex", line)
+
+
+class ListTest(absltest.TestCase):
+
+  def test_list_shows_configs_args_and_registered_names(self):
+    out = _run("--list")
+    self.assertEqual(out.returncode, 0, out.stderr[-2000:])
+    lines = out.stdout.splitlines()
+    self.assertIn("  configs/digits_lora.py  Args (after `:`): method (lora), rank (4), seed (0), "
+                  "steps (300), runlocal (False: 30 steps).", lines)
+    by_key = dict(l.split(": ", 1) for l in lines if not l.startswith(" ") and ": " in l)
+    self.assertContainsSubset({"lora", "pissa", "adalora", "none"}, by_key["methods"].split(", "))
+    self.assertContainsSubset({"mlp_digits", "minilm"}, by_key["models"].split(", "))
+    self.assertContainsSubset({"digits", "fashion_mnist", "wordnet_supersense"},
+                              by_key["datasets"].split(", "))
+
+
+class TargetsTest(absltest.TestCase):
+
+  def test_list_literal_reaches_the_adapter(self):
+    line = _error_line(_run(f"--config={CONFIG}", "--workdir=" + tempfile.mkdtemp(),
+                            '--config.adapter.targets=["dense_0/kernel", "nomatch/kernel"]'))
+    self.assertIn("nomatch/kernel", line)
+
+  def test_unparsable_literal(self):
+    line = _error_line(_run(f"--config={CONFIG}", "--workdir=" + tempfile.mkdtemp(),
+                            "--config.adapter.targets=[a/kernel"))
+    self.assertIn("is not a list literal of regexes", line)
+
+
+class QuietRunTest(absltest.TestCase):
+  """One short run with `adapter.targets` set on the command line."""
+
+  @classmethod
+  def setUpClass(cls):
+    super().setUpClass()
+    cls.workdir = tempfile.mkdtemp()
+    cls.out = _run(f"--config={CONFIG}", f"--workdir={cls.workdir}", "--config.total_steps=2",
+                   "--config.adapter.targets=dense_0/k.*")
+
+  def test_targets_override_reaches_the_run(self):
+    self.assertEqual(self.out.returncode, 0, self.out.stderr[-2000:])
+    with open(os.path.join(self.workdir, "results.json")) as f:
+      self.assertEqual(json.load(f)["config"]["adapter"]["targets"], ["dense_0/k.*"])
+
+  def test_third_party_info_goes_to_the_log_file(self):
+    self.assertEqual(self.out.returncode, 0, self.out.stderr[-2000:])
+    with open(os.path.join(self.workdir, "run.log")) as f:
+      log = f.read()
+    self.assertIn("orbax", log.lower())
+    self.assertNotIn("orbax", self.out.stderr.lower())
+    self.assertNotIn("config:", self.out.stderr)
+    self.assertIn("eval accuracy", self.out.stdout)
+
+
 def _finished_sweep():
   """A sweep directory whose two points are finished (hand-written results.json)."""
   wd = tempfile.mkdtemp()
