@@ -45,6 +45,14 @@ SUPERSENSES = (
     "verb.perception", "verb.possession", "verb.social", "verb.stative", "verb.weather")
 _FIRST_LEXFILE = 3
 
+# Synsets per data file of WordNet 3.0 (its published statistics: 82,115 noun and 13,767 verb
+# synsets). A file that yields another count is truncated, damaged or another WordNet version.
+WORDNET_SYNSETS = {"data.noun": 82_115, "data.verb": 13_767}
+
+
+class IncompleteDataError(ValueError):
+  """Raw data is installed but does not hold what its package promises (e.g. a truncated file)."""
+
 
 def wordnet_dir() -> pathlib.Path:
   """The WordNet database directory; raises MissingDataError if it is not installed."""
@@ -87,14 +95,41 @@ def parse_wordnet_line(line: str, pos: str) -> Synset:
   return Synset(f"{pos}{offset}", label, lemmas, tuple(hypernyms), gloss.strip())
 
 
+def read_wordnet_file(file: pathlib.Path, pos: str) -> list[Synset]:
+  """The synsets of one data file, checked whole: every line ends with a newline and parses, and
+  the file holds the WordNet 3.0 count of synsets (`WORDNET_SYNSETS`).
+
+  Raises:
+    IncompleteDataError: the file is cut (a last line without newline, a line that does not parse,
+      fewer or more synsets than WordNet 3.0 has); the message names the file.
+  """
+  expected = WORDNET_SYNSETS[file.name]
+  fix = "reinstall it with `apt-get install --reinstall wordnet-base`"
+  synsets = []
+  with open(file, encoding="utf-8") as fh:
+    for number, line in enumerate(fh, 1):
+      if line.startswith("  "):   # licence header lines start with two spaces
+        continue
+      if not line.endswith("\n"):
+        raise IncompleteDataError(f"{file} is truncated: line {number} ends without a newline; "
+                                  f"{fix}")
+      try:
+        synsets.append(parse_wordnet_line(line, pos))
+      except (ValueError, IndexError) as e:
+        raise IncompleteDataError(f"{file} line {number} is not a WordNet data line ({e}); "
+                                  f"{fix}") from None
+  if len(synsets) != expected:
+    raise IncompleteDataError(f"{file} holds {len(synsets):,} synsets, WordNet 3.0 has "
+                              f"{expected:,}: the file is truncated or another version; {fix}")
+  return synsets
+
+
 def iter_wordnet(path: pathlib.Path | None = None) -> Iterator[Synset]:
-  """All noun and verb synsets, in file order."""
+  """All noun and verb synsets, in file order, each file checked whole (`read_wordnet_file`)
+  before any of its synsets is yielded."""
   path = wordnet_dir() if path is None else pathlib.Path(path)
   for pos, fname in (("n", "data.noun"), ("v", "data.verb")):
-    with open(path / fname, encoding="utf-8") as fh:
-      for line in fh:
-        if not line.startswith("  "):   # licence header lines start with two spaces
-          yield parse_wordnet_line(line, pos)
+    yield from read_wordnet_file(path / fname, pos)
 
 
 def wordnet_split(synset_id: str) -> str:

@@ -4,6 +4,10 @@ Built offline from Debian `wordnet-base` (`/usr/share/wordnet`, or `$LOWRANK_JAX
 Each example is one noun or verb synset (95,882 in all) with its gloss, supersense label, lemmas
 and hypernym synset ids (the relations used by the semantic probes). The split is deterministic:
 a stable hash (sha1) of the synset id puts ~80% in train, ~10% in validation and ~10% in test.
+
+Each source file is checked whole (newline-terminated, parsable lines, the WordNet 3.0 synset
+count) before anything is written, so a truncated or damaged file raises `IncompleteDataError`
+naming it and no partial dataset is cached.
 """
 from __future__ import annotations
 
