@@ -37,6 +37,9 @@ _SUBPROCESS = flags.DEFINE_bool("subprocess", False, "Run each point as a subpro
 _ONLY = flags.DEFINE_string("only", "", "Run only points whose name matches this regex.")
 _PLOT_ONLY = flags.DEFINE_bool("plot_only", False, "Only collect results and plot.")
 
+# What a failed point raises (a bad config, missing data, a non-finite loss, a failed subprocess).
+POINT_ERRORS = (ValueError, FileNotFoundError, ImportError, FloatingPointError,
+                subprocess.CalledProcessError)
 PLOT_FILES = ("accuracy_vs_params.png", "loss_curves.png", "rank_allocation.png")
 RESULT_COLUMNS = ("name", "method", "rank", "seed", "accuracy", "eval_loss", "trainable_params",
                   "adapter_params", "steps", "train_s", "wall_s", "arg", "overrides")
@@ -253,11 +256,17 @@ def remove_stale_plots(workdir: str, written: list[str]) -> None:
 def run_sweep(config_path: str, workdir: str, *, use_subprocess: bool = False, only: str = "",
               plot_only: bool = False) -> list[dict]:
   """Runs (or skips, if finished) the points `only` selects, then writes results.csv and the
-  plots over every finished point of the sweep."""
+  plots over every finished point of the sweep.
+
+  Raises:
+    ValueError: `only` selects nothing, or a point failed (the others still run, and the results
+      of every finished point are written first).
+  """
   module = load_config_module(config_path)
   points = expand(module)
   chosen = select(points, only)
   os.makedirs(workdir, exist_ok=True)
+  failed = []
   if not plot_only:
     for i, p in enumerate(chosen):
       wd = os.path.join(workdir, p.name)
@@ -265,11 +274,18 @@ def run_sweep(config_path: str, workdir: str, *, use_subprocess: bool = False, o
         print(f"[{i + 1}/{len(chosen)}] {p.name}: finished, skipped", flush=True)
         continue
       print(f"[{i + 1}/{len(chosen)}] {p.name}: running", flush=True)
-      run_point(module, p, wd, use_subprocess)
+      try:
+        run_point(module, p, wd, use_subprocess)
+      except POINT_ERRORS as e:
+        failed.append(p.name)
+        print(f"[{i + 1}/{len(chosen)}] {p.name}: failed: {type(e).__name__}: {e}", flush=True)
   rows = collect(workdir, points)
   write_csv(os.path.join(workdir, "results.csv"), rows)
   pngs = plot(workdir, rows)
   remove_stale_plots(workdir, pngs)
+  if failed:
+    raise ValueError(f"{len(failed)} point(s) failed: {failed}; results.csv and the plots hold "
+                     f"the {len(rows)} finished point(s)")
   print(f"{len(rows)}/{len(points)} points finished; wrote {workdir}/results.csv and "
         f"{', '.join(os.path.basename(p) for p in pngs)}", flush=True)
   for r in rows:

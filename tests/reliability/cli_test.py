@@ -9,7 +9,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import textwrap
 
 from absl.testing import absltest
 
@@ -18,14 +17,14 @@ from experiments import sweep
 ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 CONFIG = "configs/digits_lora.py:runlocal"
 
-_SWEEP_CONFIG = textwrap.dedent("""\
-    def get_config(arg=None):
-      raise AssertionError("every point is finished; nothing may run")
+_SWEEP_CONFIG = """\
+def get_config(arg=None):
+  raise ValueError(f"point {{arg}} is not finished and cannot run here")
 
-    def sweep(add):
-      add(arg="method=lora")
-      add(arg="method=dora")
-""")
+def sweep(add):
+  for method in {methods}:
+    add(arg=f"method={{method}}")
+"""
 
 
 def _run(*args):
@@ -148,12 +147,13 @@ class QuietRunTest(absltest.TestCase):
     self.assertIn("eval accuracy", self.out.stdout)
 
 
-def _finished_sweep():
-  """A sweep directory whose two points are finished (hand-written results.json)."""
+def _finished_sweep(unfinished=()):
+  """A sweep directory whose points lora and dora are finished (hand-written results.json); the
+  `unfinished` methods are points that fail when run."""
   wd = tempfile.mkdtemp()
   config = os.path.join(wd, "sweep_config.py")
   with open(config, "w") as f:
-    f.write(_SWEEP_CONFIG)
+    f.write(_SWEEP_CONFIG.format(methods=["lora", "dora", *unfinished]))
   for name, method, acc in (("method-lora", "lora", 0.75), ("method-dora", "dora", 0.5)):
     os.makedirs(os.path.join(wd, name))
     with open(os.path.join(wd, name, "results.json"), "w") as f:
@@ -202,6 +202,13 @@ class SweepTest(absltest.TestCase):
     self.assertFalse(os.path.exists(stale))
     for name in ("accuracy_vs_params.png", "loss_curves.png"):
       self.assertTrue(os.path.exists(os.path.join(wd, name)), name)
+
+  def test_failed_point_keeps_the_others_and_reports(self):
+    config, wd = _finished_sweep(unfinished=["bad"])
+    with self.assertRaisesRegex(ValueError, r"1 point\(s\) failed: \['method-bad'\]; results.csv "
+                                r"and the plots hold the 2 finished point\(s\)"):
+      sweep.run_sweep(config, wd)
+    self.assertEqual(sorted(_csv_rows(wd)), ["method-dora", "method-lora"])
 
   def test_results_csv_written_atomically(self):
     config, wd = _finished_sweep()
