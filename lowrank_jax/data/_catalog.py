@@ -33,6 +33,8 @@ class DatasetEntry(NamedTuple):
     input_key: the feature holding the image or the text (e.g. a gloss).
     image_scale: factor that maps stored pixel values to [0, 1] (images only).
     label_key: the integer class feature.
+    num_examples: examples over all splits of a whole build (0: not known); a prepared copy
+      holding another number is refused.
   """
   builder_name: str
   check: Callable[[], Any] | None
@@ -42,19 +44,22 @@ class DatasetEntry(NamedTuple):
   input_key: str
   image_scale: float = 1.0 / 255.0
   label_key: str = "label"
+  num_examples: int = 0
 
 
 DATASETS: dict[str, DatasetEntry] = {
     "wordnet_supersense": DatasetEntry(
         "wordnet_supersense", _sources.wordnet_dir, ("train", "validation", "test"),
-        "WordNet 3.0 gloss -> 41 supersenses (Debian wordnet-base)", "text", "gloss"),
+        "WordNet 3.0 gloss -> 41 supersenses (Debian wordnet-base)", "text", "gloss",
+        num_examples=sum(_sources.WORDNET_SYNSETS.values())),
     "fashion_mnist": DatasetEntry(
         "fashion_mnist_debian", _sources.fashion_mnist_dir, ("train", "test"),
         "Fashion-MNIST 60k/10k 28x28x1 (Debian dataset-fashion-mnist)", "image", "image",
-        1.0 / 255.0),
+        1.0 / 255.0, num_examples=70_000),
     "digits": DatasetEntry(
         "sklearn_digits", _sources.sklearn_digits, ("train", "test"),
-        "8x8 digits bundled with scikit-learn (1797 images)", "image", "image", 1.0 / 16.0),
+        "8x8 digits bundled with scikit-learn (1797 images)", "image", "image", 1.0 / 16.0,
+        num_examples=1797),
 }
 
 
@@ -94,6 +99,8 @@ def builder(name: str, data_dir: str | os.PathLike | None = None, *, prepare: bo
     ValueError: `name` is not one of `list_datasets()`.
     MissingDataError: the raw data (Debian package, scikit-learn) is not installed, or the
       data dir cannot be written.
+    IncompleteDataError: the raw data is damaged (nothing is cached), or the prepared copy holds
+      fewer or more examples than a whole build.
   """
   if name not in DATASETS:
     raise ValueError(f"Unknown dataset {name!r}; valid names: {list_datasets()}")
@@ -104,7 +111,18 @@ def builder(name: str, data_dir: str | os.PathLike | None = None, *, prepare: bo
     _check_writable(_resolve_data_dir(data_dir))
     entry.check()   # one clear error (what to install) instead of a deep traceback
     b.download_and_prepare(file_format="array_record")
+  if prepare:
+    _check_complete(name, b, entry.num_examples)
   return b
+
+
+def _check_complete(name: str, b, num_examples: int) -> None:
+  """Refuses a prepared copy that holds another number of examples than a whole build."""
+  found = b.info.splits.total_num_examples
+  if num_examples and found != num_examples:
+    raise _sources.IncompleteDataError(
+        f"the prepared {name} in {b.data_dir} holds {found:,} examples, a whole build has "
+        f"{num_examples:,} (it was built from a partial source); delete {b.data_dir} to rebuild")
 
 
 def _unknown(name: str) -> ValueError:

@@ -4,6 +4,7 @@ The references are independent of the reader: the Debian package's own md5 list
 (`/var/lib/dpkg/info/wordnet-base.md5sums`) and plain line counts of the installed files.
 """
 import hashlib
+import json
 import os
 import pathlib
 
@@ -80,3 +81,17 @@ def test_truncated_source_builds_and_caches_nothing(wordnet, tmp_path, monkeypat
     data.builder("wordnet_supersense", tfds_dir)
   assert not list(tfds_dir.rglob("dataset_info.json")), "a partial build was cached"
   assert not data.builder("wordnet_supersense", tfds_dir, prepare=False).is_prepared()
+
+
+def test_prepared_copy_of_a_partial_build_is_refused(tmp_path):
+  path = data.builder("digits", tmp_path).data_dir   # 1,797 images, 1,445 of them in train
+  info_file = pathlib.Path(path) / "dataset_info.json"
+  info = json.loads(info_file.read_text())
+  train = next(s for s in info["splits"] if s["name"] == "train")
+  assert train["shardLengths"] == ["1445"]
+  train["shardLengths"] = ["1400"]   # as a build from a source missing 45 images would record
+  info_file.write_text(json.dumps(info))
+  with pytest.raises(data.IncompleteDataError,
+                     match=rf"the prepared digits in {path} holds 1,752 examples, a whole build "
+                     rf"has 1,797 \(it was built from a partial source\); delete {path} to rebuild"):
+    data.builder("digits", tmp_path)
