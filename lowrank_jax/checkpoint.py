@@ -126,8 +126,8 @@ def workdir_lock(workdir: str) -> Iterator[str]:
         text = f.read().strip()
       pid = int(text) if text.isdigit() else None
       if pid is not None and pid != os.getpid() and _pid_alive(pid):
-        raise RuntimeError(f"workdir {workdir} is already in use by a running run, pid {pid} "
-                           f"({path}); wait for it, or use another --workdir") from None
+        raise RuntimeError(f"workdir {workdir}: a run is already running, pid {pid} ({path}); "
+                           f"wait for it to end, or use another --workdir") from None
       if pid == os.getpid():
         raise RuntimeError(f"workdir {workdir} is already in use by this process ({path})")
       logging.warning("Removing the stale lock %s of pid %s (not running)", path, text or "?")
