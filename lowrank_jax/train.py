@@ -793,7 +793,7 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
       else:
         bad = nonfinite_leaves({k: state[k] for k in ("adapter", "head")})
         raise FloatingPointError(
-            f"loss {loss}, gradient norm {float(m['grad_norm'])} at step {step} (method "
+            f"loss is {loss} at step {step} (gradient norm {float(m['grad_norm'])}, method "
             f"{method}, lr {config.optimizer.lr}); non-finite leaves after the update: {bad[:5]}; "
             f"the newest checkpoint is step {ckpt.latest_step()}; lower optimizer.lr or check "
             f"the data, or set config.nonfinite='skip'")
