@@ -110,30 +110,37 @@ def _pid_alive(pid: int) -> bool:
 def workdir_lock(workdir: str) -> Iterator[str]:
   """Holds `workdir/run.lock` (this process's pid) while the block runs; removes it after.
 
-  A lock whose pid is dead (a killed run) is stale: it is replaced, with a warning.
+  A lock whose pid is dead (a killed run), or is this process's own (a restarted container reuses
+  pids), is stale: it is replaced, with a warning.
 
   Raises:
     RuntimeError: another live process holds the lock (the message gives its pid).
   """
   os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
-  while True:
-    try:
-      fd = os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
-      break
-    except FileExistsError:
-      with open(path) as f:
-        text = f.read().strip()
-      pid = int(text) if text.isdigit() else None
-      if pid is not None and pid != os.getpid() and _pid_alive(pid):
-        raise RuntimeError(f"workdir {workdir}: a run is already running, pid {pid} ({path}); "
-                           f"wait for it to end, or use another --workdir") from None
-      if pid == os.getpid():
-        raise RuntimeError(f"workdir {workdir} is already in use by this process ({path})")
-      logging.warning("Removing the stale lock %s of pid %s (not running)", path, text or "?")
-      os.remove(path)
-  with os.fdopen(fd, "w") as f:
+  mine = f"{path}.{os.getpid()}"
+  with open(mine, "w") as f:   # the lock appears with its pid in it (link is atomic)
     f.write(str(os.getpid()))
+  try:
+    while True:
+      try:
+        os.link(mine, path)
+        break
+      except FileExistsError:
+        try:
+          with open(path) as f:
+            text = f.read().strip()
+        except FileNotFoundError:   # released meanwhile: try again
+          continue
+        pid = int(text) if text.isdigit() else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+          raise RuntimeError(f"workdir {workdir}: a run is already running, pid {pid} ({path}); "
+                             f"wait for it to end, or use another --workdir") from None
+        logging.warning("Removing the stale lock %s of pid %s (not running)", path, text or "?")
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+  finally:
+    os.remove(mine)
   try:
     yield path
   finally:

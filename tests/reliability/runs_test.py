@@ -122,16 +122,25 @@ class WorkdirTest(absltest.TestCase):
       holder.kill()
       holder.wait()
 
-  def test_stale_lock_of_a_dead_run_is_recovered(self):
+  def _assert_stale_lock_recovered(self, content: str):
     wd = tempfile.mkdtemp()
-    pid = _dead_pid()
     with open(os.path.join(wd, ckpt_lib.LOCK_FILE), "w") as f:
-      f.write(str(pid))
+      f.write(content)
     with self.assertLogs(level="WARNING") as logs:
       r = train.train_and_evaluate(_config(total_steps=2, eval_every=0), wd)
     self.assertEqual(r["steps"], 2)
-    self.assertTrue(any("stale lock" in m and str(pid) in m for m in logs.output))
-    self.assertFalse(os.path.exists(os.path.join(wd, ckpt_lib.LOCK_FILE)))
+    self.assertTrue(any("stale lock" in m and f"of pid {content or '?'} " in m
+                        for m in logs.output))
+    self.assertEqual([n for n in os.listdir(wd) if n.startswith(ckpt_lib.LOCK_FILE)], [])
+
+  def test_stale_lock_of_a_dead_run_is_recovered(self):
+    self._assert_stale_lock_recovered(str(_dead_pid()))
+
+  def test_lock_of_this_pid_is_stale(self):   # a restarted container reuses pids
+    self._assert_stale_lock_recovered(str(os.getpid()))
+
+  def test_empty_lock_is_stale(self):
+    self._assert_stale_lock_recovered("")
 
   def test_lock_is_released_when_a_run_fails(self):
     wd = tempfile.mkdtemp()
@@ -144,6 +153,18 @@ class WorkdirTest(absltest.TestCase):
 
 
 class AtomicWriteTest(absltest.TestCase):
+
+  def test_atomic_path_keeps_the_old_file_when_the_write_fails(self):
+    path = os.path.join(tempfile.mkdtemp(), "export.json")
+    with open(path, "w") as f:
+      f.write("old")
+    with self.assertRaisesRegex(OSError, "killed"):
+      with adapter_io.atomic_path(path) as tmp, open(tmp, "w") as f:
+        f.write("half")
+        raise OSError("killed")
+    with open(path) as f:
+      self.assertEqual(f.read(), "old")
+    self.assertEqual(os.listdir(os.path.dirname(path)), ["export.json"])
 
   def test_results_json_is_whole_or_the_old_one(self):
     wd = tempfile.mkdtemp()
