@@ -48,8 +48,8 @@ def check_workdir_config(workdir: str, config_dict: dict, *, overwrite: bool = F
   Args:
     workdir: run directory (created if needed).
     config_dict: JSON-serializable config (`config.to_dict()`).
-    overwrite: if True and the stored config differs, the old checkpoints, metrics and config are
-      deleted and the run starts afresh.
+    overwrite: if True and the stored config differs, what the old run wrote is deleted
+      (`clear_run`) and the run starts afresh.
 
   Returns:
     True if a run of the same config was there already (so it may be resumed).
@@ -115,12 +115,19 @@ def workdir_lock(workdir: str) -> Iterator[str]:
 
   Raises:
     RuntimeError: another live process holds the lock (the message gives its pid).
+    ValueError: `workdir` is a file, or cannot be created or written.
   """
-  os.makedirs(workdir, exist_ok=True)
   path = os.path.join(workdir, LOCK_FILE)
   mine = f"{path}.{os.getpid()}"
-  with open(mine, "w") as f:   # the lock appears with its pid in it (link is atomic)
-    f.write(str(os.getpid()))
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a directory; pass a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(mine, "w") as f:   # the lock appears with its pid in it (link is atomic)
+      f.write(str(os.getpid()))
+  except OSError as e:
+    raise ValueError(f"workdir {workdir} cannot be written ({e.strerror}); pass a writable "
+                     f"directory") from None
   try:
     while True:
       try:

@@ -80,6 +80,19 @@ class RangeTest(parameterized.TestCase):
 
 class WorkdirTest(absltest.TestCase):
 
+  def test_workdir_that_is_a_file(self):
+    path = os.path.join(tempfile.mkdtemp(), "results")
+    open(path, "w").close()
+    with self.assertRaisesRegex(ValueError, f"workdir {path} is a file, not a directory"):
+      train.train_and_evaluate(_config(total_steps=2), path)
+
+  def test_workdir_under_a_file(self):
+    path = os.path.join(tempfile.mkdtemp(), "results")
+    open(path, "w").close()
+    with self.assertRaisesRegex(ValueError, f"workdir {path}/run cannot be written \\(Not a "
+                                            f"directory\\); pass a writable directory"):
+      train.train_and_evaluate(_config(total_steps=2), os.path.join(path, "run"))
+
   def test_overwrite_leaves_a_clean_workdir_and_keeps_the_users_files(self):
     wd = tempfile.mkdtemp()
     train.train_and_evaluate(_config(total_steps=4, eval_every=0), wd)
