@@ -1,6 +1,6 @@
-"""Reliability of checkpoints: a damaged latest checkpoint is skipped (the run resumes from the newest
-intact one, bitwise as if nothing had happened), and a NaN/Inf loss stops the run keeping the last
-good checkpoint or skips the update."""
+"""Reliability of checkpoints: a damaged latest checkpoint is skipped (the run resumes from the
+newest intact one, bitwise as if nothing had happened), and a NaN/Inf loss stops the run keeping
+the last good checkpoint or skips the update."""
 import os
 import shutil
 import sys
@@ -139,9 +139,9 @@ class NonFiniteTest(absltest.TestCase):
   def test_stop_names_the_step_and_leaves_and_keeps_the_last_good_checkpoint(self):
     wd = tempfile.mkdtemp()
     with _nan_at(7), self.assertRaisesRegex(
-        FloatingPointError, r"loss is nan at step 7 \(gradient norm nan.*non-finite leaves after the "
-                            r"update: \['adapter/dense_0/kernel/a', .*the newest checkpoint is "
-                            r"step 4.*config\.nonfinite='skip'"):
+        FloatingPointError, r"loss is nan at step 7 \(gradient norm nan.*non-finite leaves after "
+                            r"the update: \['adapter/dense_0/kernel/a', .*the newest checkpoint "
+                            r"is step 4.*config\.nonfinite='skip'"):
       train.train_and_evaluate(_ckpt_config(), wd)
     self.assertEqual(os.listdir(os.path.join(wd, "ckpt")), ["4"])
     self.assertFalse(os.path.exists(os.path.join(wd, ckpt_lib.LOCK_FILE)))
