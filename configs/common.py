@@ -134,4 +134,5 @@ def base_config() -> ml_collections.ConfigDict:
   c.export_peft = False
   c.progress = True
   c.overwrite = False
+  c.nonfinite = "stop"   # NaN/Inf loss or gradient: "stop" the run, or "skip" the update
   return c

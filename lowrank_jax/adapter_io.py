@@ -59,12 +59,13 @@ initial factors (a0, b0), ΔW = s·(a·b − a0·b0) = s·[a, a0]·[b; −b0], a
 """
 from __future__ import annotations
 
+import contextlib
 import importlib
 import json
 import math
 import os
 import re
-from typing import Any, Mapping, Optional, Sequence
+from typing import Any, Iterator, Mapping, Optional, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -80,6 +81,20 @@ PEFT_WEIGHTS = "adapter_model.safetensors"
 PEFT_CONFIG = "adapter_config.json"
 PEFT_PREFIX = "base_model.model."
 PEFT_MODELS = ("minilm", "llama")
+
+
+@contextlib.contextmanager
+def atomic_path(path: str) -> Iterator[str]:
+  """Yields a temporary path beside `path` to write; when the block succeeds, renames it to
+  `path` (atomic on one filesystem), so `path` is always absent, the old file, or whole; when it
+  fails, removes the temporary file."""
+  tmp = f"{path}.tmp{os.getpid()}"
+  try:
+    yield tmp
+    os.replace(tmp, path)
+  finally:
+    if os.path.exists(tmp):
+      os.remove(tmp)
 
 
 # =============================================================================================
@@ -187,9 +202,9 @@ def save_adapter(path: str, adapter_state: base_lib.AdapterState, config_dict: d
   if adapter is not None:
     meta["adapter"] = {"name": adapter.name, "method": registry.method_of(adapter),
                        "hparams": _jsonable(adapter.hparams)}
-  safetensors.numpy.save_file(arrays, os.path.join(path, ADAPTER_FILE),
-                              metadata={"format": "lowrank_jax.adapter"})
-  with open(os.path.join(path, ADAPTER_CONFIG), "w") as f:
+  with atomic_path(os.path.join(path, ADAPTER_FILE)) as tmp:
+    safetensors.numpy.save_file(arrays, tmp, metadata={"format": "lowrank_jax.adapter"})
+  with atomic_path(os.path.join(path, ADAPTER_CONFIG)) as tmp, open(tmp, "w") as f:
     json.dump(meta, f, indent=2, default=str)
   return path
 
@@ -382,8 +397,8 @@ def export_peft(path: str, adapter: base_lib.Adapter, state: base_lib.AdapterSta
     target_modules = _short_targets(modules, [n for m, n in names.items()
                                               if not m.split("/")[-1].endswith(("norm",))])
   os.makedirs(path, exist_ok=True)
-  safetensors.numpy.save_file(tensors, os.path.join(path, PEFT_WEIGHTS),
-                              metadata={"format": "pt"})
+  with atomic_path(os.path.join(path, PEFT_WEIGHTS)) as tmp:
+    safetensors.numpy.save_file(tensors, tmp, metadata={"format": "pt"})
   config = {
       "peft_type": "LORA", "r": out_rank, "lora_alpha": out_alpha,
       "target_modules": list(target_modules), "use_rslora": bool(use_rslora),
@@ -392,7 +407,7 @@ def export_peft(path: str, adapter: base_lib.Adapter, state: base_lib.AdapterSta
       "base_model_name_or_path": base_model_name_or_path, "modules_to_save": modules_to_save,
       "rank_pattern": {}, "alpha_pattern": {}, "revision": None,
   }
-  with open(os.path.join(path, PEFT_CONFIG), "w") as f:
+  with atomic_path(os.path.join(path, PEFT_CONFIG)) as tmp, open(tmp, "w") as f:
     json.dump(config, f, indent=2)
   return path
 

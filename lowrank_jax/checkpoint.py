@@ -5,6 +5,8 @@ Layout of a workdir::
   workdir/config.json        the run's config (written once; a different config is refused)
   workdir/ckpt/<step>/state  train state: adapter (trainable + frozen), head, optimizer, step, rng
   workdir/ckpt/<step>/data   the grain iterator state (JSON, `get_state()`/`set_state()`)
+  workdir/ckpt_damaged/<step> a checkpoint found damaged on restore, moved aside (kept to inspect)
+  workdir/run.lock           the pid of the run using the workdir (removed when it ends)
 
 Saving the iterator state with the arrays is what makes a resumed run bitwise equal to an
 uninterrupted one on CPU: the next batch, the next rng (`fold_in(rng, step)`) and the parameters are
@@ -12,15 +14,22 @@ all restored exactly.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import os
-from typing import Any, Optional
+import shutil
+from typing import Any, Iterator, Optional
 
 import jax
 import orbax.checkpoint as ocp
 
 CONFIG_FILE = "config.json"
+LOCK_FILE = "run.lock"
+DAMAGED_DIR = "ckpt_damaged"
+# What a run writes into its workdir (directories, then files); overwriting removes these only.
+RUN_DIRS = ("ckpt", DAMAGED_DIR, "tb", "adapter", "peft", "hf", "baseline")
+RUN_FILES = (CONFIG_FILE, "metrics.jsonl", "ranks.jsonl", "results.json")
 # Config fields that may differ between a run and its resumption (they do not change results).
 NON_RESULT_FIELDS = ("overwrite", "progress", "ckpt_every", "keep_ckpts", "log_every")
 
@@ -39,8 +48,8 @@ def check_workdir_config(workdir: str, config_dict: dict, *, overwrite: bool = F
   Args:
     workdir: run directory (created if needed).
     config_dict: JSON-serializable config (`config.to_dict()`).
-    overwrite: if True and the stored config differs, the old checkpoints, metrics and config are
-      deleted and the run starts afresh.
+    overwrite: if True and the stored config differs, what the old run wrote is deleted
+      (`clear_run`) and the run starts afresh.
 
   Returns:
     True if a run of the same config was there already (so it may be resumed).
@@ -69,15 +78,81 @@ def check_workdir_config(workdir: str, config_dict: dict, *, overwrite: bool = F
   return False
 
 
-def clear_run(workdir: str):
-  """Deletes a run's checkpoints, metrics, results and config from `workdir`."""
-  import shutil  # pylint: disable=g-import-not-at-top
-  for name in ("ckpt", "tb", "adapter", "baseline"):
-    shutil.rmtree(os.path.join(workdir, name), ignore_errors=True)
-  for name in (CONFIG_FILE, "metrics.jsonl", "ranks.jsonl", "results.json"):
+def clear_run(workdir: str) -> list[str]:
+  """Deletes what a run wrote to `workdir` (`RUN_DIRS`, `RUN_FILES`: checkpoints, metrics, tb,
+  adapter and exports, results, config); anything else there is kept. Logs and returns the
+  removed names."""
+  removed = []
+  for name in RUN_DIRS + RUN_FILES:
     p = os.path.join(workdir, name)
-    if os.path.exists(p):
+    if os.path.isdir(p) and not os.path.islink(p):
+      shutil.rmtree(p)
+    elif os.path.lexists(p):
       os.remove(p)
+    else:
+      continue
+    removed.append(name)
+  logging.warning("Removed the previous run's %s from %s", removed, workdir)
+  return removed
+
+
+def _pid_alive(pid: int) -> bool:
+  try:
+    os.kill(pid, 0)
+  except ProcessLookupError:
+    return False
+  except PermissionError:   # alive, another user's
+    return True
+  return True
+
+
+@contextlib.contextmanager
+def workdir_lock(workdir: str) -> Iterator[str]:
+  """Holds `workdir/run.lock` (this process's pid) while the block runs; removes it after.
+
+  A lock whose pid is dead (a killed run), or is this process's own (a restarted container reuses
+  pids), is stale: it is replaced, with a warning.
+
+  Raises:
+    RuntimeError: another live process holds the lock (the message gives its pid).
+    ValueError: `workdir` is a file, or cannot be created or written.
+  """
+  path = os.path.join(workdir, LOCK_FILE)
+  mine = f"{path}.{os.getpid()}"
+  if os.path.exists(workdir) and not os.path.isdir(workdir):
+    raise ValueError(f"workdir {workdir} is a file, not a directory; pass a directory")
+  try:
+    os.makedirs(workdir, exist_ok=True)
+    with open(mine, "w") as f:   # the lock appears with its pid in it (link is atomic)
+      f.write(str(os.getpid()))
+  except OSError as e:
+    raise ValueError(f"workdir {workdir} cannot be written ({e.strerror}); pass a writable "
+                     f"directory") from None
+  try:
+    while True:
+      try:
+        os.link(mine, path)
+        break
+      except FileExistsError:
+        try:
+          with open(path) as f:
+            text = f.read().strip()
+        except FileNotFoundError:   # released meanwhile: try again
+          continue
+        pid = int(text) if text.isdigit() else None
+        if pid is not None and pid != os.getpid() and _pid_alive(pid):
+          raise RuntimeError(f"workdir {workdir}: a run is already running, pid {pid} ({path}); "
+                             f"wait for it to end, or use another --workdir") from None
+        logging.warning("Removing the stale lock %s of pid %s (not running)", path, text or "?")
+        with contextlib.suppress(FileNotFoundError):
+          os.remove(path)
+  finally:
+    os.remove(mine)
+  try:
+    yield path
+  finally:
+    if os.path.exists(path):
+      os.remove(path)
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:
@@ -104,6 +179,7 @@ class Checkpointer:
 
   def __init__(self, workdir: str, every: int, keep: int = 2):
     self.every = every
+    self.workdir = workdir
     self.manager = ocp.CheckpointManager(
         os.path.abspath(os.path.join(workdir, "ckpt")),
         options=ocp.CheckpointManagerOptions(max_to_keep=keep, create=True),
@@ -137,12 +213,54 @@ class Checkpointer:
         state=ocp.args.StandardRestore(abstract_state), data=ocp.args.JsonRestore()))
     return out["state"], out["data"], step
 
+  def restore_intact(self, abstract_state: Any) -> Optional[tuple[Any, dict, int]]:
+    """(state, data_state, step) of the newest checkpoint that restores; None if there is none.
+
+    A damaged checkpoint (an empty or truncated file, an empty manifest, an unreadable iterator
+    state) is logged with a warning naming its step and file, and moved to
+    `workdir/ckpt_damaged/<step>`; the next older one is tried.
+    """
+    for step in sorted(self.manager.all_steps(), reverse=True):
+      step_dir = os.path.join(str(self.manager.directory), str(step))
+      problem = damaged_file(step_dir)
+      if problem is None:
+        try:
+          return self.restore(abstract_state, step)
+        except Exception as e:  # pylint: disable=broad-except
+          problem = f"{step_dir}: {type(e).__name__}: {str(e).splitlines()[0][:300]}"
+      moved = os.path.join(self.workdir, DAMAGED_DIR, str(step))
+      logging.warning("checkpoint at step %d is damaged (%s); moved to %s, trying the one before",
+                      step, problem, moved)
+      os.makedirs(os.path.dirname(moved), exist_ok=True)
+      shutil.rmtree(moved, ignore_errors=True)
+      shutil.move(step_dir, moved)
+      self.manager.reload()
+    return None
+
   def wait(self):
     self.manager.wait_until_finished()
 
   def close(self):
     self.manager.wait_until_finished()
     self.manager.close()
+
+
+def damaged_file(step_dir: str) -> Optional[str]:
+  """'<file>: <what is wrong>' of the first damaged file of a checkpoint directory (an empty file,
+  an iterator state that is not JSON), else None. Truncated array data is found on restore."""
+  for root, _, files in sorted(os.walk(step_dir)):
+    for name in sorted(files):
+      p = os.path.join(root, name)
+      if os.path.getsize(p) == 0:
+        return f"{p}: empty file"
+  data = os.path.join(step_dir, "data", "metadata")
+  if os.path.exists(data):
+    try:
+      with open(data) as f:
+        json.load(f)
+    except ValueError as e:
+      return f"{data}: not JSON ({e})"
+  return None
 
 
 def abstract_like(tree: Any, sharding=None) -> Any:

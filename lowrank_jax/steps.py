@@ -131,7 +131,9 @@ def loss_and_grads(adapter: base_lib.Adapter, task_loss: TaskLoss, state: dict, 
 
 def make_train_step(adapter: base_lib.Adapter, task_loss: TaskLoss,
                     optimizer: optax.GradientTransformation, *,
-                    donate: bool = True) -> Callable[[dict, PyTree, Batch], tuple[dict, dict]]:
+                    donate: bool = True,
+                    skip_nonfinite: bool = False) -> Callable[[dict, PyTree, Batch],
+                                                              tuple[dict, dict]]:
   """The jitted `train_step(state, base, batch) -> (state, metrics)`.
 
   One optimizer step on the trainable tree, then `adapter.update(state, grads, step)` (when the
@@ -143,6 +145,9 @@ def make_train_step(adapter: base_lib.Adapter, task_loss: TaskLoss,
     task_loss: `(params, batch, rng) -> (loss, metrics)` of the adapted params.
     optimizer: optimizer of `{"adapter": ..., "head": ...}` (`init_train_state` initializes it).
     donate: donate the train state (the caller must not reuse the state it passes).
+    skip_nonfinite: a step whose loss or gradients hold a NaN/Inf leaves the adapter, head and
+      optimizer state as they were (the step count and data still advance); `metrics["skipped"]`
+      is 1 on such a step, else 0.
 
   Raises:
     ValueError: `adapter.update_grad` is not one of `base.UPDATE_GRADS`.
@@ -163,7 +168,14 @@ def make_train_step(adapter: base_lib.Adapter, task_loss: TaskLoss,
     new_state = {"adapter": new_adapter.trainable, "frozen": new_adapter.frozen,
                  "head": trainable["head"], "opt": opt, "step": state["step"] + 1,
                  "rng": state["rng"]}
-    return new_state, {**metrics, "grad_norm": optax.global_norm(grads)}
+    metrics = {**metrics, "grad_norm": optax.global_norm(grads)}
+    if skip_nonfinite:
+      finite = jnp.isfinite(metrics["loss"]) & jnp.isfinite(metrics["grad_norm"])
+      kept = {k: state[k] for k in ("adapter", "frozen", "head", "opt")}
+      new_state.update(jax.tree.map(lambda new, old: jnp.where(finite, new, old),
+                                    {k: new_state[k] for k in kept}, kept))
+      metrics["skipped"] = 1 - finite.astype(jnp.int32)
+    return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())
 

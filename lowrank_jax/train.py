@@ -22,7 +22,8 @@ Config fields (all numbers that change a result live in the config; see `configs
   fully), dataset.{name, train_split, eval_split, max_train_examples, max_eval_examples, seq_len,
   shuffle_seed}, adapter.{method, **factory kwargs}, optimizer.{name, lr, head_lr, wd, b1, b2,
   schedule, warmup_steps, grad_clip}, task (default "classification"), calib_batches, baseline,
-  save_adapter, export_peft, progress, overwrite.
+  save_adapter, export_peft, progress, overwrite, nonfinite ("stop": a NaN/Inf loss or gradient
+  stops the run; "skip": that update is skipped and counted).
 
 Task "causal_lm" (a decoder LM, `tasks.CausalLM`) reads, besides:
 
@@ -44,6 +45,7 @@ import itertools
 import json
 import logging
 import os
+import shutil
 import time
 from typing import Any, Callable, Optional
 
@@ -400,9 +402,63 @@ def check_config(config: ml_collections.ConfigDict):
   for f in ("total_steps", "batch_size"):
     if config[f] < 1:
       raise ValueError(f"config.{f} must be >= 1, got {config[f]}")
+  check_ranges(config)
+  check_seq_len(config, spec)
   if config.batch_size % jax.device_count():
     raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
                      f"{jax.device_count()} devices of the data-parallel mesh")
+
+
+# A learning rate above MAX_LR diverges every model here, so it is taken for a typo (1e3 for 1e-3).
+MAX_LR = 10.0
+NONFINITE_POLICIES = ("stop", "skip")
+
+
+def _in_range(name: str, value, low, high, low_open: bool = False):
+  """Raises ValueError naming `name` unless `low <= value <= high` (`low < value` if open)."""
+  if isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value):
+    raise ValueError(f"config.{name} must be a finite number, got {value!r}")
+  if (value <= low if low_open else value < low) or value > high:
+    lo = f"({low}" if low_open else f"[{low}"
+    raise ValueError(f"config.{name}={value!r} is out of range; valid: {lo}, {high}]")
+
+
+def check_ranges(config: ml_collections.ConfigDict):
+  """Learning rates, intervals, checkpoint count, eval batch and the non-finite policy.
+
+  Raises:
+    ValueError: the first field out of its valid range (the message names field and range).
+  """
+  opt = config.optimizer
+  for f in ("lr", "head_lr"):
+    if f in opt:
+      _in_range(f"optimizer.{f}", opt[f], 0.0, MAX_LR, low_open=True)
+  for f in ("eval_every", "log_every", "ckpt_every"):
+    if f in config:
+      _in_range(f, config[f], 0, float("inf"))
+  if "keep_ckpts" in config:   # the last step is always checkpointed
+    _in_range("keep_ckpts", config.keep_ckpts, 1, float("inf"))
+  if "eval_batch_size" in config:
+    _in_range("eval_batch_size", config.eval_batch_size, 1, float("inf"))
+  policy = config.get("nonfinite", "stop")
+  if policy not in NONFINITE_POLICIES:
+    raise ValueError(f"config.nonfinite={policy!r}; valid: {list(NONFINITE_POLICIES)}")
+
+
+def check_seq_len(config: ml_collections.ConfigDict, spec):
+  """`dataset.seq_len` fits the model's positions (`max_position_embeddings` of its config, with
+  the `model.config` overrides).
+
+  Raises:
+    ValueError: a sequence length beyond the model's positions.
+  """
+  seq_len = config.dataset.get("seq_len", 0)
+  overrides = config.model.get("config", None)
+  limit = (overrides.get("max_position_embeddings", None) if overrides else None) or getattr(
+      getattr(spec, "config", None), "max_position_embeddings", None)
+  if limit and seq_len > limit:
+    raise ValueError(f"config.dataset.seq_len={seq_len} exceeds the {limit} positions of model "
+                     f"{spec.name!r}; valid: 0 < seq_len <= {limit}")
 
 
 def adapter_kwargs(config) -> dict:
@@ -464,9 +520,10 @@ def param_counts(method: str, ad_state, head) -> dict:
           "trainable_params": n_adapter + n_head}
 
 
-def make_steps(adapter, model: Model, task, optimizer):
+def make_steps(adapter, model: Model, task, optimizer, skip_nonfinite: bool = False):
   """(train_step, eval_step) of `task` on `model`'s output (`steps.make_train_step` /
-  `steps.make_eval_step`): the task never sees the model, the model never sees the task."""
+  `steps.make_eval_step`): the task never sees the model, the model never sees the task;
+  `skip_nonfinite`: a step with a NaN/Inf loss or gradient leaves the state unchanged."""
 
   def task_loss(params, batch, rng):
     return task.loss(model.apply(params, batch, train=True, rng=rng), batch)
@@ -474,7 +531,7 @@ def make_steps(adapter, model: Model, task, optimizer):
   def eval_metrics(params, batch):
     return task.eval_metrics(model.apply(params, batch, train=False, rng=None), batch)
 
-  return (steps.make_train_step(adapter, task_loss, optimizer),
+  return (steps.make_train_step(adapter, task_loss, optimizer, skip_nonfinite=skip_nonfinite),
           steps.make_eval_step(adapter, eval_metrics))
 
 
@@ -521,8 +578,14 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_lib.ConfigMismatchError: `workdir` holds a run of a different config.
     FloatingPointError: the loss became NaN/inf (the message names the step).
   """
-  t_start = time.perf_counter()
   check_config(config)
+  with ckpt_lib.workdir_lock(workdir):
+    return _train_and_evaluate(config, workdir)
+
+
+def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
+  """`train_and_evaluate` of a checked config, holding the workdir's lock."""
+  t_start = time.perf_counter()
   baseline = train_baseline(config, workdir)
   t_run = time.perf_counter()
   finished = finished_results(config, workdir)
@@ -543,26 +606,29 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   const = jax.device_put(base, repl)
   del base
   model.params = None
-  train_step, eval_step = make_steps(adapter, model, task, tx)
+  train_step, eval_step = make_steps(adapter, model, task, tx,
+                                     config.get("nonfinite", "stop") == "skip")
   evaluate = make_evaluate(eval_step, const, data, config.eval_batch_size, task, data_sharding)
 
   ckpt = ckpt_lib.Checkpointer(workdir, config.get("ckpt_every", 0), config.get("keep_ckpts", 2))
-  state, start = restore_or_init(ckpt, init_state, data.train_iter, repl)
-  del ad_state, head
-  writer = metrics_lib.MetricWriter(workdir, resume_step=start)
-  before = {}
-  if start == 0:
-    writer.write(0, {"trainable_params": counts["trainable_params"]})
-    before = evaluate_before(config, state, adapter, const, model, data, evaluate)
-  t_loop = time.perf_counter()
-  state, tokens = train_loop(config, workdir, state, start, train_step, const, data,
-                             data_sharding, evaluate, ckpt, writer)
-  train_s = time.perf_counter() - t_loop
-  ckpt.maybe_save(config.total_steps, state, data.train_iter.get_state(), force=True)
-  ev = evaluate(state)
-  writer.write(config.total_steps, ev)
-  writer.close()
-  ckpt.close()
+  try:   # a failing run still finishes the checkpoint it is writing
+    state, start = restore_or_init(ckpt, init_state, data.train_iter, repl)
+    del ad_state, head
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    before = {}
+    if start == 0:
+      writer.write(0, {"trainable_params": counts["trainable_params"]})
+      before = evaluate_before(config, state, adapter, const, model, data, evaluate)
+    t_loop = time.perf_counter()
+    state, tokens = train_loop(config, workdir, state, start, train_step, const, data,
+                               data_sharding, evaluate, ckpt, writer)
+    train_s = time.perf_counter() - t_loop
+    ckpt.maybe_save(config.total_steps, state, data.train_iter.get_state(), force=True)
+    ev = evaluate(state)
+    writer.write(config.total_steps, ev)
+    writer.close()
+  finally:
+    ckpt.close()
 
   adapter_path = save_outputs(config, workdir, model, adapter, jax.device_get(state), initial)
   ev.update(decoder_outputs(config, workdir, state, adapter, const, model, data))
@@ -579,7 +645,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
   if baseline is not None:
     results["baseline"] = {k: baseline[k] for k in ("accuracy", "eval_loss", "trainable_params",
                                                     "wall_s")}
-  with open(os.path.join(workdir, RESULTS_FILE), "w") as f:
+  from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
+  with adapter_io.atomic_path(os.path.join(workdir, RESULTS_FILE)) as tmp, open(tmp, "w") as f:
     json.dump(results, f, indent=2, default=str)
   _print_summary(results)
   return results
@@ -616,8 +683,12 @@ def decoder_outputs(config, workdir: str, state, adapter, base, model: Model, da
   if config.get("export_hf", False):
     from lowrank_jax import tokenizer as tok_lib  # pylint: disable=g-import-not-at-top
     path = os.path.join(workdir, "hf")
-    model.spec.save_checkpoint(jax.device_get(params), path)
-    tok_lib.save(model.tokenizer, path)
+    tmp = f"{path}.tmp{os.getpid()}"   # written whole, then renamed into place
+    shutil.rmtree(tmp, ignore_errors=True)
+    model.spec.save_checkpoint(jax.device_get(params), tmp)
+    tok_lib.save(model.tokenizer, tmp)
+    shutil.rmtree(path, ignore_errors=True)
+    os.replace(tmp, path)
     out["hf_path"] = path
   return out
 
@@ -669,7 +740,11 @@ def restore_or_init(ckpt, init_state, train_iter, sharding):
     return jax.device_put(init_state(), sharding), 0
   abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
                           jax.eval_shape(init_state))
-  state, data_state, start = ckpt.restore(abstract)
+  restored = ckpt.restore_intact(abstract)   # skips (and warns about) damaged checkpoints
+  if restored is None:
+    logging.warning("no intact checkpoint; starting at step 0")
+    return jax.device_put(init_state(), sharding), 0
+  state, data_state, start = restored
   train_iter.set_state(data_state)
   logging.info("Resumed from the checkpoint at step %d", start)
   return state, start
@@ -681,8 +756,13 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
   methods that change them; tokens/s for tasks that count tokens), evaluation every `eval_every`,
   checkpoints; returns (the state, the tokens the steps read: 0 for tasks that count none).
 
+  With `config.nonfinite="skip"`, a step whose loss or gradients are not finite is not applied
+  and counted (`skipped_steps` in the metrics); with "stop" (the default) the run stops, and the
+  last checkpoint written stays the newest.
+
   Raises:
-    FloatingPointError: the loss became NaN/inf (the message names the step).
+    FloatingPointError: with `config.nonfinite="stop"`, the loss or gradients became NaN/inf (the
+      message names the step and the first non-finite leaves of the updated state).
   """
   method, total = config.adapter.method, config.total_steps
   schedule = optim.make_schedule(config.optimizer, config.optimizer.lr, total)
@@ -695,6 +775,7 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
   log_every = max(1, config.get("log_every", 50))
   eval_every = config.get("eval_every", 0)
   tokens_total, tokens_since, t_log = 0.0, 0.0, time.perf_counter()
+  skipped = 0
   for step in range(start + 1, total + 1):
     batch = jax.device_put(next(data.train_iter), sharding)
     with jax.transfer_guard("disallow"):   # no hidden host<->device copies in the step
@@ -704,10 +785,19 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
       tokens_total += float(m["tokens"])
       tokens_since += float(m["tokens"])
     loss = float(m["loss"])
-    if not np.isfinite(loss):
-      raise FloatingPointError(
-          f"loss is {loss} at step {step} (method {method}, lr {config.optimizer.lr}); "
-          f"lower optimizer.lr or check the data")
+    skipped += int(m.pop("skipped", 0))
+    if not (np.isfinite(loss) and np.isfinite(float(m["grad_norm"]))):
+      if config.get("nonfinite", "stop") == "skip":
+        logging.warning("step %d: loss %s, gradient norm %s not finite; update skipped (%d so "
+                        "far)", step, loss, m["grad_norm"], skipped)
+      else:
+        bad = nonfinite_leaves({k: state[k] for k in ("adapter", "head")})
+        raise FloatingPointError(
+            f"loss is {loss} at step {step} (gradient norm {float(m['grad_norm'])}, method "
+            f"{method}, lr {config.optimizer.lr}); non-finite leaves after the update: {bad[:5]}; "
+            f"the newest checkpoint is step {ckpt.latest_step()}; lower optimizer.lr or check "
+            f"the data, or set config.nonfinite='skip'")
+    m["skipped_steps"] = skipped
     progress.update(step, loss)
     if step % log_every == 0 or step == total:
       extra = {}
@@ -725,6 +815,14 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
   if ranks_writer is not None:
     ranks_writer.close()
   return state, tokens_total
+
+
+def nonfinite_leaves(tree) -> list[str]:
+  """Paths ('/'-joined) of the leaves of `tree` holding a NaN or Inf, in tree order."""
+  return [jax.tree_util.keystr(path, simple=True, separator="/")
+          for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+          if np.issubdtype(np.asarray(leaf).dtype, np.inexact)
+          and not np.all(np.isfinite(leaf))]
 
 
 def save_outputs(config, workdir: str, model: Model, adapter: base_lib.Adapter, host: dict,
