@@ -207,6 +207,7 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
   def init_leaf(key, info, w, stats):
     del key
     _leafwise.check_rank(name, info, rank)
+    _leafwise.check_finite_weight(name, info, w)
     cov = getattr(stats, "cov", stats)
     if cov is None:
       raise ValueError(f"{name}: stats for {info.path} have no input covariance; collect with "
