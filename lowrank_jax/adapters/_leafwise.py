@@ -61,7 +61,8 @@ def leafwise(name: str, *, targets: targeting.Targets, init_leaf: InitLeaf,
              apply_leaf: ApplyLeaf, penalty_leaf: Optional[Callable[[Any, Any], jax.Array]] = None,
              kernel_axes: targeting.AxesSpec = None, needs_stats: bool = False,
              update: Optional[base_lib.UpdateFn] = None,
-             update_grad: str = "total") -> base_lib.Adapter:
+             update_grad: str = "total",
+             state_spec: Optional[Callable[[LeafInfo], Any]] = None) -> base_lib.Adapter:
   """Makes an `Adapter` from leaf-level functions.
 
   Args:
@@ -77,6 +78,10 @@ def leafwise(name: str, *, targets: targeting.Targets, init_leaf: InitLeaf,
     needs_stats: if True, `init` requires calibration statistics for every target.
     update: optional `adapter.update`.
     update_grad: which gradient `update` sees, "task" or "total" (see `base.Adapter`).
+    state_spec: optional `info -> (trainable, frozen)` of `jax.ShapeDtypeStruct`s, what `init_leaf`
+      makes for that leaf; needed only by inits that cannot be traced abstractly (host-side
+      solvers), for `apply` to check a state it did not make. By default `init_leaf` is traced
+      with `jax.eval_shape`.
   """
   if update_grad not in base_lib.UPDATE_GRADS:
     raise ValueError(f"{name}: update_grad must be one of {base_lib.UPDATE_GRADS}, got "
@@ -91,12 +96,15 @@ def leafwise(name: str, *, targets: targeting.Targets, init_leaf: InitLeaf,
     if cache_key not in expected_specs:
       info = LeafInfo(path, tuple(leaf.shape), leaf.dtype,
                       targeting.kernel_axes(path, tuple(leaf.shape), kernel_axes))
+      if state_spec is not None:
+        expected_specs[cache_key] = state_spec(info)
+        return expected_specs[cache_key]
       stats_like = jax.ShapeDtypeStruct((info.d_in, info.d_in), jnp.float32) if needs_stats \
           else None
       try:
         expected_specs[cache_key] = jax.eval_shape(
-            lambda w: init_leaf(jax.random.key(0), info, w, stats_like)[1:],
-            jax.ShapeDtypeStruct(info.shape, info.dtype))
+            lambda w, s: init_leaf(jax.random.key(0), info, w, s)[1:],
+            jax.ShapeDtypeStruct(info.shape, info.dtype), stats_like)
       except jax.errors.JAXTypeError:     # an init that needs concrete values (host-side solvers)
         return None
     return expected_specs[cache_key]
@@ -200,9 +208,19 @@ def check_state_spec(name: str, path: str, leaf: Any, expected: Any, got: Any):
   for (kp, e), (_, g) in zip(exp_leaves, got_leaves):
     field = ("trainable" if kp[0].idx == 0 else "frozen") + jax.tree_util.keystr(kp[1:])
     g_shape, g_dtype = tuple(jnp.shape(g)), jnp.result_type(g)
-    if tuple(e.shape) != g_shape or jnp.dtype(e.dtype) != g_dtype:
+    if tuple(e.shape) != g_shape or not _holds(g_dtype, jnp.dtype(e.dtype)):
       raise ValueError(f"{where}: {field} expected shape {tuple(e.shape)} dtype "
-                       f"{jnp.dtype(e.dtype)}, got shape {g_shape} dtype {g_dtype} {hint}")
+                       f"{jnp.dtype(e.dtype)} (or a wider float for a float field), got shape "
+                       f"{g_shape} dtype {g_dtype} {hint}")
+
+
+def _holds(got: Any, expected: Any) -> bool:
+  """True if a `got` array carries every `expected` value: the same dtype, or a wider float
+  (float64 states of float32 adapters, as in float64 gradient checks)."""
+  if got == expected:
+    return True
+  return (jnp.issubdtype(got, jnp.floating) and jnp.issubdtype(expected, jnp.floating)
+          and jnp.promote_types(got, expected) == got)
 
 
 def check_int(name: str, field: str, value: Any, lo: int = 1, *, allow_none: bool = False):
