@@ -86,7 +86,8 @@ def test_own_state_accepted_eager_and_jit(m):
 def test_state_of_another_rank_refused(m):
   base, state3 = init(m.make(3, A))
   # A fresh adapter (never ran init in this process) and one that did: both refuse.
-  refused(m.make(2, A), base, state3, rf"{m.name}(_ipa)?: the state for a/kernel .* expected shape")
+  refused(m.make(2, A), base, state3,
+          rf"{m.name}(_ipa)?: the state for a/kernel .* expected shape")
   ad2 = m.make(2, A)
   init(ad2)
   with pytest.raises(ValueError, match=r"the state for a/kernel .* expected shape"):
