@@ -208,13 +208,13 @@ def check_state_spec(name: str, path: str, leaf: Any, expected: Any, got: Any):
   for (kp, e), (_, g) in zip(exp_leaves, got_leaves):
     field = ("trainable" if kp[0].idx == 0 else "frozen") + jax.tree_util.keystr(kp[1:])
     g_shape, g_dtype = tuple(jnp.shape(g)), jnp.result_type(g)
-    if tuple(e.shape) != g_shape or not _holds(g_dtype, jnp.dtype(e.dtype)):
+    if tuple(e.shape) != g_shape or not holds_dtype(g_dtype, jnp.dtype(e.dtype)):
       raise ValueError(f"{where}: {field} expected shape {tuple(e.shape)} dtype "
                        f"{jnp.dtype(e.dtype)} (or a wider float for a float field), got shape "
                        f"{g_shape} dtype {g_dtype} {hint}")
 
 
-def _holds(got: Any, expected: Any) -> bool:
+def holds_dtype(got: Any, expected: Any) -> bool:
   """True if a `got` array carries every `expected` value: the same dtype, or a wider float
   (float64 states of float32 adapters, as in float64 gradient checks)."""
   if got == expected:

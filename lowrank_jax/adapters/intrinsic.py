@@ -231,9 +231,10 @@ def intrinsic_dimension(d: int, projection: str = "fastfood",
       raise ValueError(f"intrinsic_dimension: trainable state must be {{'theta': ({d},) "
                        f"{jnp.dtype(dtype)}}}, got {jax.tree.map(jnp.shape, state.trainable)}; "
                        f"{hint}")
-    if theta.shape != (d,) or jnp.result_type(theta) != jnp.dtype(dtype):
+    if theta.shape != (d,) or not _leafwise.holds_dtype(jnp.result_type(theta), jnp.dtype(dtype)):
       raise ValueError(f"intrinsic_dimension: theta has shape {theta.shape} dtype "
-                       f"{jnp.result_type(theta)}, expected ({d},) {jnp.dtype(dtype)}; {hint}")
+                       f"{jnp.result_type(theta)}, expected ({d},) {jnp.dtype(dtype)} (or a wider "
+                       f"float); {hint}")
     frozen = state.frozen
     if not isinstance(frozen, IntrinsicFrozen):
       raise ValueError(f"intrinsic_dimension: frozen state must be an IntrinsicFrozen, got "
