@@ -19,6 +19,7 @@ from lowrank_jax.adapters.corda import corda
 from lowrank_jax.adapters.flora import flora
 from lowrank_jax.adapters.increlora import increlora
 from lowrank_jax.adapters.intrinsic import FastfoodProjection, intrinsic_dimension
+from lowrank_jax.adapters.krona import krona
 from lowrank_jax.adapters.loldu import loldu
 from lowrank_jax.adapters.lora import lora, pissa
 from lowrank_jax.adapters.nola import nola
@@ -58,6 +59,8 @@ METHODS = [
     Method("adalora", lambda r, t: adalora(r, 1, targets=t, total_steps=10), True),
     Method("increlora", lambda r, t: increlora(1, targets=t, max_rank=r), True),
     Method("nola", lambda r, t: nola(r, r, 2, targets=t), False),
+    # Kronecker factor sizes must divide the kernel's: (a1, a2) = (2, 2) or (3, 4) on (8, 6).
+    Method("krona", lambda r, t: krona(r, {2: 2, 3: 4}[r], targets=t), False),
 ]
 IDS = [m.name for m in METHODS]
 
