@@ -118,6 +118,12 @@ def partition(adapters: Mapping[str, base_lib.Adapter], labels: Labels) -> base_
   adapters = dict(adapters)
   names = sorted(adapters)
 
+  def hidden_except(params, lab, name):
+    """`params` with every leaf not labelled `name` hidden (so targets match within the label)."""
+    def hide(path, x):
+      return x if lab[tree_lib.path_to_str(path)] == name else targeting.Excluded(x)
+    return jax.tree_util.tree_map_with_path(hide, params, is_leaf=structured.is_structured)
+
   def init(key, params, stats=None):
     lab = _label_map(params, labels)
     used = {l for l in lab.values() if l is not None}
@@ -127,10 +133,8 @@ def partition(adapters: Mapping[str, base_lib.Adapter], labels: Labels) -> base_
     base = params
     trainable, frozen = {}, {}
     for name in names:
-      def hide(path, x, name=name):
-        return x if lab[tree_lib.path_to_str(path)] == name else targeting.Excluded(x)
-      masked = jax.tree_util.tree_map_with_path(hide, params, is_leaf=structured.is_structured)
-      sub_base, s = adapters[name].init(tree_lib.derive_key(key, name), masked, stats)
+      sub_base, s = adapters[name].init(tree_lib.derive_key(key, name),
+                                        hidden_except(params, lab, name), stats)
       repl = dict(targeting.named_leaves(sub_base))
       base = tree_lib.replace_by_name(base, repl, is_leaf=structured.is_structured)
       trainable[name], frozen[name] = s.trainable, s.frozen
@@ -139,11 +143,15 @@ def partition(adapters: Mapping[str, base_lib.Adapter], labels: Labels) -> base_
   def apply(base, state, *, rng=None):
     if set(state.trainable) != set(names):
       raise ValueError(f"partition: state labels {sorted(state.trainable)} != adapters {names}")
+    lab = _label_map(base, labels)
     p = base
     for name in names:
       r = None if rng is None else tree_lib.derive_key(rng, name)
-      p = adapters[name].apply(p, base_lib.AdapterState(state.trainable[name], state.frozen[name]),
-                               rng=r)
+      sub = adapters[name].apply(hidden_except(base, lab, name),
+                                 base_lib.AdapterState(state.trainable[name], state.frozen[name]),
+                                 rng=r)
+      p = tree_lib.replace_by_name(p, dict(targeting.named_leaves(sub)),
+                                   is_leaf=structured.is_structured)
     return p
 
   def penalty(state):

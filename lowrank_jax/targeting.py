@@ -56,6 +56,9 @@ def resolve(params: Any, targets: Targets, *, what: str = "targets") -> list[str
       raise ValueError(f"{what}: the callable selected no leaf among {len(names)} paths, "
                        f"e.g. {names[:5]}")
     return sorted(chosen)
+  if not isinstance(targets, (str, list, tuple)):
+    raise TypeError(f"{what} must be a regex string, a list/tuple of regex strings, or a callable "
+                    f"(path, leaf) -> bool; got {type(targets).__name__} {targets!r}")
   patterns = [targets] if isinstance(targets, str) else list(targets)
   if not patterns:
     raise ValueError(f"{what}: empty list of patterns")

@@ -207,6 +207,7 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
   def init_leaf(key, info, w, stats):
     del key
     _leafwise.check_rank(name, info, rank)
+    _leafwise.check_finite_weight(name, info, w)
     cov = getattr(stats, "cov", stats)
     if cov is None:
       raise ValueError(f"{name}: stats for {info.path} have no input covariance; collect with "
@@ -219,9 +220,14 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
                           dec.b.reshape((rank,) + info.out_shape).astype(dtype))
     return resid, factors, CordaInfo(jnp.asarray(dec.damping, jnp.float32))
 
+  def state_spec(info):
+    return (LoRAFactors(jax.ShapeDtypeStruct(info.in_shape + (rank,), dtype),
+                        jax.ShapeDtypeStruct((rank,) + info.out_shape, dtype)),
+            CordaInfo(jax.ShapeDtypeStruct((), jnp.float32)))
+
   return _leafwise.leafwise(name, targets=targets, init_leaf=init_leaf,
                             apply_leaf=lowrank_apply_leaf(name, scale, dropout, impl),
-                            kernel_axes=kernel_axes, needs_stats=True)
+                            kernel_axes=kernel_axes, needs_stats=True, state_spec=state_spec)
 
 
 def damping_used(state) -> dict[str, float]:

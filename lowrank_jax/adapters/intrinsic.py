@@ -221,20 +221,60 @@ def intrinsic_dimension(d: int, projection: str = "fastfood",
     frozen = IntrinsicFrozen(tree_lib.nest(per_leaf), ff)
     return params, base_lib.AdapterState({"theta": jnp.zeros((d,), dtype)}, frozen)
 
+  leaf_kind = {"dense": DenseLeaf, "sparse": SparseLeaf, "fastfood": Covered}[projection]
+
+  def check_state(base, state):
+    """Raises a ValueError naming what differs from the state `init` makes on `base`."""
+    hint = "state made by another adapter or on other params?"
+    theta = state.trainable.get("theta") if isinstance(state.trainable, dict) else None
+    if theta is None or set(state.trainable) != {"theta"}:
+      raise ValueError(f"intrinsic_dimension: trainable state must be {{'theta': ({d},) "
+                       f"{jnp.dtype(dtype)}}}, got {jax.tree.map(jnp.shape, state.trainable)}; "
+                       f"{hint}")
+    if theta.shape != (d,) or not _leafwise.holds_dtype(jnp.result_type(theta), jnp.dtype(dtype)):
+      raise ValueError(f"intrinsic_dimension: theta has shape {theta.shape} dtype "
+                       f"{jnp.result_type(theta)}, expected ({d},) {jnp.dtype(dtype)} (or a wider "
+                       f"float); {hint}")
+    frozen = state.frozen
+    if not isinstance(frozen, IntrinsicFrozen):
+      raise ValueError(f"intrinsic_dimension: frozen state must be an IntrinsicFrozen, got "
+                       f"{type(frozen).__name__}; {hint}")
+    per_leaf = tree_lib.unnest(frozen.leaves)
+    targeted = targeting.resolve(base, sel, what="intrinsic_dimension targets")
+    if sorted(per_leaf) != targeted:
+      raise ValueError(f"intrinsic_dimension: state covers paths {sorted(per_leaf)[:5]}, the "
+                       f"targets select {targeted[:5]} (not covered: "
+                       f"{sorted(set(targeted) - set(per_leaf))[:5]}, not targeted: "
+                       f"{sorted(set(per_leaf) - set(targeted))[:5]}); {hint}")
+    leaves = dict(targeting.named_leaves(base))
+    for p, blk in per_leaf.items():
+      n = int(math.prod(leaves[p].shape))
+      if not isinstance(blk, leaf_kind):
+        raise ValueError(f"intrinsic_dimension: frozen block for {p} is a {type(blk).__name__}, "
+                         f"projection={projection!r} makes a {leaf_kind.__name__}; {hint}")
+      if isinstance(blk, DenseLeaf) and blk.p.shape != (n, d):
+        raise ValueError(f"intrinsic_dimension: frozen block for {p} has shape {blk.p.shape}, "
+                         f"expected ({n}, {d}) (leaf size × d); {hint}")
+    if (frozen.fastfood is None) != (projection != "fastfood"):
+      raise ValueError(f"intrinsic_dimension: projection={projection!r} but the state "
+                       f"{'has no' if frozen.fastfood is None else 'has'} Fastfood vectors; "
+                       f"{hint}")
+    if frozen.fastfood is not None:
+      big_d = sum(int(math.prod(leaves[p].shape)) for p in targeted)
+      length = 1 << max(0, (big_d - 1).bit_length())
+      shapes = {k: tuple(v.shape) for k, v in frozen.fastfood._asdict().items()}
+      if any(sh != (length,) for sh in shapes.values()):
+        raise ValueError(f"intrinsic_dimension: Fastfood vectors have shapes {shapes}, expected "
+                         f"({length},) each (L = 2^ceil(log2 D), D={big_d}); {hint}")
+
   def apply(base, state, *, rng=None):
     del rng
+    check_state(base, state)
     theta = state.trainable["theta"]
-    if theta.shape != (d,):
-      raise ValueError(f"intrinsic_dimension: theta has shape {theta.shape}, expected ({d},); "
-                       f"state made by another adapter?")
     frozen = state.frozen
     per_leaf = tree_lib.unnest(frozen.leaves)
     paths = sorted(per_leaf)
     leaves = dict(targeting.named_leaves(base))
-    missing = [p for p in paths if p not in leaves]
-    if missing:
-      raise ValueError(f"intrinsic_dimension: state covers paths not in the params tree: "
-                       f"{missing[:5]}; mismatched state/params trees")
     dt = jnp.promote_types(theta.dtype, jnp.float32)
     deltas = {}
     if frozen.fastfood is not None:

@@ -153,6 +153,7 @@ def loldu(rank: int = 4, alpha: float = 1.0, targets: targeting.Targets = r".*ke
   def init_leaf(key, info, w, stats):
     del stats
     _leafwise.check_rank("loldu", info, rank)
+    _leafwise.check_finite_weight("loldu", info, w)
     w2 = w.reshape(info.d_in, info.d_out).astype(jnp.float32)
     perm, l, d, u = pivoted_ldu(w2.T)
     l_r, u_r = l[:, :rank], u[:rank]

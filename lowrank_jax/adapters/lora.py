@@ -81,6 +81,7 @@ def lora(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Target
     del stats
     _leafwise.check_rank(name, info, rank)
     if init == "pissa":
+      _leafwise.check_finite_weight(name, info, w)
       w2 = w.reshape(info.d_in, info.d_out).astype(jnp.float32)
       if niter is None:
         u, s, vt = jnp.linalg.svd(w2, full_matrices=False)

@@ -122,6 +122,7 @@ def sorsa(rank: int = 8, alpha: Optional[float] = None, targets: targeting.Targe
   def init_leaf(key, info, w, stats):
     del key, stats
     _leafwise.check_rank("sorsa", info, rank)
+    _leafwise.check_finite_weight("sorsa", info, w)
     dt = structured.compute_dtype(w)          # float32, or float64 for a float64 base
     w2 = w.reshape(info.d_in, info.d_out).astype(dt)
     u, sv, vt = jnp.linalg.svd(w2, full_matrices=False)   # w2 = u diag(sv) vt
