@@ -5,8 +5,8 @@ import contextlib
 import io
 import json
 
-from absl.testing import absltest
 import numpy as np
+import pytest
 
 from experiments import bench_llm
 
@@ -26,50 +26,47 @@ def _rows(argv):
   return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
-class BenchLlmSmokeTest(absltest.TestCase):
-
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.rows = _rows(["--preset", "tiny", "--batch", str(BATCH), "--seq", str(SEQ), "--rank",
-                      str(RANK), "--rounds", "2", "--steps", "1",
-                      "--methods", "krona,diffusekrona"])
-
-  def test_every_listed_mode_ran_or_says_why_not(self):
-    header, modes = self.rows[0], {r["method"]: r for r in self.rows[1:]}
-    self.assertEqual(header["preset"], "tiny")
-    self.assertEqual(set(modes), {"full", "lora", "lora_merged", "krona", "diffusekrona"})
-    # DiffuseKronA's factors (64, 8) do not divide the tiny model's 32 key/value outputs.
-    self.assertIn("a1=64 does not divide d_out=32", modes["diffusekrona"]["skipped"])
-    for name in ("full", "lora", "lora_merged", "krona"):
-      self.assertLessEqual(PEFT_FIELDS, set(modes[name]), name)
-
-  def test_figures(self):
-    header, modes = self.rows[0], {r["method"]: r for r in self.rows[1:] if "skipped" not in r}
-    n_total = header["params_total"]
-    lora_params = RANK * sum(i + o for i, o in PROJ_SIZES) * LAYERS
-    self.assertEqual(modes["full"]["params_trainable"], n_total)
-    self.assertEqual(modes["lora"]["params_trainable"], lora_params)
-    self.assertEqual(modes["lora_merged"]["params_trainable"], lora_params)
-    self.assertEqual(modes["full"]["paired_ratio"], 1.0)
-    for name, r in modes.items():
-      self.assertEqual((r["batch"], r["seq"], r["params_total"]), (BATCH, SEQ, n_total))
-      self.assertTrue(np.isfinite(r["loss"]) and r["loss"] > 0, name)
-      self.assertGreater(r["peak_gib"], 0)
-      self.assertGreater(r["process_peak_gib"], 0)
-      self.assertAlmostEqual(r["tokens_per_s"], BATCH * SEQ / (r["ms_per_step"] / 1e3),
-                             delta=0.01 * r["tokens_per_s"] + 1)
-      n_lin = n_total - VOCAB * HIDDEN
-      flops = (6 if name == "full" else 4) * n_lin + 6 * LAYERS * SEQ * HIDDEN
-      np.testing.assert_allclose(r["mfu"], r["tokens_per_s"] * flops / 989e12, rtol=0.02)
-      lo, hi = r["paired_ratio_range"]
-      self.assertTrue(lo <= r["paired_ratio"] <= hi, name)
-
-  def test_unknown_method_is_refused(self):
-    with contextlib.redirect_stderr(io.StringIO()) as err, self.assertRaises(SystemExit):
-      bench_llm.parse_args(["--methods", "lora2"])
-    self.assertIn("--methods: unknown ['lora2']", err.getvalue())
+@pytest.fixture(scope="module")
+def rows():
+  """One smoke run of the benchmark, shared by the tests that read its rows."""
+  return _rows(["--preset", "tiny", "--batch", str(BATCH), "--seq", str(SEQ), "--rank",
+                str(RANK), "--rounds", "2", "--steps", "1", "--methods", "krona,diffusekrona"])
 
 
-if __name__ == "__main__":
-  absltest.main()
+def test_every_listed_mode_ran_or_says_why_not(rows):
+  header, modes = rows[0], {r["method"]: r for r in rows[1:]}
+  assert header["preset"] == "tiny"
+  assert set(modes) == {"full", "lora", "lora_merged", "krona", "diffusekrona"}
+  # DiffuseKronA's factors (64, 8) do not divide the tiny model's 32 key/value outputs.
+  assert "a1=64 does not divide d_out=32" in modes["diffusekrona"]["skipped"]
+  for name in ("full", "lora", "lora_merged", "krona"):
+    assert PEFT_FIELDS <= set(modes[name]), name
+
+
+def test_figures(rows):
+  header, modes = rows[0], {r["method"]: r for r in rows[1:] if "skipped" not in r}
+  n_total = header["params_total"]
+  lora_params = RANK * sum(i + o for i, o in PROJ_SIZES) * LAYERS
+  assert modes["full"]["params_trainable"] == n_total
+  assert modes["lora"]["params_trainable"] == lora_params
+  assert modes["lora_merged"]["params_trainable"] == lora_params
+  assert modes["full"]["paired_ratio"] == 1.0
+  for name, r in modes.items():
+    assert (r["batch"], r["seq"], r["params_total"]) == (BATCH, SEQ, n_total)
+    assert np.isfinite(r["loss"]) and r["loss"] > 0, name
+    assert r["peak_gib"] > 0
+    assert r["process_peak_gib"] > 0
+    assert (abs(r["tokens_per_s"] - BATCH * SEQ / (r["ms_per_step"] / 1e3))
+          <= 0.01 * r["tokens_per_s"] + 1)
+    n_lin = n_total - VOCAB * HIDDEN
+    flops = (6 if name == "full" else 4) * n_lin + 6 * LAYERS * SEQ * HIDDEN
+    np.testing.assert_allclose(r["mfu"], r["tokens_per_s"] * flops / 989e12, rtol=0.02)
+    lo, hi = r["paired_ratio_range"]
+    assert lo <= r["paired_ratio"] <= hi, name
+
+
+def test_unknown_method_is_refused():
+  with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+    bench_llm.parse_args(["--methods", "lora2"])
+  assert "--methods: unknown ['lora2']" in err.getvalue()
+

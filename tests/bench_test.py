@@ -5,9 +5,9 @@ import contextlib
 import io
 import json
 
-from absl.testing import absltest
 import jax.numpy as jnp
 import numpy as np
+import pytest
 
 from experiments import bench
 from experiments import bench_seed
@@ -22,60 +22,56 @@ def _rows(main, argv):
   return [json.loads(line) for line in out.getvalue().splitlines()]
 
 
-class PairedRatiosTest(absltest.TestCase):
-
-  def test_per_round_ratio_of_step_means(self):
-    # 3 rounds x 2 steps, round-major; the machine is 2x slower in round 2 for both runs.
-    times = {"ref": [1.0, 1.0, 2.0, 2.0, 1.0, 1.0],
-             "x": [1.2, 1.4, 2.6, 2.6, 1.1, 1.1]}
-    out = bench.paired_ratios(times, "ref", steps=2)
-    np.testing.assert_allclose(out["ref"], (1.0, 1.0, 1.0))
-    np.testing.assert_allclose(out["x"], (1.3, 1.1, 1.3))   # rounds: 1.3, 1.3, 1.1
-
-  def test_rejects_partial_rounds(self):
-    with self.assertRaisesRegex(ValueError, "multiple of steps=2"):
-      bench.paired_ratios({"ref": [1.0, 1.0, 1.0]}, "ref", steps=2)
-
-  def test_round_robin_feeds_paired_ratios(self):
-    runs = {"ref": lambda b: jnp.sum(b), "x": lambda b: jnp.sum(b * 2)}
-    wall, cpu = bench.time_round_robin(runs, jnp.ones((8,)), rounds=3, steps=2)
-    self.assertEqual({k: len(v) for k, v in wall.items()}, {"ref": 6, "x": 6})
-    self.assertEqual({k: len(v) for k, v in cpu.items()}, {"ref": 6, "x": 6})
-    med, lo, hi = bench.paired_ratios(wall, "ref", steps=2)["x"]
-    self.assertTrue(0 < lo <= med <= hi)
+def test_per_round_ratio_of_step_means():
+  # 3 rounds x 2 steps, round-major; the machine is 2x slower in round 2 for both runs.
+  times = {"ref": [1.0, 1.0, 2.0, 2.0, 1.0, 1.0],
+           "x": [1.2, 1.4, 2.6, 2.6, 1.1, 1.1]}
+  out = bench.paired_ratios(times, "ref", steps=2)
+  np.testing.assert_allclose(out["ref"], (1.0, 1.0, 1.0))
+  np.testing.assert_allclose(out["x"], (1.3, 1.1, 1.3))   # rounds: 1.3, 1.3, 1.1
 
 
-class ScriptSmokeTest(absltest.TestCase):
-
-  def test_bench(self):
-    rows = _rows(bench.main, _SMOKE + ["--only", "lora_all_factored,head_only"])
-    self.assertEqual(rows[0]["model"], "random init (tiny preset)")
-    modes = {r["mode"]: r for r in rows[1:]}
-    self.assertEqual(set(modes), {"full_ft", "lora_all_factored", "head_only"})
-    self.assertEqual(modes["full_ft"]["paired_ratio"], 1.0)
-    for r in modes.values():
-      self.assertGreater(r["ms_per_step"], 0)
-      lo, hi = r["paired_ratio_range"]
-      self.assertTrue(lo <= r["paired_ratio"] <= hi)
-    self.assertLess(modes["lora_all_factored"]["trainable_params"],
-                    modes["full_ft"]["trainable_params"])
-
-  def test_bench_seed(self):
-    rows = _rows(bench_seed.main, _SMOKE + ["--nola_k", "16", "--fastfood_d", "16,64"])
-    modes = {r["mode"]: r for r in rows[1:]}
-    self.assertEqual(set(modes), {"lora", "krona", "diffkrona", "nola", "loldu", "sorsa",
-                                  "fastfood_d16", "fastfood_d64"})
-    self.assertEqual(modes["lora"]["paired_ratio"], 1.0)
-    self.assertEqual({m: modes[m].get("goal") for m in bench_seed.GOALS},
-                     {"krona": "<= 1.2x", "diffkrona": "<= 1.2x", "nola": "<= 1.5x",
-                      "loldu": "<= 1.2x", "sorsa": "<= 1.2x"})
-    self.assertEqual(modes["loldu"]["trainable_params"], 8 * 12)   # r per target, 2 layers x 6
-    for d in (16, 64):
-      ff = modes[f"fastfood_d{d}"]
-      self.assertEqual(ff["d"], d)
-      self.assertGreater(ff["step_total_MB"], 0)
-      self.assertTrue(np.isfinite(ff["loss"]))
+def test_rejects_partial_rounds():
+  with pytest.raises(ValueError, match="multiple of steps=2"):
+    bench.paired_ratios({"ref": [1.0, 1.0, 1.0]}, "ref", steps=2)
 
 
-if __name__ == "__main__":
-  absltest.main()
+def test_round_robin_feeds_paired_ratios():
+  runs = {"ref": lambda b: jnp.sum(b), "x": lambda b: jnp.sum(b * 2)}
+  wall, cpu = bench.time_round_robin(runs, jnp.ones((8,)), rounds=3, steps=2)
+  assert {k: len(v) for k, v in wall.items()} == {"ref": 6, "x": 6}
+  assert {k: len(v) for k, v in cpu.items()} == {"ref": 6, "x": 6}
+  med, lo, hi = bench.paired_ratios(wall, "ref", steps=2)["x"]
+  assert 0 < lo <= med <= hi
+
+
+def test_bench():
+  rows = _rows(bench.main, _SMOKE + ["--only", "lora_all_factored,head_only"])
+  assert rows[0]["model"] == "random init (tiny preset)"
+  modes = {r["mode"]: r for r in rows[1:]}
+  assert set(modes) == {"full_ft", "lora_all_factored", "head_only"}
+  assert modes["full_ft"]["paired_ratio"] == 1.0
+  for r in modes.values():
+    assert r["ms_per_step"] > 0
+    lo, hi = r["paired_ratio_range"]
+    assert lo <= r["paired_ratio"] <= hi
+  assert (modes["lora_all_factored"]["trainable_params"]
+          < modes["full_ft"]["trainable_params"])
+
+
+def test_bench_seed():
+  rows = _rows(bench_seed.main, _SMOKE + ["--nola_k", "16", "--fastfood_d", "16,64"])
+  modes = {r["mode"]: r for r in rows[1:]}
+  assert set(modes) == {"lora", "krona", "diffkrona", "nola", "loldu", "sorsa",
+                       "fastfood_d16", "fastfood_d64"}
+  assert modes["lora"]["paired_ratio"] == 1.0
+  assert {m: modes[m].get("goal") for m in bench_seed.GOALS} == {
+      "krona": "<= 1.2x", "diffkrona": "<= 1.2x", "nola": "<= 1.5x", "loldu": "<= 1.2x",
+      "sorsa": "<= 1.2x"}
+  assert modes["loldu"]["trainable_params"] == 8 * 12   # r per target, 2 layers x 6
+  for d in (16, 64):
+    ff = modes[f"fastfood_d{d}"]
+    assert ff["d"] == d
+    assert ff["step_total_MB"] > 0
+    assert np.isfinite(ff["loss"])
+

@@ -3,9 +3,8 @@ import glob
 import importlib
 import os
 
-from absl.testing import absltest
-from absl.testing import parameterized
 import ml_collections
+import pytest
 
 from configs import common
 from experiments import sweep as sweep_lib
@@ -17,124 +16,121 @@ CONFIGS = sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(ROOT, 
 SWEEPS = [n for n in CONFIGS if hasattr(importlib.import_module(f"configs.{n}"), "sweep")]
 
 
-class ParseArgTest(absltest.TestCase):
-
-  def test_types_and_flags(self):
-    a = common.parse_arg("rank=4,lr=0.5,runlocal,name=x,t=a+b", rank=8, lr=1.0, runlocal=False,
-                         name="y", t=("c",))
-    self.assertEqual((a.rank, a.lr, a.runlocal, a.name, a.t), (4, 0.5, True, "x", ("a", "b")))
-
-  def test_defaults(self):
-    self.assertEqual(common.parse_arg(None, rank=8).rank, 8)
-    self.assertEqual(common.parse_arg("", rank=8).rank, 8)
-
-  def test_unknown_key(self):
-    with self.assertRaisesRegex(ValueError, r"Unhandled config arg 'rnak'.*valid args: \['rank'\]"):
-      common.parse_arg("rnak=4", rank=8)
-
-  def test_strict_types(self):
-    with self.assertRaisesRegex(ValueError, "not an int"):
-      common.parse_arg("rank=four", rank=8)
-    with self.assertRaisesRegex(ValueError, "not a bool"):
-      common.parse_arg("runlocal=maybe", runlocal=False)
-    with self.assertRaisesRegex(ValueError, "needs a value"):
-      common.parse_arg("rank", rank=8)
-
-  def test_unknown_method_lists_valid_names(self):
-    with self.assertRaisesRegex(ValueError, r"Unknown adapter method 'foo'; valid names: \[.*'lora'"):
-      common.adapter_config("foo", rank=2, targets=[".*"])
-
-  def test_adapter_config_reads_the_method_facts(self):
-    config = lambda method, **kw: common.adapter_config(method, rank=4, targets=["x"], **kw)
-    self.assertEqual((config("lora").rank, config("lora").alpha), (4, 8.0))
-    self.assertEqual(config("lora", alpha=3.0).alpha, 3.0)
-    self.assertEqual(config("sorsa").alpha, 4.0)            # SORSA's own scale alpha/r = 1
-    self.assertEqual((config("nola").k, config("nola").l), (64, 64))
-    self.assertEqual(config("intrinsic").d, 256)
-    self.assertEqual(config("krona").to_dict(), {"method": "krona", "targets": ["x"]})
-    self.assertEqual(config("increlora", total_steps=50).incre_interval, 5)
-    self.assertEqual(config("lora", dropout=0.1).dropout, 0.1)
-
-  def test_arg(self):
-    self.assertEqual(common.arg(method="lora", rank=4), {"arg": "method=lora,rank=4"})
+def test_parse_arg_types_and_flags():
+  a = common.parse_arg("rank=4,lr=0.5,runlocal,name=x,t=a+b", rank=8, lr=1.0, runlocal=False,
+                       name="y", t=("c",))
+  assert (a.rank, a.lr, a.runlocal, a.name, a.t) == (4, 0.5, True, "x", ("a", "b"))
 
 
-class SweepExpandTest(absltest.TestCase):
-
-  def test_points_and_overrides(self):
-    class Module:
-      @staticmethod
-      def get_config(arg=None):
-        a = common.parse_arg(arg, rank=8)
-        c = common.base_config()
-        c.adapter.rank = a.rank
-        return c
-
-      @staticmethod
-      def sweep(add):
-        add(**common.arg(rank=2))
-        add(arg="rank=4", **{"optimizer.lr": 0.5})
-
-    points = sweep_lib.expand(Module)
-    self.assertEqual([p.name for p in points], ["rank-2", "rank-4_optimizer.lr-0.5"])
-    c = sweep_lib.point_config(Module, points[1])
-    self.assertEqual((c.adapter.rank, c.optimizer.lr), (4, 0.5))
-    with self.assertRaisesRegex(ValueError, "config has no field 'lrr'"):
-      sweep_lib.apply_overrides(Module.get_config(), {"optimizer.lrr": 1.0})
-
-  def test_duplicate_points(self):
-    class Module:
-      @staticmethod
-      def sweep(add):
-        add(arg="rank=1")
-        add(arg="rank=1")
-    with self.assertRaisesRegex(ValueError, "duplicate points"):
-      sweep_lib.expand(Module)
+def test_parse_arg_defaults():
+  assert common.parse_arg(None, rank=8).rank == 8
+  assert common.parse_arg("", rank=8).rank == 8
 
 
-class DigitsSweepTest(absltest.TestCase):
-
-  def test_every_method_but_the_baseline_and_one_point_where_rank_is_ignored(self):
-    from configs import digits_sweep  # pylint: disable=g-import-not-at-top
-    from lowrank_jax import registry  # pylint: disable=g-import-not-at-top
-    points = [p.name for p in sweep_lib.expand(digits_sweep)]
-    methods = {n.split("_")[0].split("-", 1)[1] for n in points}
-    self.assertEqual(methods, set(registry.list_methods()) - {"none"})
-    for method, n in (("lora", 2), ("krona", 1), ("diffusekrona", 1)):
-      self.assertLen([p for p in points if p.startswith(f"method-{method}_")], n, method)
+def test_parse_arg_unknown_key():
+  with pytest.raises(ValueError, match=r"Unhandled config arg 'rnak'.*valid args: \['rank'\]"):
+    common.parse_arg("rnak=4", rank=8)
 
 
-class ConfigsTest(parameterized.TestCase):
-
-  def test_found_configs(self):
-    self.assertIn("quickstart", CONFIGS)
-    self.assertIn("digits_lora", CONFIGS)
-
-  @parameterized.parameters(*CONFIGS)
-  def test_get_config(self, name):
-    module = importlib.import_module(f"configs.{name}")
-    self.assertTrue(module.__doc__ and "python -m experiments." in module.__doc__,
-                    f"configs/{name}.py needs a docstring with the command")
-    for arg in (None, "runlocal"):
-      c = module.get_config(arg)
-      self.assertIsInstance(c, ml_collections.ConfigDict)
-      for field in ("seed", "total_steps", "batch_size", "model", "dataset", "adapter",
-                    "optimizer", "head"):
-        self.assertIn(field, c, f"configs/{name}.py lacks {field}")
-    c_local = module.get_config("runlocal")
-    self.assertLessEqual(c_local.total_steps, module.get_config().total_steps)
-
-  @parameterized.parameters(*SWEEPS)
-  def test_sweep_expands(self, name):
-    module = importlib.import_module(f"configs.{name}")
-    points = sweep_lib.expand(module)
-    self.assertNotEmpty(points)
-    names = [p.name for p in points]
-    self.assertLen(set(names), len(names), "sweep point names must be unique")
-    for p in points:
-      c = sweep_lib.point_config(module, p)
-      self.assertIsInstance(c, ml_collections.ConfigDict)
+def test_parse_arg_strict_types():
+  with pytest.raises(ValueError, match="not an int"):
+    common.parse_arg("rank=four", rank=8)
+  with pytest.raises(ValueError, match="not a bool"):
+    common.parse_arg("runlocal=maybe", runlocal=False)
+  with pytest.raises(ValueError, match="needs a value"):
+    common.parse_arg("rank", rank=8)
 
 
-if __name__ == "__main__":
-  absltest.main()
+def test_unknown_method_lists_valid_names():
+  with pytest.raises(ValueError, match=r"Unknown adapter method 'foo'; valid names: \[.*'lora'"):
+    common.adapter_config("foo", rank=2, targets=[".*"])
+
+
+def test_adapter_config_reads_the_method_facts():
+  config = lambda method, **kw: common.adapter_config(method, rank=4, targets=["x"], **kw)
+  assert (config("lora").rank, config("lora").alpha) == (4, 8.0)
+  assert config("lora", alpha=3.0).alpha == 3.0
+  assert config("sorsa").alpha == 4.0            # SORSA's own scale alpha/r = 1
+  assert (config("nola").k, config("nola").l) == (64, 64)
+  assert config("intrinsic").d == 256
+  assert config("krona").to_dict() == {"method": "krona", "targets": ["x"]}
+  assert config("increlora", total_steps=50).incre_interval == 5
+  assert config("lora", dropout=0.1).dropout == 0.1
+
+
+def test_arg():
+  assert common.arg(method="lora", rank=4) == {"arg": "method=lora,rank=4"}
+
+
+def test_sweep_points_and_overrides():
+  class Module:
+    @staticmethod
+    def get_config(arg=None):
+      a = common.parse_arg(arg, rank=8)
+      c = common.base_config()
+      c.adapter.rank = a.rank
+      return c
+
+    @staticmethod
+    def sweep(add):
+      add(**common.arg(rank=2))
+      add(arg="rank=4", **{"optimizer.lr": 0.5})
+
+  points = sweep_lib.expand(Module)
+  assert [p.name for p in points] == ["rank-2", "rank-4_optimizer.lr-0.5"]
+  c = sweep_lib.point_config(Module, points[1])
+  assert (c.adapter.rank, c.optimizer.lr) == (4, 0.5)
+  with pytest.raises(ValueError, match="config has no field 'lrr'"):
+    sweep_lib.apply_overrides(Module.get_config(), {"optimizer.lrr": 1.0})
+
+
+def test_sweep_duplicate_points():
+  class Module:
+    @staticmethod
+    def sweep(add):
+      add(arg="rank=1")
+      add(arg="rank=1")
+  with pytest.raises(ValueError, match="duplicate points"):
+    sweep_lib.expand(Module)
+
+
+def test_digits_sweep_every_method_but_the_baseline_and_one_point_where_rank_is_ignored():
+  from configs import digits_sweep  # pylint: disable=g-import-not-at-top
+  from lowrank_jax import registry  # pylint: disable=g-import-not-at-top
+  points = [p.name for p in sweep_lib.expand(digits_sweep)]
+  methods = {n.split("_")[0].split("-", 1)[1] for n in points}
+  assert methods == set(registry.list_methods()) - {"none"}
+  for method, n in (("lora", 2), ("krona", 1), ("diffusekrona", 1)):
+    assert len([p for p in points if p.startswith(f"method-{method}_")]) == n, method
+
+
+def test_found_configs():
+  assert "quickstart" in CONFIGS
+  assert "digits_lora" in CONFIGS
+
+
+@pytest.mark.parametrize("name", CONFIGS)
+def test_get_config(name):
+  module = importlib.import_module(f"configs.{name}")
+  assert module.__doc__ and "python -m experiments." in module.__doc__, (
+      f"configs/{name}.py needs a docstring with the command")
+  for arg in (None, "runlocal"):
+    c = module.get_config(arg)
+    assert isinstance(c, ml_collections.ConfigDict)
+    for field in ("seed", "total_steps", "batch_size", "model", "dataset", "adapter",
+                  "optimizer", "head"):
+      assert field in c, f"configs/{name}.py lacks {field}"
+  c_local = module.get_config("runlocal")
+  assert c_local.total_steps <= module.get_config().total_steps
+
+
+@pytest.mark.parametrize("name", SWEEPS)
+def test_sweep_expands(name):
+  module = importlib.import_module(f"configs.{name}")
+  points = sweep_lib.expand(module)
+  assert len(points) > 0
+  names = [p.name for p in points]
+  assert len(set(names)) == len(names), "sweep point names must be unique"
+  for p in points:
+    c = sweep_lib.point_config(module, p)
+    assert isinstance(c, ml_collections.ConfigDict)
