@@ -1,15 +1,17 @@
 """Reliability of checkpoints: a damaged latest checkpoint is skipped (the run resumes from the
 newest intact one, bitwise as if nothing had happened), and a NaN/Inf loss stops the run keeping
 the last good checkpoint or skips the update."""
+import contextlib
+import logging
 import os
 import shutil
 import sys
 import tempfile
 from unittest import mock
 
-from absl.testing import absltest
 import numpy as np
 import orbax.checkpoint as ocp
+import pytest
 
 from lowrank_jax import checkpoint as ckpt_lib
 from lowrank_jax import metrics as metrics_lib
@@ -58,126 +60,154 @@ def _nan_at(bad: int):
                            side_effect=lambda *a, **k: _NanBatchAt(real(*a, **k), bad))
 
 
-class DamagedCheckpointTest(absltest.TestCase):
+@contextlib.contextmanager
+def _warnings_logged():
+  """Like `assertLogs(level="WARNING")`: the WARNING+ records on the root logger, as
+  "LEVEL:logger:message" lines; fails if there were none."""
+  lines = []
 
-  @classmethod
-  def setUpClass(cls):
-    super().setUpClass()
-    cls.ref_dir = tempfile.mkdtemp()
-    cls.ref = train.train_and_evaluate(_ckpt_config(), cls.ref_dir)   # checkpoints 4, 8, 12
+  class _Collect(logging.Handler):
+    def emit(self, record):
+      lines.append(f"{record.levelname}:{record.name}:{record.getMessage()}")
 
-  def _damaged_copy(self, damage, steps=(12,)) -> str:
-    wd = os.path.join(tempfile.mkdtemp(), "run")
-    shutil.copytree(self.ref_dir, wd)
-    os.remove(os.path.join(wd, train.RESULTS_FILE))   # not finished: it resumes
-    for step in steps:
-      damage(os.path.join(wd, "ckpt", str(step)))
-    return wd
-
-  def _assert_resumes_from(self, wd: str, start: int, damaged=(12,), names=""):
-    with self.assertLogs(level="WARNING") as logs:
-      r = train.train_and_evaluate(_ckpt_config(), wd)
-    self.assertEqual(r["resumed_from"], start)
-    self.assertEqual((r["accuracy"], r["eval_loss"]), (self.ref["accuracy"], self.ref["eval_loss"]))
-    for step in damaged:
-      warned = [m for m in logs.output if f"checkpoint at step {step} is damaged" in m]
-      self.assertLen(warned, 1)
-      self.assertIn(names, warned[0])
-      self.assertTrue(os.path.isdir(os.path.join(wd, ckpt_lib.DAMAGED_DIR, str(step))))
-    # The damaged ones are written again as the run passes their steps.
-    self.assertEqual(sorted(map(int, os.listdir(os.path.join(wd, "ckpt")))), [4, 8, 12])
-    return logs
-
-  def test_truncated_array_file(self):
-    def truncate(step_dir):
-      path = _largest_array_file(step_dir)
-      with open(path, "r+b") as f:
-        f.truncate(os.path.getsize(path) // 2)
-    self._assert_resumes_from(self._damaged_copy(truncate), 8, names="ckpt/12")
-
-  def test_empty_manifest(self):
-    def empty(step_dir):
-      open(os.path.join(step_dir, "state", "manifest.ocdbt"), "w").close()
-    self._assert_resumes_from(self._damaged_copy(empty), 8,
-                              names="ckpt/12/state/manifest.ocdbt: empty file")
-
-  def test_garbled_manifest(self):
-    def garble(step_dir):
-      path = os.path.join(step_dir, "state", "manifest.ocdbt")
-      with open(path, "wb") as f:
-        f.write(b"not a manifest" * 4)
-    self._assert_resumes_from(self._damaged_copy(garble), 8, names="ckpt/12")
-
-  def test_emptied_iterator_state(self):
-    def empty(step_dir):
-      open(os.path.join(step_dir, "data", "metadata"), "w").close()
-    self._assert_resumes_from(self._damaged_copy(empty), 8,
-                              names="ckpt/12/data/metadata: empty file")
-
-  def test_iterator_state_not_json(self):
-    def garble(step_dir):
-      with open(os.path.join(step_dir, "data", "metadata"), "w") as f:
-        f.write('{"last_seen_indices": {"0": 4')
-    self._assert_resumes_from(self._damaged_copy(garble), 8,
-                              names="ckpt/12/data/metadata: not JSON")
-
-  def test_two_damaged_resumes_from_the_third(self):
-    def empty(step_dir):
-      open(os.path.join(step_dir, "data", "metadata"), "w").close()
-    self._assert_resumes_from(self._damaged_copy(empty, (12, 8)), 4, damaged=(12, 8))
-
-  def test_all_damaged_starts_afresh(self):
-    def empty(step_dir):
-      open(os.path.join(step_dir, "data", "metadata"), "w").close()
-    logs = self._assert_resumes_from(self._damaged_copy(empty, (12, 8, 4)), 0,
-                                     damaged=(12, 8, 4))
-    self.assertTrue(any("no intact checkpoint; starting at step 0" in m for m in logs.output))
+  root = logging.getLogger()
+  handler = _Collect(logging.WARNING)
+  old_level = root.level
+  root.addHandler(handler)
+  root.setLevel(logging.WARNING)
+  try:
+    yield lines
+  finally:
+    root.removeHandler(handler)
+    root.setLevel(old_level)
+  assert lines, "no logs of level WARNING or higher triggered on root"
 
 
-class NonFiniteTest(absltest.TestCase):
+@pytest.fixture(scope="module")
+def ref_run():
+  ref_dir = tempfile.mkdtemp()
+  ref = train.train_and_evaluate(_ckpt_config(), ref_dir)   # checkpoints 4, 8, 12
+  return ref_dir, ref
 
-  def test_stop_names_the_step_and_leaves_and_keeps_the_last_good_checkpoint(self):
-    wd = tempfile.mkdtemp()
-    with _nan_at(7), self.assertRaisesRegex(
-        FloatingPointError, r"loss is nan at step 7 \(gradient norm nan.*non-finite leaves after "
-                            r"the update: \['adapter/dense_0/kernel/a', .*the newest checkpoint "
-                            r"is step 4.*config\.nonfinite='skip'"):
-      train.train_and_evaluate(_ckpt_config(), wd)
-    self.assertEqual(os.listdir(os.path.join(wd, "ckpt")), ["4"])
-    self.assertFalse(os.path.exists(os.path.join(wd, ckpt_lib.LOCK_FILE)))
-    # The kept checkpoint is good: the run resumes from it and ends as an unbroken run does.
+
+def _damaged_copy(ref_run, damage, steps=(12,)) -> str:
+  ref_dir, _ = ref_run
+  wd = os.path.join(tempfile.mkdtemp(), "run")
+  shutil.copytree(ref_dir, wd)
+  os.remove(os.path.join(wd, train.RESULTS_FILE))   # not finished: it resumes
+  for step in steps:
+    damage(os.path.join(wd, "ckpt", str(step)))
+  return wd
+
+
+def _assert_resumes_from(ref_run, wd: str, start: int, damaged=(12,), names=""):
+  _, ref = ref_run
+  with _warnings_logged() as logs:
     r = train.train_and_evaluate(_ckpt_config(), wd)
-    ref = train.train_and_evaluate(_ckpt_config(), tempfile.mkdtemp())
-    self.assertEqual(r["resumed_from"], 4)
-    self.assertEqual((r["accuracy"], r["eval_loss"]), (ref["accuracy"], ref["eval_loss"]))
+  assert r["resumed_from"] == start
+  assert (r["accuracy"], r["eval_loss"]) == (ref["accuracy"], ref["eval_loss"])
+  for step in damaged:
+    warned = [m for m in logs if f"checkpoint at step {step} is damaged" in m]
+    assert len(warned) == 1
+    assert names in warned[0]
+    assert os.path.isdir(os.path.join(wd, ckpt_lib.DAMAGED_DIR, str(step)))
+  # The damaged ones are written again as the run passes their steps.
+  assert sorted(map(int, os.listdir(os.path.join(wd, "ckpt")))) == [4, 8, 12]
+  return logs
 
-  def test_skip_leaves_the_state_unchanged_and_counts(self):
-    wd = tempfile.mkdtemp()
-    c = _ckpt_config(nonfinite="skip", total_steps=8, ckpt_every=1, keep_ckpts=10, log_every=1)
-    with _nan_at(7), self.assertLogs(level="WARNING") as logs:
-      r = train.train_and_evaluate(c, wd)
-    self.assertTrue(np.isfinite(r["eval_loss"]))
-    self.assertTrue(any("step 7: loss nan" in m and "update skipped (1 so far)" in m
-                        for m in logs.output))
-    recs = {m["step"]: m for m in metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
-            if "skipped_steps" in m}
-    self.assertEqual([recs[s]["skipped_steps"] for s in (6, 7, 8)], [0, 1, 1])
-    ckpts = ocp.StandardCheckpointer()
-    before, after, next_ = (ckpts.restore(os.path.join(wd, "ckpt", str(s), "state"))
-                            for s in (6, 7, 8))
-    for part in ("adapter", "head", "opt"):
-      for b, a in zip(_leaves(before[part]), _leaves(after[part])):
-        np.testing.assert_array_equal(a, b)
-    self.assertEqual((int(before["step"]), int(after["step"])), (6, 7))
-    changed = [not np.array_equal(a, n) for a, n in zip(_leaves(after["adapter"]),
-                                                          _leaves(next_["adapter"]))]
-    self.assertTrue(any(changed))   # the step after trains again
+
+def test_truncated_array_file(ref_run):
+  def truncate(step_dir):
+    path = _largest_array_file(step_dir)
+    with open(path, "r+b") as f:
+      f.truncate(os.path.getsize(path) // 2)
+  _assert_resumes_from(ref_run, _damaged_copy(ref_run, truncate), 8, names="ckpt/12")
+
+
+def test_empty_manifest(ref_run):
+  def empty(step_dir):
+    open(os.path.join(step_dir, "state", "manifest.ocdbt"), "w").close()
+  _assert_resumes_from(ref_run, _damaged_copy(ref_run, empty), 8,
+                       names="ckpt/12/state/manifest.ocdbt: empty file")
+
+
+def test_garbled_manifest(ref_run):
+  def garble(step_dir):
+    path = os.path.join(step_dir, "state", "manifest.ocdbt")
+    with open(path, "wb") as f:
+      f.write(b"not a manifest" * 4)
+  _assert_resumes_from(ref_run, _damaged_copy(ref_run, garble), 8, names="ckpt/12")
+
+
+def test_emptied_iterator_state(ref_run):
+  def empty(step_dir):
+    open(os.path.join(step_dir, "data", "metadata"), "w").close()
+  _assert_resumes_from(ref_run, _damaged_copy(ref_run, empty), 8,
+                       names="ckpt/12/data/metadata: empty file")
+
+
+def test_iterator_state_not_json(ref_run):
+  def garble(step_dir):
+    with open(os.path.join(step_dir, "data", "metadata"), "w") as f:
+      f.write('{"last_seen_indices": {"0": 4')
+  _assert_resumes_from(ref_run, _damaged_copy(ref_run, garble), 8,
+                       names="ckpt/12/data/metadata: not JSON")
+
+
+def test_two_damaged_resumes_from_the_third(ref_run):
+  def empty(step_dir):
+    open(os.path.join(step_dir, "data", "metadata"), "w").close()
+  _assert_resumes_from(ref_run, _damaged_copy(ref_run, empty, (12, 8)), 4, damaged=(12, 8))
+
+
+def test_all_damaged_starts_afresh(ref_run):
+  def empty(step_dir):
+    open(os.path.join(step_dir, "data", "metadata"), "w").close()
+  logs = _assert_resumes_from(ref_run, _damaged_copy(ref_run, empty, (12, 8, 4)), 0,
+                              damaged=(12, 8, 4))
+  assert any("no intact checkpoint; starting at step 0" in m for m in logs)
+
+
+def test_stop_names_the_step_and_leaves_and_keeps_the_last_good_checkpoint():
+  wd = tempfile.mkdtemp()
+  with _nan_at(7), pytest.raises(
+      FloatingPointError,
+      match=r"loss is nan at step 7 \(gradient norm nan.*non-finite leaves after "
+            r"the update: \['adapter/dense_0/kernel/a', .*the newest checkpoint "
+            r"is step 4.*config\.nonfinite='skip'"):
+    train.train_and_evaluate(_ckpt_config(), wd)
+  assert os.listdir(os.path.join(wd, "ckpt")) == ["4"]
+  assert not os.path.exists(os.path.join(wd, ckpt_lib.LOCK_FILE))
+  # The kept checkpoint is good: the run resumes from it and ends as an unbroken run does.
+  r = train.train_and_evaluate(_ckpt_config(), wd)
+  ref = train.train_and_evaluate(_ckpt_config(), tempfile.mkdtemp())
+  assert r["resumed_from"] == 4
+  assert (r["accuracy"], r["eval_loss"]) == (ref["accuracy"], ref["eval_loss"])
+
+
+def test_skip_leaves_the_state_unchanged_and_counts():
+  wd = tempfile.mkdtemp()
+  c = _ckpt_config(nonfinite="skip", total_steps=8, ckpt_every=1, keep_ckpts=10, log_every=1)
+  with _nan_at(7), _warnings_logged() as logs:
+    r = train.train_and_evaluate(c, wd)
+  assert np.isfinite(r["eval_loss"])
+  assert any("step 7: loss nan" in m and "update skipped (1 so far)" in m for m in logs)
+  recs = {m["step"]: m for m in metrics_lib.read_jsonl(os.path.join(wd, "metrics.jsonl"))
+          if "skipped_steps" in m}
+  assert [recs[s]["skipped_steps"] for s in (6, 7, 8)] == [0, 1, 1]
+  ckpts = ocp.StandardCheckpointer()
+  before, after, next_ = (ckpts.restore(os.path.join(wd, "ckpt", str(s), "state"))
+                          for s in (6, 7, 8))
+  for part in ("adapter", "head", "opt"):
+    for b, a in zip(_leaves(before[part]), _leaves(after[part])):
+      np.testing.assert_array_equal(a, b)
+  assert (int(before["step"]), int(after["step"])) == (6, 7)
+  changed = [not np.array_equal(a, n) for a, n in zip(_leaves(after["adapter"]),
+                                                        _leaves(next_["adapter"]))]
+  assert any(changed)   # the step after trains again
 
 
 def _leaves(tree):
   import jax  # pylint: disable=g-import-not-at-top
   return [np.asarray(x) for x in jax.tree.leaves(tree)]
 
-
-if __name__ == "__main__":
-  absltest.main()
