@@ -1,8 +1,6 @@
 """Reliability of checkpoints: a damaged latest checkpoint is skipped (the run resumes from the
 newest intact one, bitwise as if nothing had happened), and a NaN/Inf loss stops the run keeping
 the last good checkpoint or skips the update."""
-import contextlib
-import logging
 import os
 import shutil
 import sys
@@ -16,6 +14,7 @@ import pytest
 from lowrank_jax import checkpoint as ckpt_lib
 from lowrank_jax import metrics as metrics_lib
 from lowrank_jax import train
+from tests.reliability.logs import warnings_logged
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from train_test import _config  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -60,29 +59,6 @@ def _nan_at(bad: int):
                            side_effect=lambda *a, **k: _NanBatchAt(real(*a, **k), bad))
 
 
-@contextlib.contextmanager
-def _warnings_logged():
-  """Like `assertLogs(level="WARNING")`: the WARNING+ records on the root logger, as
-  "LEVEL:logger:message" lines; fails if there were none."""
-  lines = []
-
-  class _Collect(logging.Handler):
-    def emit(self, record):
-      lines.append(f"{record.levelname}:{record.name}:{record.getMessage()}")
-
-  root = logging.getLogger()
-  handler = _Collect(logging.WARNING)
-  old_level = root.level
-  root.addHandler(handler)
-  root.setLevel(logging.WARNING)
-  try:
-    yield lines
-  finally:
-    root.removeHandler(handler)
-    root.setLevel(old_level)
-  assert lines, "no logs of level WARNING or higher triggered on root"
-
-
 @pytest.fixture(scope="module")
 def ref_run():
   ref_dir = tempfile.mkdtemp()
@@ -102,7 +78,7 @@ def _damaged_copy(ref_run, damage, steps=(12,)) -> str:
 
 def _assert_resumes_from(ref_run, wd: str, start: int, damaged=(12,), names=""):
   _, ref = ref_run
-  with _warnings_logged() as logs:
+  with warnings_logged() as logs:
     r = train.train_and_evaluate(_ckpt_config(), wd)
   assert r["resumed_from"] == start
   assert (r["accuracy"], r["eval_loss"]) == (ref["accuracy"], ref["eval_loss"])
@@ -188,7 +164,7 @@ def test_stop_names_the_step_and_leaves_and_keeps_the_last_good_checkpoint():
 def test_skip_leaves_the_state_unchanged_and_counts():
   wd = tempfile.mkdtemp()
   c = _ckpt_config(nonfinite="skip", total_steps=8, ckpt_every=1, keep_ckpts=10, log_every=1)
-  with _nan_at(7), _warnings_logged() as logs:
+  with _nan_at(7), warnings_logged() as logs:
     r = train.train_and_evaluate(c, wd)
   assert np.isfinite(r["eval_loss"])
   assert any("step 7: loss nan" in m and "update skipped (1 so far)" in m for m in logs)

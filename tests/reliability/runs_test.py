@@ -1,8 +1,6 @@
 """Reliability of a run: values that cannot be meant are refused up front, overwrite leaves a clean
 workdir, one run at a time per workdir, every file reported written is whole."""
-import contextlib
 import json
-import logging
 import os
 import subprocess
 import sys
@@ -16,6 +14,7 @@ from lowrank_jax import adapter_io
 from lowrank_jax import checkpoint as ckpt_lib
 from lowrank_jax import registry
 from lowrank_jax import train
+from tests.reliability.logs import warnings_logged
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(__file__)))
 from train_test import _config  # pylint: disable=g-import-not-at-top,wrong-import-position
@@ -26,29 +25,6 @@ def _dead_pid() -> int:
   p = subprocess.Popen([sys.executable, "-c", "pass"])
   p.wait()
   return p.pid
-
-
-@contextlib.contextmanager
-def _warnings_logged():
-  """Like `assertLogs(level="WARNING")`: the WARNING+ records on the root logger, as
-  "LEVEL:logger:message" lines; fails if there were none."""
-  lines = []
-
-  class _Collect(logging.Handler):
-    def emit(self, record):
-      lines.append(f"{record.levelname}:{record.name}:{record.getMessage()}")
-
-  root = logging.getLogger()
-  handler = _Collect(logging.WARNING)
-  old_level = root.level
-  root.addHandler(handler)
-  root.setLevel(logging.WARNING)
-  try:
-    yield lines
-  finally:
-    root.removeHandler(handler)
-    root.setLevel(old_level)
-  assert lines, "no logs of level WARNING or higher triggered on root"
 
 
 # Range: each bad value: one ValueError naming the field and its valid range, before any work.
@@ -134,7 +110,7 @@ def test_overwrite_leaves_a_clean_workdir_and_keeps_the_users_files():
       f.write("old")
   with open(os.path.join(wd, "notes.txt"), "w") as f:
     f.write("mine")
-  with _warnings_logged() as logs:
+  with warnings_logged() as logs:
     r = train.train_and_evaluate(_config(total_steps=6, eval_every=0, overwrite=True), wd)
   assert r["resumed_from"] == 0
   assert sorted(os.listdir(wd)) == sorted(
@@ -174,7 +150,7 @@ def _assert_stale_lock_recovered(content: str):
   wd = tempfile.mkdtemp()
   with open(os.path.join(wd, ckpt_lib.LOCK_FILE), "w") as f:
     f.write(content)
-  with _warnings_logged() as logs:
+  with warnings_logged() as logs:
     r = train.train_and_evaluate(_config(total_steps=2, eval_every=0), wd)
   assert r["steps"] == 2
   assert any("stale lock" in m and f"of pid {content or '?'} " in m for m in logs)
