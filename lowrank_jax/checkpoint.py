@@ -18,6 +18,7 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 from typing import Any, Iterator, Optional
 
@@ -48,11 +49,12 @@ def check_workdir_config(workdir: str, config_dict: dict, *, overwrite: bool = F
   Args:
     workdir: run directory (created if needed).
     config_dict: JSON-serializable config (`config.to_dict()`).
-    overwrite: if True and the stored config differs, what the old run wrote is deleted
-      (`clear_run`) and the run starts afresh.
+    overwrite: if True, what an earlier run wrote (of this or another config) is deleted
+      (`clear_run`) and the run starts afresh: overwrite means a clean workdir, never a resume.
 
   Returns:
-    True if a run of the same config was there already (so it may be resumed).
+    True if a run of the same config was there already (so it may be resumed); always False
+    with `overwrite`.
 
   Raises:
     ConfigMismatchError: the stored config differs and `overwrite` is False; the message lists the
@@ -64,14 +66,15 @@ def check_workdir_config(workdir: str, config_dict: dict, *, overwrite: bool = F
   if os.path.exists(path):
     with open(path) as f:
       old = json.load(f)
-    if _canonical(old) == _canonical(new):
-      return True
     diff = _diff(_canonical(old), _canonical(new))
+    if not diff and not overwrite:
+      return True
     if not overwrite:
       raise ConfigMismatchError(
           f"workdir {workdir} holds a run of a different config (differences: {diff[:8]}). Use "
           f"another --workdir, or pass --config.overwrite=True to delete that run and start anew.")
-    logging.warning("Overwriting the run in %s (config differs: %s)", workdir, diff[:8])
+    logging.warning("Overwriting the run in %s (%s)", workdir,
+                    f"config differs: {diff[:8]}" if diff else "same config")
     clear_run(workdir)
   with open(path, "w") as f:
     json.dump(new, f, indent=2, sort_keys=True)
@@ -148,11 +151,48 @@ def workdir_lock(workdir: str) -> Iterator[str]:
           os.remove(path)
   finally:
     os.remove(mine)
+  remove_stale_temporaries(workdir)
   try:
     yield path
   finally:
     if os.path.exists(path):
       os.remove(path)
+
+
+_TEMPORARY = re.compile(r"\.tmp(\d+)$")
+
+
+def remove_stale_temporaries(workdir: str) -> list[str]:
+  """Deletes the temporary files and directories (`<name>.tmp<pid>`, written whole, then renamed
+  into place) that a killed run left among what runs write (`RUN_DIRS`, `RUN_FILES`).
+
+  Called with the workdir lock held, so no live run of this workdir is writing them; the lock
+  holder's own pid counts as dead here (it has not written anything yet). Logs and returns the
+  removed paths, relative to `workdir`.
+  """
+  run_names = RUN_DIRS + RUN_FILES
+  candidates = [n for n in os.listdir(workdir) if _TEMPORARY.sub("", n) in run_names]
+  for d in RUN_DIRS:
+    if os.path.isdir(os.path.join(workdir, d)) and not os.path.islink(os.path.join(workdir, d)):
+      for root, dirs, files in os.walk(os.path.join(workdir, d)):
+        rel = os.path.relpath(root, workdir)
+        candidates += [os.path.join(rel, n) for n in dirs + files if _TEMPORARY.search(n)]
+  removed = []
+  for rel in candidates:
+    m = _TEMPORARY.search(rel)
+    if not m or (int(m.group(1)) != os.getpid() and _pid_alive(int(m.group(1)))):
+      continue
+    p = os.path.join(workdir, rel)
+    if not os.path.lexists(p):   # inside a temporary directory removed before
+      continue
+    if os.path.isdir(p) and not os.path.islink(p):
+      shutil.rmtree(p)
+    else:
+      os.remove(p)
+    removed.append(rel)
+  if removed:
+    logging.warning("Removed temporary files a killed run left in %s: %s", workdir, removed)
+  return removed
 
 
 def _diff(a: Any, b: Any, prefix: str = "") -> list[str]:

@@ -125,6 +125,42 @@ def test_overwrite_leaves_a_clean_workdir_and_keeps_the_users_files():
   assert "notes.txt" not in removed[0]
 
 
+def test_overwrite_of_the_same_config_starts_anew():
+  wd = tempfile.mkdtemp()
+  train.train_and_evaluate(_config(total_steps=4, eval_every=0), wd)
+  with warnings_logged() as logs:
+    r = train.train_and_evaluate(_config(total_steps=4, eval_every=0, overwrite=True), wd)
+  assert r["resumed_from"] == 0   # trained again, not reported as finished nor resumed
+  assert any("Overwriting the run in" in m and "same config" in m for m in logs), logs
+  assert sorted(os.listdir(os.path.join(wd, "ckpt"))) == ["4"]
+
+
+def test_temporaries_of_a_killed_run_are_removed_and_others_kept():
+  wd = tempfile.mkdtemp()
+  dead, alive = _dead_pid(), os.getppid()
+  made = {f"results.json.tmp{dead}": "file", f"hf.tmp{dead}": "dir",
+          f"adapter/adapter.safetensors.tmp{dead}": "file",
+          f"adapter/adapter_config.json.tmp{alive}": "file",   # a live writer's: kept
+          f"notes.tmp{dead}": "file",                           # not a run file: kept
+          "adapter/adapter.safetensors": "file"}
+  for rel, kind in made.items():
+    p = os.path.join(wd, rel)
+    os.makedirs(os.path.dirname(p), exist_ok=True)
+    if kind == "dir":
+      os.makedirs(os.path.join(p, "sub"))
+    else:
+      open(p, "w").close()
+  with warnings_logged() as logs, ckpt_lib.workdir_lock(wd):
+    pass
+  assert not os.path.exists(os.path.join(wd, f"results.json.tmp{dead}"))
+  assert not os.path.exists(os.path.join(wd, f"hf.tmp{dead}"))
+  assert not os.path.exists(os.path.join(wd, f"adapter/adapter.safetensors.tmp{dead}"))
+  for kept in (f"adapter/adapter_config.json.tmp{alive}", f"notes.tmp{dead}",
+               "adapter/adapter.safetensors"):
+    assert os.path.exists(os.path.join(wd, kept)), kept
+  assert len([m for m in logs if "Removed temporary files a killed run left" in m]) == 1
+
+
 def test_different_config_without_overwrite_is_refused():
   wd = tempfile.mkdtemp()
   train.train_and_evaluate(_config(total_steps=4, eval_every=0), wd)
