@@ -63,15 +63,15 @@ WEIGHTS = {
 }
 
 
-def covariance():
-  x = np.random.default_rng(5).normal(size=(64, D_IN))
+def covariance(d_in):
+  x = np.random.default_rng(5).normal(size=(64, d_in))
   return {PATH: jnp.asarray(x.T @ x / 64, jnp.float32)}
 
 
 def init_and_merge(method, rank, w, dtype):
   params = {"layer": {"kernel": jnp.asarray(w, dtype)}}
   ad = MAKERS[method](rank)
-  base, state = ad.init(jax.random.key(0), params, covariance())
+  base, state = ad.init(jax.random.key(0), params, covariance(w.shape[0]))
   merged = structured.merge(ad.apply(base, state))["layer"]["kernel"]
   return state, np.asarray(merged, np.float64)
 
