@@ -116,6 +116,18 @@ class Progress:
     self.t0 = None
     self.n0 = start
 
+  def note(self, what: str, step: int | None = None):
+    """Shows what the run is doing between steps (compiling, evaluating) on the bar's line, so
+    the terminal never looks stuck; a log line when stderr is not a terminal."""
+    if not self.enabled:
+      return
+    step = self.n0 if step is None else step
+    frac = step / max(self.total, 1)
+    bar = "#" * int(20 * frac) + "." * (20 - int(20 * frac))
+    line = f"{self.desc} [{bar}] {step}/{self.total} {what}..."
+    sys.stderr.write(f"\r{line}\033[K" if self.tty else line + "\n")
+    sys.stderr.flush()
+
   def update(self, step: int, loss: float | None = None):
     if not self.enabled:
       return
@@ -132,7 +144,7 @@ class Progress:
     line = (f"{self.desc} [{bar}] {step}/{self.total} loss={loss_s} "
             f"ex/s={rate * self.batch_size:.1f} ETA={_fmt_time(eta)}")
     if self.tty:
-      sys.stderr.write("\r" + line)
+      sys.stderr.write("\r" + line + "\033[K")
       if step >= self.total:
         sys.stderr.write("\n")
       sys.stderr.flush()

@@ -778,6 +778,8 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
   skipped = 0
   for step in range(start + 1, total + 1):
     batch = jax.device_put(next(data.train_iter), sharding)
+    if step == start + 1:
+      progress.note("compiling the train step", start)
     with jax.transfer_guard("disallow"):   # no hidden host<->device copies in the step
       state, m = train_step(state, base, batch)
     m = jax.device_get(m)
@@ -809,6 +811,7 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
       if ranks_writer is not None:
         ranks_writer.write(step, {"ranks": rank_fn(jax.device_get(steps.adapter_state(state)))})
     if eval_every and (step % eval_every == 0) and step != total:
+      progress.note("evaluating", step)
       writer.write(step, evaluate(state))
     if ckpt.maybe_save(step, state, data.train_iter.get_state()):
       logging.info("checkpoint at step %d", step)

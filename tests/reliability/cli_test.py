@@ -152,6 +152,14 @@ def test_third_party_info_goes_to_the_log_file(quiet_run):
   assert "eval accuracy" in out.stdout
 
 
+def test_progress_shows_the_compile_before_the_first_step(quiet_run):
+  _, out = quiet_run
+  lines = out.stderr.splitlines()
+  compiling = [i for i, l in enumerate(lines) if "0/2 compiling the train step..." in l]
+  first_step = [i for i, l in enumerate(lines) if " 2/2 loss=" in l]
+  assert compiling and first_step and compiling[0] < first_step[0], out.stderr[-2000:]
+
+
 def _finished_sweep(unfinished=()):
   """A sweep directory whose points lora and dora are finished (hand-written results.json); the
   `unfinished` methods are points that fail when run."""
