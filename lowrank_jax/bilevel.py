@@ -26,6 +26,7 @@ result).
 from __future__ import annotations
 
 import dataclasses
+import functools
 from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
@@ -35,6 +36,7 @@ import optax
 from optax.tree_utils import tree_norm
 
 from lowrank_jax.implicit import AdjointConfig, custom_root, linear_solve
+from lowrank_jax.implicit import relax
 
 PyTree = Any
 
@@ -313,6 +315,36 @@ def unconstrain(constraints, lam):
 # ----------------------------------------------------------------------------------------------
 
 
+class _NeumannStepLearner:
+  """Learns the Neumann step size of a sequence of adjoint solves online (`AdjointConfig`'s
+  ``neumann_alpha_grid``): Tsallis-INF over the grid, cost = iterations / maxiter.
+
+  A step size that misses the tolerance (it diverges, or converges too slowly) costs 1, and the
+  system is solved again by CG from the same warm start, so every outer step gets a hypergradient
+  of the configured accuracy; the reported iteration count includes both solves.
+  """
+
+  def __init__(self, config: AdjointConfig):
+    self.config, self.grid = config, config.neumann_alpha_grid
+    self.bandit = relax.tsallis_inf_init(len(self.grid))
+    self.key = jax.random.key(config.learner_seed)
+
+  def solve(self, ift_step: Callable[[AdjointConfig], tuple]) -> tuple[tuple, int, float]:
+    """Plays one step size: ``(ift_step's output, total iterations, the step size played)``."""
+    self.key, key = jax.random.split(self.key)
+    arm, probabilities = relax.tsallis_inf_sample(self.bandit, key)
+    alpha = float(self.grid[int(arm)])
+    played = self.config.replace(neumann_alpha=alpha, neumann_alpha_grid=None)
+    out = ift_step(played)
+    iterations = int(out[1].iterations)
+    cost = min(iterations / self.config.maxiter, 1.0) if bool(out[1].converged) else 1.0
+    self.bandit = relax.tsallis_inf_update(self.bandit, arm, cost, probabilities)
+    if not bool(out[1].converged):
+      out = ift_step(played.replace(method="cg"))
+      iterations += int(out[1].iterations)
+    return out, iterations, alpha
+
+
 class TuneResult(NamedTuple):
   """Output of `tune_hyperparameters`.
 
@@ -322,7 +354,8 @@ class TuneResult(NamedTuple):
       when ``final_inner_steps > 0``).
     history: dict of per-outer-step lists: ``outer_loss`` (at the inner solution before the
       step), ``hypergrad_norm`` (w.r.t. phi), ``adjoint_residual``, ``adjoint_iterations``,
-      ``inner_grad_norm``, ``hyperparams``.
+      ``inner_grad_norm``, ``hyperparams``; with ``config.neumann_alpha_grid``, also
+      ``adjoint_alpha`` (the step size played).
     final_outer_loss: ``L_V`` at the returned params and hyperparameters.
   """
   hyperparams: PyTree
@@ -420,11 +453,11 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
   def final_train(state, phi_, args):
     return run_inner(state, constrain(constraints, phi_), args, final_inner_steps)
 
-  @jax.jit
-  def ift_step(p, phi_, u0, iargs, oargs):
+  @functools.partial(jax.jit, static_argnames="cfg")
+  def ift_step(p, phi_, u0, iargs, oargs, cfg):
     lam, vjp_c = jax.vjp(lambda z: constrain(constraints, z), phi_)
     g_lam, info = ift_hypergradient(inner_loss, outer_loss, p, lam, inner_args=iargs,
-                                    outer_args=oargs, config=config, u0=u0)
+                                    outer_args=oargs, config=cfg, u0=u0)
     (g_phi,) = vjp_c(g_lam)
     return g_phi, info, outer_loss(p, lam, *oargs)
 
@@ -450,6 +483,10 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
   u = None
   history = {k: [] for k in ("outer_loss", "hypergrad_norm", "adjoint_residual",
                              "adjoint_iterations", "inner_grad_norm", "hyperparams")}
+  step_size_learner = (_NeumannStepLearner(config) if config.neumann_alpha_grid is not None
+                       else None)
+  if step_size_learner is not None:
+    history["adjoint_alpha"] = []
   for t in range(outer_steps):
     if reset_inner_optimizer:
       state = (state[0], tx.init(state[0]))
@@ -461,10 +498,16 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
       u0 = u if warm_start else None
       if u0 is None:
         u0 = jax.tree.map(jnp.zeros_like, state[0])
-      g_phi, info, val = ift_step(state[0], phi, u0, inner_args, outer_args)
+      if step_size_learner is None:
+        g_phi, info, val = ift_step(state[0], phi, u0, inner_args, outer_args, cfg=config)
+        iterations = int(info.iterations)
+      else:
+        (g_phi, info, val), iterations, alpha = step_size_learner.solve(
+            lambda cfg: ift_step(state[0], phi, u0, inner_args, outer_args, cfg=cfg))
+        history["adjoint_alpha"].append(alpha)
       u = info.u
       history["adjoint_residual"].append(float(info.residual))
-      history["adjoint_iterations"].append(int(info.iterations))
+      history["adjoint_iterations"].append(iterations)
       history["inner_grad_norm"].append(float(info.inner_grad_norm))
     else:
       g_phi, state, val = unrolled_step(state, phi, inner_args, outer_args)

@@ -41,6 +41,14 @@ class AdjointConfig:
       the hypergradient; use it only to rescue singular systems (e.g. the exact zero Hessian
       eigenvalues of LoRA's ``BA = (BQ)(Q^{-1}A)`` gauge).
     neumann_alpha: step size of the Neumann series; needs ``0 < alpha < 2 / lambda_max``.
+    neumann_alpha_grid: candidate Neumann step sizes, learned online across a *sequence* of
+      adjoint solves (Khodak et al.'s Learning to Relax): `lowrank_jax.bilevel.tune_hyperparameters`
+      plays one ``alpha`` of the grid per outer step with the Tsallis-INF bandit, pays that
+      solve's iteration count divided by ``maxiter`` (a diverging or stalled ``alpha`` costs 1),
+      and shifts its probabilities to the cheapest step size; the tolerance is the same for every
+      arm, so the hypergradient accuracy is too. Needs ``method="neumann"``; a single solve
+      (`linear_solve`, `ift_hypergradient`) refuses it, as there is nothing to learn from one.
+    learner_seed: seed of the bandit's arm draws when ``neumann_alpha_grid`` is set.
     restart: Krylov dimension per GMRES cycle.
     warm_start: if True, the iterative solve starts from the right-hand side instead of zero
       (exact when the operator is the identity; the natural start for fixed points of
@@ -80,6 +88,8 @@ class AdjointConfig:
   forward_tol: float | None = None
   forward_atol: float = 0.0
   on_nonconvergence: str = "warn"
+  neumann_alpha_grid: tuple[float, ...] | None = None
+  learner_seed: int = 0
 
   def __post_init__(self):
     if self.method is not None and self.method not in METHODS:
@@ -100,6 +110,17 @@ class AdjointConfig:
       raise ValueError(f"AdjointConfig.ridge must be >= 0, got {self.ridge!r}")
     if not self.neumann_alpha > 0:
       raise ValueError(f"AdjointConfig.neumann_alpha must be > 0, got {self.neumann_alpha!r}")
+    if self.neumann_alpha_grid is not None:
+      grid = self.neumann_alpha_grid
+      if (not isinstance(grid, tuple) or len(grid) < 2
+          or not all(isinstance(a, (int, float)) and a > 0 for a in grid)):
+        raise ValueError(f"AdjointConfig.neumann_alpha_grid must be a tuple of at least two "
+                         f"positive step sizes, got {grid!r}")
+      if self.method != "neumann":
+        raise ValueError(f"AdjointConfig.neumann_alpha_grid is learned for method='neumann'; "
+                         f"got method={self.method!r}")
+    if not isinstance(self.learner_seed, int):
+      raise ValueError(f"AdjointConfig.learner_seed must be an int, got {self.learner_seed!r}")
     if self.forward_tol is not None and not self.forward_tol >= 0:
       raise ValueError(
           f"AdjointConfig.forward_tol must be >= 0 or None, got {self.forward_tol!r}")

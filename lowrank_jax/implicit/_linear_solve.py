@@ -185,6 +185,10 @@ def linear_solve(matvec: Callable[[PyTree], PyTree], b: PyTree, x0: PyTree | Non
   if method is not None:
     config = config.replace(method=method)
   config = config.resolve(symmetric)
+  if config.neumann_alpha_grid is not None:
+    raise ValueError("linear_solve: AdjointConfig.neumann_alpha_grid is learned across a "
+                     "sequence of solves (bilevel.tune_hyperparameters); for one solve set "
+                     "neumann_alpha instead")
   flat_b, unravel = ravel_pytree(b)
   if flat_b.size == 0:
     z = jnp.zeros((), flat_b.dtype)

@@ -154,3 +154,48 @@ def test_corda_damping_and_mix_hypergradient_through_the_frozen_residual():
   lam = res.hyperparams
   assert float(lam["damping"]) > 0 and 0 < float(lam["mix"]) < 1
   assert res.history["outer_loss"][-1] < res.history["outer_loss"][0]
+
+
+def test_learned_neumann_step_size_keeps_the_hypergradient_accuracy():
+  x, y, xv, yv = ridge_data(seed=2, n=40, d=12)
+  lam0 = jnp.full((12,), 0.3)
+  lmax = float(np.linalg.eigvalsh(np.asarray(x.T @ x / 40) + 0.3 * np.eye(12)).max())
+  grid = tuple(c / lmax for c in (0.5, 1.0, 2.5))   # 2.5 / lambda_max diverges
+  solver = jax.jit(lambda w, lam, x_, y_: _exact(lam, x_, y_))
+  tol = 1e-8
+
+  def tune(config):
+    return bilevel.tune_hyperparameters(
+        inner_loss, outer_loss, jnp.zeros(12), lam0, outer_optimizer=optax.adam(0.05),
+        outer_steps=30, inner_solver=solver, constraints=bilevel.interval(0.05, 2.0),
+        inner_args=(x, y), outer_args=(xv, yv), config=config)
+
+  cg = tune(AdjointConfig(method="cg", tol=tol, maxiter=3000, on_nonconvergence="ignore"))
+  learned = tune(AdjointConfig(method="neumann", tol=tol, maxiter=3000, neumann_alpha_grid=grid,
+                               on_nonconvergence="ignore"))
+  played = learned.history["adjoint_alpha"]
+  assert len(played) == 30 and set(played) <= set(grid) and len(set(played)) > 1
+  # Every outer step meets the tolerance (a diverging step size is re-solved by CG), so the
+  # hyperparameter trajectory is CG's.
+  assert max(learned.history["adjoint_residual"]) <= tol
+  np.testing.assert_allclose(learned.hyperparams, cg.hyperparams, atol=1e-6)
+  # A diverging step size runs until its residual overflows, then CG solves: its steps cost more
+  # than any converging one, and they count in the reported iterations.
+  counts = learned.history["adjoint_iterations"]
+  diverged = [n for a, n in zip(played, counts) if a == grid[2]]
+  converged = [n for a, n in zip(played, counts) if a != grid[2]]
+  assert diverged and min(diverged) > max(converged), counts
+
+
+def test_neumann_step_size_grid_is_checked():
+  with pytest.raises(ValueError, match="neumann_alpha_grid is learned for method='neumann'"):
+    AdjointConfig(method="cg", neumann_alpha_grid=(0.1, 0.2))
+  with pytest.raises(ValueError, match="at least two positive step sizes"):
+    AdjointConfig(method="neumann", neumann_alpha_grid=(0.1, -0.2))
+  with pytest.raises(ValueError, match="at least two positive step sizes"):
+    AdjointConfig(method="neumann", neumann_alpha_grid=[0.1, 0.2])
+  cfg = AdjointConfig(method="neumann", neumann_alpha_grid=(0.1, 0.2))
+  with pytest.raises(ValueError, match="learned across a sequence of solves"):
+    bilevel.ift_hypergradient(inner_loss, outer_loss, jnp.zeros(3), 0.1,
+                              inner_args=(jnp.ones((4, 3)), jnp.ones(4)),
+                              outer_args=(jnp.ones((4, 3)), jnp.ones(4)), config=cfg)
