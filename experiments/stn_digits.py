@@ -173,15 +173,18 @@ def main():
     plot_schedule(history, args.plot)
 
 
-def plot_schedule(history, path):
+def plot_schedule(history, path, names=None, scale=None):
+  """Plots each column of `history` (cycles, h) times `scale` (h,), labelled by `names`."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  names = names or [h.name for h in HYPERPARAMETERS]
+  history = np.asarray(history) * (1.0 if scale is None else np.asarray(scale))
   fig, ax = plt.subplots(figsize=(6, 3.5))
-  for i, h in enumerate(HYPERPARAMETERS):
-    ax.plot(history[:, i], label=h.name)
+  for i, name in enumerate(names):
+    ax.plot(history[:, i], label=name)
   ax.set_xlabel("STN cycle")
-  ax.set_ylabel("hyperparameter value")
+  ax.set_ylabel("hyperparameter value" if scale is None else "value / range")
   ax.legend()
   fig.tight_layout()
   fig.savefig(path, dpi=120)
