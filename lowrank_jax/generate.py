@@ -26,6 +26,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import multi
 from lowrank_jax.models import llama
 
 
