@@ -128,8 +128,9 @@ def test_mixed_batch_equals_each_example_run_with_its_adapter(impl, per_token, d
 # ---------------------------------------------------------------------------------------------
 
 CFG = llama.LlamaConfig.preset("tiny")
-LLAMA_ADAPTER = lj.lora(rank=4, alpha=8.0,
-                        targets=r"embed/embedding|lm_head/kernel|.*/(q_proj|v_proj|gate_proj)/kernel")
+LLAMA_ADAPTER = lj.lora(
+    rank=4, alpha=8.0,
+    targets=r"embed/embedding|lm_head/kernel|.*/(q_proj|v_proj|gate_proj)/kernel")
 LLAMA_INDEX = np.array([1, 3, 0, 2, 1])
 
 
