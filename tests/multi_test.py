@@ -14,11 +14,11 @@ from lowrank_jax import multi
 from lowrank_jax import ops
 from lowrank_jax import testing
 from lowrank_jax.models import llama
-from tests.models.llama_cache_test import sharp_params
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
 
 K = 4
+CFG = llama.LlamaConfig.preset("tiny")
 TOL = dict(rtol=1e-6, atol=1e-6)
 # float32 gradients: both sides sum rounded products in different orders (measured up to 1.8e-6 of
 # the gradient's scale); the float64 case shows the two agree to 1e-12.
@@ -33,10 +33,32 @@ def assert_scaled_close(got, want, tol: float):
   assert err <= tol * scale, f"max abs error {err:.3g} > {tol} x scale {scale:.3g}"
 
 
+def _random_like(tree, seed: int, scale: float = 1.0):
+  """Arrays of `tree`'s shapes and dtypes drawn in numpy (no compilation): normal, std `scale`
+  over √(leading dim) for kernels and embeddings, `scale` otherwise; ones for norm scales."""
+  rng = np.random.default_rng(seed)
+
+  def draw(path, x):
+    name = jax.tree_util.keystr(path[-1:])
+    if "scale" in name:
+      return jnp.ones(x.shape, x.dtype)
+    std = scale / np.sqrt(x.shape[0]) if "kernel" in name and len(x.shape) > 1 else scale
+    return jnp.asarray(std * rng.normal(size=x.shape), x.dtype)
+
+  return jax.tree_util.tree_map_with_path(draw, tree)
+
+
 def _states(adapter, params, k=K, scale=0.3):
-  """K states of `adapter` with distinct non-zero factors, and the base."""
-  base, state = adapter.init(jax.random.key(0), params)
-  return base, [testing.perturb(state, jax.random.key(10 + i), scale) for i in range(k)]
+  """The base and K states of `adapter` with distinct non-zero factors."""
+  base, spec = jax.eval_shape(lambda p: adapter.init(jax.random.key(0), p), params)
+  del base    # additive LoRA: the base is the params
+  return params, [_random_like(spec, seed=10 + i, scale=scale) for i in range(k)]
+
+
+def _llama_params(seed: int = 0):
+  """Random tiny-Llama params with kernels of std 1/√d_in (sharp enough for the adapters to
+  change what is generated)."""
+  return _random_like(jax.eval_shape(lambda key: llama.init(key, CFG), jax.random.key(0)), seed)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -44,10 +66,10 @@ def _states(adapter, params, k=K, scale=0.3):
 # ---------------------------------------------------------------------------------------------
 
 def _small_params():
-  ks = jax.random.split(jax.random.key(1), 3)
-  return {"emb": {"embedding": jax.random.normal(ks[0], (30, 6))},
-          "up": {"kernel": jax.random.normal(ks[1], (6, 10)) / 3},
-          "down": {"kernel": jax.random.normal(ks[2], (2, 5, 3)) / 3}}
+  rng = np.random.default_rng(1)
+  return {"emb": {"embedding": jnp.asarray(rng.normal(size=(30, 6)), jnp.float32)},
+          "up": {"kernel": jnp.asarray(rng.normal(size=(6, 10)) / 3, jnp.float32)},
+          "down": {"kernel": jnp.asarray(rng.normal(size=(2, 5, 3)) / 3, jnp.float32)}}
 
 
 def _small_model(params, ids):
@@ -58,8 +80,8 @@ def _small_model(params, ids):
 
 SMALL_ADAPTER = lj.lora(rank=2, alpha=3.0, use_rslora=True, targets=r".*(kernel|embedding)",
                         kernel_axes={"down/kernel": 2})
-IDS = jax.random.randint(jax.random.key(2), (5, 4), 0, 30)
-COTANGENT = jax.random.normal(jax.random.key(3), (5, 4, 3))
+IDS = np.random.default_rng(2).integers(0, 30, (5, 4))
+COTANGENT = np.random.default_rng(3).normal(size=(5, 4, 3)).astype(np.float32)
 
 
 def _reference(base, states, index, to_params, cotangent):
@@ -127,7 +149,6 @@ def test_mixed_batch_equals_each_example_run_with_its_adapter(impl, per_token, d
 # The tiny Llama decoder: forward, per-adapter gradients, generation.
 # ---------------------------------------------------------------------------------------------
 
-CFG = llama.LlamaConfig.preset("tiny")
 LLAMA_ADAPTER = lj.lora(
     rank=4, alpha=8.0,
     targets=r"embed/embedding|lm_head/kernel|.*/(q_proj|v_proj|gate_proj)/kernel")
@@ -135,9 +156,9 @@ LLAMA_INDEX = np.array([1, 3, 0, 2, 1])
 
 
 def test_llama_mixed_batch_forward_and_gradients_equal_separate_runs():
-  base, states = _states(LLAMA_ADAPTER, llama.init(jax.random.key(0), CFG), scale=0.1)
-  ids = jax.random.randint(jax.random.key(4), (5, 6), 0, CFG.vocab_size)
-  cot = jax.random.normal(jax.random.key(5), (5, 6, CFG.vocab_size))
+  base, states = _states(LLAMA_ADAPTER, _llama_params(), scale=0.1)
+  ids = np.random.default_rng(4).integers(0, CFG.vocab_size, (5, 6))
+  cot = np.random.default_rng(5).normal(size=(5, 6, CFG.vocab_size)).astype(np.float32)
 
   def mixed(trainable):
     p = multi.apply(LLAMA_ADAPTER, base, lj.AdapterState(trainable, {}))
@@ -160,7 +181,7 @@ def test_llama_mixed_batch_forward_and_gradients_equal_separate_runs():
 
 
 def test_generate_with_an_adapter_per_prompt_equals_separate_greedy_generations():
-  base, states = _states(LLAMA_ADAPTER, sharp_params(), scale=0.1)
+  base, states = _states(LLAMA_ADAPTER, _llama_params(), scale=0.1)
   prompts = np.array([[11, 42, 7, 99, 3], [0, 0, 250, 18, 64], [5, 6, 120, 33, 0],
                       [9, 8, 7, 6, 5], [1, 2, 3, 4, 0]])
   mask = (np.arange(5)[None] >= np.array([0, 2, 0, 0, 0])[:, None]) & (
@@ -218,7 +239,7 @@ def test_bad_inputs_raise_one_clear_error():
     multi.apply(krona, kbase, multi.stack(kstates))
 
   # Generation: one adapter per prompt.
-  lbase, lstates = _states(LLAMA_ADAPTER, llama.init(jax.random.key(0), CFG), k=2)
+  lbase, lstates = _states(LLAMA_ADAPTER, _llama_params(), k=2)
   lp = multi.apply(LLAMA_ADAPTER, lbase, multi.stack(lstates))
   with pytest.raises(ValueError, match=r"one entry per prompt, shape \(2,\), got \(3,\)"):
     gen.generate(lp, CFG, np.ones((2, 3), np.int32), 2, adapter_index=[0, 1, 0])
