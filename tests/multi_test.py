@@ -3,12 +3,17 @@ example run with its own adapter alone, forward and per-adapter gradients (float
 single-adapter runs to 1e-6, float64 against the adapter merged into a dense weight to 1e-12), on
 a small model with a wide, a tall, a 3-D kernel and an embedding, and on the tiny Llama decoder;
 generation with a different adapter per prompt against separate greedy generations; bad inputs."""
+import contextlib
+import io
+import json
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import lowrank_jax as lj
+from experiments import bench_multi
 from lowrank_jax import generate as gen
 from lowrank_jax import multi
 from lowrank_jax import ops
@@ -245,3 +250,15 @@ def test_bad_inputs_raise_one_clear_error():
     gen.generate(lp, CFG, np.ones((2, 3), np.int32), 2, adapter_index=[0, 1, 0])
   with pytest.raises(ValueError, match=r"values \[5\] are out of range; valid: 0..1"):
     gen.generate(lp, CFG, np.ones((2, 3), np.int32), 2, adapter_index=[0, 5])
+
+
+def test_benchmark_smoke_run_prints_a_row_per_mode():
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    bench_multi.main(["--preset", "tiny", "--batch", "4", "--seq", "4", "--rank", "2",
+                      "--rounds", "1", "--steps", "1", "--kinds", "forward"])
+  rows = [json.loads(line) for line in out.getvalue().splitlines()]
+  assert rows[0]["k"] == 4
+  assert [r["mode"] for r in rows[1:]] == ["single_forward", "mixed_onehot_forward",
+                                           "mixed_gather_forward"]
+  assert rows[1]["ratio_to_single"] == 1.0 and all(r["ms"] > 0 for r in rows[1:])
