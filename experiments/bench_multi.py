@@ -11,8 +11,9 @@ jitted call on the same token batch:
 
 A step is the loss (next-token cross-entropy) and its gradient with respect to the adapter state
 (the K-stack for the mixed modes); a forward is the logits. Modes are timed round-robin in one
-process and reported as medians and as per-round paired ratios to the single-adapter mode of the
-same kind (`experiments.bench.paired_ratios`). Printed lines are JSON.
+process and reported as medians (wall and process CPU time, the steadier one on a shared machine)
+and as per-round paired ratios to the single-adapter mode of the same kind
+(`experiments.bench.paired_ratios`). Printed lines are JSON.
 """
 from __future__ import annotations
 
@@ -116,6 +117,8 @@ def main(argv=None):
                         "ratio_to_single": round(ms / (1e3 * float(np.median(wall[ref]))), 3),
                         **bench.paired_fields(paired[name]),
                         "cpu_ms": round(1e3 * float(np.median(cpu[name])), 2),
+                        "cpu_ratio_to_single": round(float(np.median(cpu[name]))
+                                                     / float(np.median(cpu[ref])), 3),
                         "warmup_s": round(warmup[name], 1)}))
 
 

@@ -9,8 +9,7 @@ pad prompts to one length (with `prompt_mask`) to reuse it across prompt lengths
 structured (adapted) weights, which run factored, or dense ones.
 
 >>> import jax, jax.numpy as jnp
->>> from lowrank_jax import multi
-from lowrank_jax.models import llama
+>>> from lowrank_jax.models import llama
 >>> cfg = llama.LlamaConfig.preset("tiny")
 >>> params = llama.init(jax.random.key(0), cfg)
 >>> ids, lengths = generate(params, cfg, jnp.array([[5, 6, 7]]), 4)
