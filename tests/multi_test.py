@@ -150,6 +150,28 @@ def test_mixed_batch_equals_each_example_run_with_its_adapter(impl, per_token, d
     assert (6, 10) not in shapes and (10, 6) not in shapes
 
 
+@pytest.mark.parametrize("method", ["sorsa", "chain"])
+def test_vector_diagonal_and_chained_adapters_run_per_example(method):
+  """SORSA's weight has a trainable diagonal (d of shape (K, r)); `chain(lora, lora)` nests two
+  per-example weights on one kernel."""
+  params = _small_params()
+  targets = r"(up|down)/kernel"
+  if method == "sorsa":
+    adapter = lj.sorsa(rank=2, targets=targets, kernel_axes={"down/kernel": 2})
+  else:
+    adapter = lj.chain(*[lj.lora(rank=r, targets=targets, kernel_axes={"down/kernel": 2})
+                         for r in (1, 2)])
+  base_spec, state_spec = jax.eval_shape(lambda p: adapter.init(jax.random.key(0), p), params)
+  base = _random_like(base_spec, seed=0) if method == "sorsa" else params
+  states = [_random_like(state_spec, seed=10 + i) for i in range(K)]
+  index = np.array([3, 1, 0, 2, -1])
+  out = jax.jit(lambda stacked: _small_model(multi.apply(adapter, base, stacked, index), IDS))(
+      multi.stack(states))
+  for k in range(-1, K):
+    p = base if k < 0 else adapter.apply(base, states[k])
+    np.testing.assert_allclose(out[index == k], _small_model(p, IDS)[index == k], **TOL)
+
+
 # ---------------------------------------------------------------------------------------------
 # The tiny Llama decoder: forward, per-adapter gradients, generation.
 # ---------------------------------------------------------------------------------------------
