@@ -60,8 +60,8 @@ class PerExample(structured.Structured):
   `x @ [A_0 … A_{K-1}]` (one matmul with K·r columns), zeroes the blocks of the other adapters
   and multiplies by the stacked B (two plain matmuls, K times the branch's flops). On CPU, a
   training step of the small Llama preset with LoRA r8 on every linear layer and K = 4 took
-  0.99x the CPU time of a one-adapter step with "gather", 1.44x with "onehot"
-  (`python -m experiments.bench_multi`). Embedding lookups
+  0.99x and 1.08x (two runs) the CPU time of a one-adapter step with "gather", 1.44x with
+  "onehot" (`python -m experiments.bench_multi`). Embedding lookups
   (`embed`) take each token's row of every A_k and mix them one-hot, whatever `impl`.
   """
   base: Any
