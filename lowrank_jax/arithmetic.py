@@ -37,7 +37,7 @@ from __future__ import annotations
 
 import math
 import numbers
-from typing import Any, NamedTuple, Sequence
+from typing import NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp

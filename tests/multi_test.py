@@ -17,7 +17,6 @@ from experiments import bench_multi
 from lowrank_jax import generate as gen
 from lowrank_jax import multi
 from lowrank_jax import ops
-from lowrank_jax import testing
 from lowrank_jax.models import llama
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
