@@ -109,10 +109,10 @@ class PerExample(structured.Structured):
     on every block for an index outside [-1, K)."""
     k, r = self.a.shape[0], self.a.shape[-1]
     d = jnp.broadcast_to(jnp.asarray(self.d, dtype).reshape(k, -1), (k, r))
-    valid = (index >= -1) & (index < k)
-    onehot = jax.nn.one_hot(index, k, dtype=dtype) * jnp.where(valid, 1, jnp.nan).astype(dtype)[
-        ..., None]
-    return (onehot[..., None] * d).reshape(index.shape + (k * r,))
+    # NaN is added, not multiplied: XLA rewrites one_hot·x as a select, which drops a NaN factor.
+    nan_if_invalid = jnp.where((index >= -1) & (index < k), 0, jnp.nan).astype(dtype)
+    mix = jax.nn.one_hot(index, k, dtype=dtype)[..., None] * d + nan_if_invalid[..., None, None]
+    return mix.reshape(index.shape + (k * r,))
 
   def matmul(self, x, in_ndim: int = 1):
     k, r = self.a.shape[0], self.a.shape[-1]

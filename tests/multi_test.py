@@ -239,6 +239,10 @@ def test_bad_inputs_raise_one_clear_error():
     _small_model(p, IDS)
   with pytest.raises(ValueError, match=r"index of shape \(3,\) must match .* \(5, 4\)"):
     _small_model(multi.with_index(p, np.array([0, 1, 1])), IDS)
+  # Under jit the values are unknown: an out-of-range example gets NaN, never another's adapter.
+  traced = jax.jit(lambda index: _small_model(multi.with_index(p, index), IDS))(
+      jnp.array([0, 1, 2, -2, -1]))
+  assert np.isfinite(traced[np.array([0, 1, 4])]).all() and np.isnan(traced[2:4]).all()
   with pytest.raises(TypeError, match="no single dense value"):
     lj.merge(p)
   with pytest.raises(ValueError, match="no per-example adapters"):
