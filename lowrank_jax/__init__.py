@@ -38,7 +38,7 @@ from lowrank_jax.targeting import KernelAxes
 __version__ = "0.1.0"
 
 _LAZY = ("models", "data", "train", "steps", "tasks", "optim", "calibrate", "implicit", "bilevel",
-         "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics")
+         "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics", "multi", "arithmetic")
 
 
 def __getattr__(name):

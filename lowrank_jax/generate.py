@@ -25,6 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import multi
 from lowrank_jax.models import llama
 
 
@@ -153,7 +154,7 @@ def generate(params: dict, cfg: llama.LlamaConfig, prompt_ids, max_new_tokens: i
              temperature: float = 0.0, top_k: int | None = None, top_p: float | None = None,
              key: jax.Array | None = None, stop_tokens: Iterable[int] = (), pad_id: int = 0,
              prompt_mask=None, max_len: int | None = None,
-             cache_dtype=None) -> tuple[jax.Array, jax.Array]:
+             cache_dtype=None, adapter_index=None) -> tuple[jax.Array, jax.Array]:
   """Continues each prompt by up to `max_new_tokens` tokens, sampling from `llama.apply`.
 
   Greedy (argmax) when `temperature` is 0, else sampled from softmax(logits / temperature)
@@ -176,6 +177,9 @@ def generate(params: dict, cfg: llama.LlamaConfig, prompt_ids, max_new_tokens: i
     max_len: the cache length: the longest prompt + generated sequence; default
       T + max_new_tokens.
     cache_dtype: dtype of the cached keys/values; default the embedding table's dtype.
+    adapter_index: int (B,) adapter of each prompt (-1: none) when `params` hold a stack of
+      per-example adapters (`lowrank_jax.multi.apply`): one call generates with a different
+      adapter per prompt.
 
   Returns:
     (ids, lengths): int32 (B, max_new_tokens) generated ids, `pad_id` after each row's end, and
@@ -184,7 +188,7 @@ def generate(params: dict, cfg: llama.LlamaConfig, prompt_ids, max_new_tokens: i
   Raises:
     ValueError: malformed prompts or mask, token ids outside the vocabulary, max_new_tokens < 1, a
       prompt longer than the cache (`max_len`) or prompt + max_new_tokens beyond it, a bad
-      temperature/top_k/top_p, or no key when sampling.
+      temperature/top_k/top_p, no key when sampling, or a bad `adapter_index`.
   """
   vocab = cfg.vocab_size
   ids, mask = _check_prompt(prompt_ids, prompt_mask, vocab)
@@ -212,6 +216,11 @@ def generate(params: dict, cfg: llama.LlamaConfig, prompt_ids, max_new_tokens: i
     key = jax.random.key(0)     # unused: greedy decoding draws nothing
   elif not jax.dtypes.issubdtype(key.dtype, jax.dtypes.prng_key):
     key = jax.random.wrap_key_data(key)
+  if adapter_index is not None:
+    if np.shape(adapter_index) != (ids.shape[0],):
+      raise ValueError(f"generate: adapter_index must have one entry per prompt, shape "
+                       f"{(ids.shape[0],)}, got {np.shape(adapter_index)}")
+    params = multi.with_index(params, adapter_index)
   if cache_dtype is None:
     cache_dtype = params["embed"]["embedding"].dtype
   tokens, lengths = _generate_jit(

@@ -53,6 +53,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import multi
 from lowrank_jax import ops
 from lowrank_jax import structured
 from lowrank_jax.models import _layers as L
@@ -351,7 +352,8 @@ def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
 def apply(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
           positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
           attention_mask: jax.Array | None = None, cache: dict | None = None,
-          deterministic: bool = True, rng: jax.Array | None = None):
+          deterministic: bool = True, rng: jax.Array | None = None,
+          adapter_index: jax.Array | None = None):
   """Next-token logits (B, T, vocab) with causal attention; with `cache`, (logits, new cache).
 
   Token t attends token s iff s is not after t and both have the same segment id. Segment id 0
@@ -374,7 +376,11 @@ def apply(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
     cache: a KV cache from `init_cache` (or a previous call) to read and extend.
     deterministic: if False, applies residual dropout (`cfg.dropout_rate`) with `rng`.
     rng: dropout key.
+    adapter_index: int (B,) adapter of each example (-1: none) for params holding a stack of
+      per-example adapters (`lowrank_jax.multi.apply`).
   """
+  if adapter_index is not None:
+    params = multi.with_index(params, adapter_index)
   out = hidden_states(params, input_ids, cfg, positions=positions, segment_ids=segment_ids,
                       attention_mask=attention_mask, cache=cache, deterministic=deterministic,
                       rng=rng)
