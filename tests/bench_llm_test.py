@@ -70,3 +70,38 @@ def test_unknown_method_is_refused():
     bench_llm.parse_args(["--methods", "lora2"])
   assert "--methods: unknown ['lora2']" in err.getvalue()
 
+
+
+# Bytes of the adapted projections of the tiny model, stored bf16 (2 bytes per weight) or NF4
+# (half a byte per weight and one float32 absmax per block of 64 weights).
+N_PROJ = LAYERS * sum(i * o for i, o in PROJ_SIZES)
+NF4_SAVING = 2 * N_PROJ - (N_PROJ // 2 + 4 * N_PROJ // 64)
+
+
+def test_memory_plan_at_tiny_shapes():
+  """The plan's arithmetic, its fit flags, and the NF4 base's argument bytes below bf16's by
+  exactly what the format stores."""
+  rows = {r["base"]: r for r in _rows(
+      ["--plan", "--plan-presets", "tiny", "--plan-bases", "bf16,nf4", "--plan-remats",
+       "nothing_saveable", "--seq", str(SEQ), "--rank", str(RANK), "--plan-devices", "1e-6,80"])}
+  assert set(rows) == {"bf16", "nf4"}
+  for r in rows.values():
+    assert (r["preset"], r["remat"], r["batch"], r["seq"]) == ("tiny", "nothing_saveable", 1, SEQ)
+    assert r["total_bytes"] == (r["arguments_bytes"] + r["outputs_bytes"] - r["aliased_bytes"]
+                                + r["temporaries_bytes"])
+    assert r["fits_80gib"] and not r["fits_1e-06gib"]
+  assert rows["bf16"]["arguments_bytes"] - rows["nf4"]["arguments_bytes"] == NF4_SAVING
+
+
+def test_lora_on_nf4_trains_with_less_step_memory():
+  runs = {base: bench_llm.train_check("tiny", base, 6, 2, SEQ, RANK, 1e-2)
+          for base in ("bf16", "nf4")}
+  for r in runs.values():
+    assert r["last_loss"] < r["first_loss"] - 0.05, r
+  assert runs["nf4"]["total_bytes"] < runs["bf16"]["total_bytes"]
+
+
+def test_bad_plan_lists_are_refused():
+  with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+    bench_llm.parse_args(["--plan", "--plan-bases", "bf16,fp8"])
+  assert "--plan-bases: unknown ['fp8']" in err.getvalue()
