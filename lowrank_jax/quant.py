@@ -317,7 +317,7 @@ class NF4(Quantized):
     d_out = self.shape[1]
     packed = jax.lax.dynamic_slice_in_dim(self.packed, start // 2, rows // 2, axis=0)
     codes = jnp.stack([packed >> 4, packed & 0xF], axis=1).reshape(rows, d_out)
-    levels = jnp.take(jnp.asarray(NF4_LEVELS, jnp.float32), codes.astype(jnp.int32), axis=0)
+    levels = jnp.take(jnp.asarray(NF4_LEVELS, jnp.float32), codes, axis=0)
     absmax = jax.lax.dynamic_slice_in_dim(self.block_absmax(), start // self.block_size,
                                           rows // self.block_size, axis=0)
     blocks = levels.reshape(rows // self.block_size, self.block_size, d_out) * absmax[:, None, :]

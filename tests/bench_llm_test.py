@@ -79,8 +79,9 @@ NF4_SAVING = 2 * N_PROJ - (N_PROJ // 2 + 4 * N_PROJ // 64)
 
 
 def test_memory_plan_at_tiny_shapes():
-  """The plan's arithmetic, its fit flags, and the NF4 base's argument bytes below bf16's by
-  exactly what the format stores."""
+  """The plan's arithmetic and fit flags; the NF4 base's argument bytes are below bf16's by exactly
+  what the format stores, and its whole step by at least half of that (its dequantized kernels are
+  temporaries of one layer at a time)."""
   rows = {r["base"]: r for r in _rows(
       ["--plan", "--plan-presets", "tiny", "--plan-bases", "bf16,nf4", "--plan-remats",
        "nothing_saveable", "--seq", str(SEQ), "--rank", str(RANK), "--plan-devices", "1e-6,80"])}
@@ -91,14 +92,13 @@ def test_memory_plan_at_tiny_shapes():
                                 + r["temporaries_bytes"])
     assert r["fits_80gib"] and not r["fits_1e-06gib"]
   assert rows["bf16"]["arguments_bytes"] - rows["nf4"]["arguments_bytes"] == NF4_SAVING
+  assert rows["bf16"]["total_bytes"] - rows["nf4"]["total_bytes"] >= NF4_SAVING // 2
 
 
-def test_lora_on_nf4_trains_with_less_step_memory():
-  runs = {base: bench_llm.train_check("tiny", base, 6, 2, SEQ, RANK, 1e-2)
-          for base in ("bf16", "nf4")}
-  for r in runs.values():
-    assert r["last_loss"] < r["first_loss"] - 0.05, r
-  assert runs["nf4"]["total_bytes"] < runs["bf16"]["total_bytes"]
+def test_lora_on_nf4_trains(fast_compile):
+  r = bench_llm.train_check("tiny", "nf4", 5, 2, SEQ, RANK, 1e-2)
+  assert (r["base"], r["steps"]) == ("nf4", 5)
+  assert r["last_loss"] < r["first_loss"] - 0.05, r
 
 
 def test_bad_plan_lists_are_refused():

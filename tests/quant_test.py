@@ -6,11 +6,13 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 import pytest
 from scipy import special
 
 import lowrank_jax as lj
 from lowrank_jax import quant
+from lowrank_jax import steps
 from lowrank_jax.adapters.krona import krona
 
 # The 16 NF4 values as published with QLoRA (bitsandbytes' NF4 table); bitsandbytes took the
@@ -134,9 +136,9 @@ def test_int8_round_trip_within_half_step(shape, in_ndim):
   assert q.shape == shape and q.dtype == jnp.float32
 
 
-@pytest.mark.parametrize("fmt,tile_rows", [("int8", None), ("int8", 32), ("nf4", None),
-                                           ("nf4", 64)])
-@pytest.mark.parametrize("shape", [(128, 48), (64, 160)])
+@pytest.mark.parametrize("fmt,tile_rows,shape", [
+    ("int8", None, (128, 48)), ("int8", 32, (64, 160)), ("nf4", None, (64, 160)),
+    ("nf4", 64, (128, 48))])   # tall and wide, whole and tiled
 def test_matmul_and_input_grad_equal_dense_dequantized(fmt, tile_rows, shape):
   w = _weight(shape)
   q = quant.quantize({"k": jnp.asarray(w)}, fmt, "k", tile_rows=tile_rows)["k"]
@@ -224,6 +226,9 @@ def test_quantized_weights_are_frozen():
   with pytest.raises(ValueError, match=r"hold quantized weights \['head/kernel'\]"):
     quant.check_frozen({"head": {"kernel": q, "bias": jnp.zeros(8)}}, "head")
   quant.check_frozen({"head": {"kernel": jnp.ones((2, 2))}}, "head")
+  with pytest.raises(ValueError, match=r"the trained params hold quantized weights "
+                                       r"\['head/k'\]"):
+    steps.init_train_state(lj.AdapterState({}, {}), optax.sgd(0.1), head={"k": q})
 
 
 @pytest.mark.parametrize("kwargs,match", [
