@@ -42,8 +42,11 @@ device holds: arguments (base params, train state, batch), outputs, outputs alia
 train state, and temporaries. `total = arguments + outputs - aliased + temporaries`, compared with
 each `--plan-devices` size (GiB). One row per preset x base (bf16, or the projections quantized to
 int8 / NF4 with `lowrank_jax.quant`) x remat policy, on one device (no mesh). The figures are the
-compiling backend's: on CPU they are XLA:CPU's buffer assignment, not a GPU's (whose fusions and
-attention kernels differ).
+compiling backend's. The arguments are exact on any backend (params, adapter and optimizer state,
+batch); the temporaries are not portable: XLA:CPU's buffer assignment does not show the saving of
+`jax.checkpoint` (a frozen 8-layer chain of 8192 tokens reports 288 MiB of temporaries without
+remat and 296 MiB with it), so on CPU the temporaries of a long sequence hold every layer's
+attention scores and a fit verdict needs a GPU's compile (run this command there).
 
     python -m experiments.bench_llm --plan                          # 1.1B and 7B at seq 2048
     python -m experiments.bench_llm --plan --plan-train 30          # + a short NF4 vs bf16 run
@@ -227,7 +230,8 @@ def plan_row(preset: str, base: str, remat: str, batch: int, seq: int, rank: int
 def train_check(preset: str, base: str, num_steps: int, batch: int, seq: int, rank: int,
                 lr: float) -> dict:
   """LoRA on a `base` base fitted to one fixed random batch for `num_steps` steps (bf16 compute,
-  remat nothing_saveable): first and last loss, and the compiled step's memory."""
+  remat nothing_saveable, AdamW): first and last loss, the dtypes of the adapter and optimizer
+  state, and the compiled step's memory."""
   cfg = dataclasses.replace(llama.LlamaConfig.preset(preset), compute_dtype="bfloat16",
                             remat="nothing_saveable")
   _, base_params, train_state, step = lora_step(
@@ -238,9 +242,12 @@ def train_check(preset: str, base: str, num_steps: int, batch: int, seq: int, ra
   for _ in range(num_steps):
     train_state, metrics = compiled(train_state, base_params, data)
     losses.append(float(metrics["loss"]))
+  state_dtypes = {str(x.dtype) for x in jax.tree.leaves((train_state["adapter"],
+                                                         train_state["opt"]))}
   return {"plan_train": True, "preset": preset, "base": base, "steps": num_steps, "batch": batch,
           "seq": seq, "rank": rank, "lr": lr, "first_loss": round(losses[0], 4),
-          "last_loss": round(losses[-1], 4), **memory_fields(compiled)}
+          "last_loss": round(losses[-1], 4), "state_dtypes": sorted(state_dtypes),
+          **memory_fields(compiled)}
 
 
 def main_plan(args) -> None:

@@ -29,10 +29,13 @@ quantiles of `linspace(offset, 0.5, 9)[:-1]`, the 7 negative ones minus the quan
 [-1, 1].
 
 Product: `x @ w` computes in `result_type(x, w.dtype)` (the dtype the dense kernel had, changed by
-`astype`), dequantizing `tile_rows` input rows at a time (None: the whole kernel at once) and
-accumulating in float32. The backward is written by hand: the gradient of x recomputes the
-dequantized tiles from the codes, so autodiff never saves a dequantized kernel between the forward
-and the backward (which would hold every layer's dense kernel at once).
+`astype`), dequantizing `tile_rows` input rows at a time (None, the default: the whole kernel at
+once, one full-size matmul) and accumulating tiles in float32. The backward is written by hand: the
+gradient of x recomputes the dequantized tiles from the codes, so autodiff never saves a
+dequantized kernel between the forward and the backward (which would hold every layer's dense
+kernel at once). Tiling bounds the transient of one product: for a 4096 x 11008 bf16 kernel and
+2048 tokens, XLA:CPU's compiled forward + input gradient holds 301 MiB of temporaries with the whole
+kernel, 140 MiB with `tile_rows=1024`, 99 MiB with 256 (int8: 290, 137, 99 MiB).
 
 Frozen: a quantized weight has no gradient. Differentiating with respect to its scales raises a
 ValueError at trace time, and `check_frozen` refuses a trainable tree that holds one; train an
@@ -139,9 +142,9 @@ def _tiles(w: Quantized) -> tuple[int, int]:
 
 def _after(x: jax.Array, w: Quantized) -> tuple[jax.Array, Quantized]:
   """`(x, w)` through an optimization barrier: the dequantization of `w` then depends on `x`, so
-  XLA cannot hoist it ahead of the layer that needs it. Without it, XLA computes the dequantized
-  kernels of every layer early and keeps them all alive (a compiled LoRA step on an NF4 base then
-  holds more than the dense base)."""
+  XLA cannot hoist it ahead of the layer that needs it and keep the dequantized kernels of several
+  layers alive at once. (Measured on XLA:CPU, the compiled LoRA step of the tiny Llama on an NF4
+  base: 600 KB of temporaries without the barrier, 493 KB with it, as many as on a bf16 base.)"""
   return jax.lax.optimization_barrier((x, w))
 
 

@@ -96,9 +96,11 @@ def test_memory_plan_at_tiny_shapes():
 
 
 def test_lora_on_nf4_trains(fast_compile):
+  """fp32 LoRA and AdamW state on an NF4 base (bf16 compute, remat) fit a fixed batch."""
   r = bench_llm.train_check("tiny", "nf4", 5, 2, SEQ, RANK, 1e-2)
   assert (r["base"], r["steps"]) == ("nf4", 5)
   assert r["last_loss"] < r["first_loss"] - 0.05, r
+  assert r["state_dtypes"] == ["float32", "int32"]
 
 
 def test_bad_plan_lists_are_refused():
