@@ -69,5 +69,6 @@ def test_bad_precision_fields_are_refused():
     llama.LlamaConfig(remat="full")
   with pytest.raises(ValueError, match="LlamaConfig.compute_dtype='bf16' is not valid"):
     llama.LlamaConfig(compute_dtype="bf16")
-  with pytest.raises(ValueError, match=r"remat_layers=\(2,\): valid entries are layer indices 0..1"):
+  with pytest.raises(ValueError, match=r"remat_layers=\(2,\): valid entries are layer indices "
+                                       r"0..1"):
     llama.LlamaConfig(remat_layers=(2,))
