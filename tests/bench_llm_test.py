@@ -78,7 +78,7 @@ N_PROJ = LAYERS * sum(i * o for i, o in PROJ_SIZES)
 NF4_SAVING = 2 * N_PROJ - (N_PROJ // 2 + 4 * N_PROJ // 64)
 
 
-def test_memory_plan_at_tiny_shapes():
+def test_memory_plan_at_tiny_shapes(fast_compile):
   """The plan's arithmetic and fit flags; the NF4 base's argument bytes are below bf16's by exactly
   what the format stores, and its whole step by at least half of that (its dequantized kernels are
   temporaries of one layer at a time)."""
