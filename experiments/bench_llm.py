@@ -33,10 +33,32 @@ params_trainable, setup_s, loss, device), so that both can run in one command on
   mfu               the baseline's accounting: per token 6·N (full) or 4·N (frozen base) FLOPs,
                     N the params less the embedding, plus 6·layers·seq·hidden for attention,
                     against `--peak-tflops` (dense bf16 peak; meaningless on CPU).
+
+Memory plan (`--plan`), for shapes larger than the machine: nothing is allocated. The params, the
+adapter state and the train state are shapes only (`jax.eval_shape`), and the LoRA step
+(`steps.make_train_step`, AdamW, bf16 compute, fp32 adapter and optimizer state) is compiled ahead
+of time on them (`jit(step).lower(...).compile()`); its `memory_analysis()` gives the bytes one
+device holds: arguments (base params, train state, batch), outputs, outputs aliased to the donated
+train state, and temporaries. `total = arguments + outputs - aliased + temporaries`, compared with
+each `--plan-devices` size (GiB). One row per preset x base (bf16, or the projections quantized to
+int8 / NF4 with `lowrank_jax.quant`) x remat policy, on one device (no mesh). The figures are the
+compiling backend's. The arguments are exact on any backend (params, adapter and optimizer state,
+batch); the temporaries are not portable: XLA:CPU's buffer assignment does not show the saving of
+`jax.checkpoint` (a frozen 8-layer chain of 8192 tokens reports 288 MiB of temporaries without
+remat and 296 MiB with it), so on CPU the temporaries of a long sequence hold every layer's
+attention scores and a fit verdict needs a GPU's compile (run this command there).
+
+    python -m experiments.bench_llm --plan                          # 1.1B and 7B at seq 2048
+    python -m experiments.bench_llm --plan --plan-train 30          # + a short NF4 vs bf16 run
+
+`--plan-train N` also trains LoRA for N steps on one fixed random batch (the loss must fall as the
+adapter fits it) on `--plan-train-preset`, on a bf16 base and on an NF4 base, and prints the first
+and last loss and the compiled step memory of each.
 """
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import resource
 import time
@@ -49,6 +71,7 @@ import optax
 import lowrank_jax as lj
 from experiments import bench
 from lowrank_jax import calibrate
+from lowrank_jax import quant
 from lowrank_jax import registry
 from lowrank_jax import steps
 from lowrank_jax import tasks
@@ -61,6 +84,7 @@ DTYPES = {"f32": jnp.float32, "bf16": jnp.bfloat16}
 # default to the PEFT baseline's shape.
 DEFAULT_SHAPES = {"tiny": (4, 32)}
 BASELINE_SHAPE = (8, 1024)
+PLAN_SEQ = 2048
 CAUSAL_LM = tasks.get_task("causal_lm")
 GIB = 2 ** 30
 
@@ -142,6 +166,102 @@ def build_mode(name, params, cfg, rank, optimizer, batch, total_steps):
   return run, compiled, n_train, t1 - t0, time.perf_counter() - t1
 
 
+# ---------------------------------------------------------------------------------------------
+# Memory plan (--plan): AOT-compiled step memory on abstract shapes.
+# ---------------------------------------------------------------------------------------------
+
+PLAN_PRESETS = ("tinyllama_1_1b", "llama2_7b")
+PLAN_BASES = ("bf16", "int8", "nf4")
+PLAN_REMATS = ("none", "nothing_saveable")
+
+
+def memory_fields(compiled) -> dict:
+  """{arguments, outputs, aliased, temporaries, total}_{gib,bytes} of a compiled step (see the
+  module docstring)."""
+  mem = compiled.memory_analysis()
+  parts = {"arguments": mem.argument_size_in_bytes, "outputs": mem.output_size_in_bytes,
+           "aliased": mem.alias_size_in_bytes, "temporaries": mem.temp_size_in_bytes}
+  parts["total"] = (parts["arguments"] + parts["outputs"] - parts["aliased"]
+                    + parts["temporaries"])
+  return {**{f"{k}_gib": round(v / GIB, 3) for k, v in parts.items()},
+          **{f"{k}_bytes": v for k, v in parts.items()}}
+
+
+def lora_base(cfg: llama.LlamaConfig, base: str, *, tile_rows=None, key=None):
+  """bf16 params of `cfg` with the adapted projections quantized as `base` says ("bf16": none);
+  shapes only (`jax.eval_shape`) when `key` is None."""
+  def make(k):
+    params = llama.init(k, cfg, dtype=jnp.bfloat16)
+    if base == "bf16":
+      return params
+    return quant.quantize(params, base, TARGETS, tile_rows=tile_rows)
+  return jax.eval_shape(make, jax.random.key(0)) if key is None else jax.jit(make)(key)
+
+
+def lora_step(cfg: llama.LlamaConfig, params, rank: int, lr: float = 1e-4):
+  """(adapter, base, train state, jitted step) of LoRA r=`rank` (alpha 2r) on the projections."""
+  adapter = lj.lora(rank=rank, alpha=2.0 * rank, targets=TARGETS)
+  optimizer = optax.adamw(lr, weight_decay=0.01)
+  abstract = isinstance(jax.tree.leaves(params)[0], jax.ShapeDtypeStruct)
+  init = lambda p: adapter.init(jax.random.key(0), p)
+  base, state = jax.eval_shape(init, params) if abstract else init(params)
+  make_state = lambda s: steps.init_train_state(s, optimizer)
+  train_state = jax.eval_shape(make_state, state) if abstract else make_state(state)
+  return adapter, base, train_state, steps.make_train_step(adapter, lm_loss(cfg), optimizer)
+
+
+def plan_row(preset: str, base: str, remat: str, batch: int, seq: int, rank: int,
+             devices_gib, tile_rows=None) -> dict:
+  """One plan row: the compiled LoRA step's memory at `preset` shapes, nothing allocated."""
+  cfg = dataclasses.replace(llama.LlamaConfig.preset(preset), compute_dtype="bfloat16",
+                            remat=remat)
+  t0 = time.perf_counter()
+  _, base_params, train_state, step = lora_step(cfg, lora_base(cfg, base, tile_rows=tile_rows),
+                                                rank)
+  batch_spec = jax.eval_shape(lambda: random_batch(cfg, batch, seq))
+  compiled = step.lower(train_state, base_params, batch_spec).compile()
+  mem = memory_fields(compiled)
+  return {"plan": True, "preset": preset, "base": base, "remat": remat, "batch": batch,
+          "seq": seq, "rank": rank, "tile_rows": tile_rows, **mem,
+          **{f"fits_{g:g}gib": mem["total_gib"] <= g for g in devices_gib},
+          "backend": jax.default_backend(), "compile_s": round(time.perf_counter() - t0, 1)}
+
+
+def train_check(preset: str, base: str, num_steps: int, batch: int, seq: int, rank: int,
+                lr: float) -> dict:
+  """LoRA on a `base` base fitted to one fixed random batch for `num_steps` steps (bf16 compute,
+  remat nothing_saveable, AdamW): first and last loss, the dtypes of the adapter and optimizer
+  state, and the compiled step's memory."""
+  cfg = dataclasses.replace(llama.LlamaConfig.preset(preset), compute_dtype="bfloat16",
+                            remat="nothing_saveable")
+  _, base_params, train_state, step = lora_step(
+      cfg, lora_base(cfg, base, key=jax.random.key(0)), rank, lr)
+  data = random_batch(cfg, batch, seq)
+  compiled = step.lower(train_state, base_params, data).compile()
+  losses = []
+  for _ in range(num_steps):
+    train_state, metrics = compiled(train_state, base_params, data)
+    losses.append(float(metrics["loss"]))
+  state_dtypes = {str(x.dtype) for x in jax.tree.leaves((train_state["adapter"],
+                                                         train_state["opt"]))}
+  return {"plan_train": True, "preset": preset, "base": base, "steps": num_steps, "batch": batch,
+          "seq": seq, "rank": rank, "lr": lr, "first_loss": round(losses[0], 4),
+          "last_loss": round(losses[-1], 4), "state_dtypes": sorted(state_dtypes),
+          **memory_fields(compiled)}
+
+
+def main_plan(args) -> None:
+  for preset in args.plan_presets:
+    for base in args.plan_bases:
+      for remat in args.plan_remats:
+        print(json.dumps(plan_row(preset, base, remat, args.batch, args.seq, args.rank,
+                                  args.plan_devices, args.plan_tile_rows)), flush=True)
+  if args.plan_train:
+    for base in ("bf16", "nf4"):
+      print(json.dumps(train_check(args.plan_train_preset, base, args.plan_train, 4, 64,
+                                   args.rank, 1e-2)), flush=True)
+
+
 def parse_args(argv=None) -> argparse.Namespace:
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--preset", default="tiny", choices=sorted(llama.PRESETS))
@@ -156,7 +276,21 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
   ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device")
+  ap.add_argument("--plan", action="store_true",
+                  help="print the memory plan instead of timing (batch 1 x seq 2048 by default)")
+  ap.add_argument("--plan-presets", default=",".join(PLAN_PRESETS))
+  ap.add_argument("--plan-bases", default=",".join(PLAN_BASES))
+  ap.add_argument("--plan-remats", default=",".join(PLAN_REMATS))
+  ap.add_argument("--plan-devices", default="80,24", help="device sizes (GiB) to check against")
+  ap.add_argument("--plan-tile-rows", type=int, default=None,
+                  help="quantized bases: input rows dequantized at a time (default: all)")
+  ap.add_argument("--plan-train", type=int, default=0,
+                  help="also train LoRA this many steps on a bf16 and an NF4 base")
+  ap.add_argument("--plan-train-preset", default="tiny", choices=sorted(llama.PRESETS))
   args = ap.parse_args(argv)
+  if args.plan:
+    _parse_plan_args(ap, args)
+    return args
   default_batch, default_seq = DEFAULT_SHAPES.get(args.preset, BASELINE_SHAPE)
   args.batch = default_batch if args.batch is None else args.batch
   args.seq = default_seq if args.seq is None else args.seq
@@ -169,8 +303,28 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+def _parse_plan_args(ap: argparse.ArgumentParser, args: argparse.Namespace) -> None:
+  """Splits and checks the --plan-* lists (an unknown entry is an argparse error)."""
+  args.batch = 1 if args.batch is None else args.batch
+  args.seq = PLAN_SEQ if args.seq is None else args.seq
+  for flag, valid in (("presets", llama.PRESETS), ("bases", PLAN_BASES),
+                      ("remats", llama.REMAT_POLICIES)):
+    values = [v for v in getattr(args, f"plan_{flag}").split(",") if v]
+    unknown = [v for v in values if v not in valid]
+    if unknown or not values:
+      ap.error(f"--plan-{flag}: unknown {unknown}; valid: {sorted(valid)}")
+    setattr(args, f"plan_{flag}", values)
+  try:
+    args.plan_devices = [float(v) for v in args.plan_devices.split(",")]
+  except ValueError:
+    ap.error(f"--plan-devices: {args.plan_devices!r} is not a comma-separated list of GiB")
+
+
 def main(argv=None):
   args = parse_args(argv)
+  if args.plan:
+    main_plan(args)
+    return
   cfg = llama.LlamaConfig.preset(args.preset)
   params = llama.init(jax.random.key(0), cfg, dtype=DTYPES[args.dtype])
   params_total = lj.tree.tree_size(params)

@@ -16,6 +16,7 @@ Submodules loaded on first use: `models`, `data`, `train`, `steps`, `tasks`, `op
 import importlib as _importlib
 
 from lowrank_jax import ops
+from lowrank_jax import quant
 from lowrank_jax import targeting
 from lowrank_jax import tree
 from lowrank_jax.adapters.adalora import adalora

@@ -45,6 +45,7 @@ import jax.numpy as jnp
 import optax
 
 from lowrank_jax import base as base_lib
+from lowrank_jax import quant
 from lowrank_jax import structured
 from lowrank_jax import tree as tree_lib
 
@@ -66,8 +67,12 @@ def init_train_state(adapter_state: base_lib.AdapterState, optimizer: optax.Grad
     optimizer: the optimizer of the trainable tree `{"adapter": ..., "head": ...}`.
     head: params trained fully, as a nested partial tree of the params; None: none.
     rng: the loop key; None: deterministic steps.
+
+  Raises:
+    ValueError: the adapter state or the head holds a quantized weight (those are frozen).
   """
   head = {} if head is None else head
+  quant.check_frozen({"adapter": adapter_state.trainable, "head": head}, "the trained params")
   state = {"adapter": adapter_state.trainable, "frozen": adapter_state.frozen, "head": head,
            "opt": optimizer.init({"adapter": adapter_state.trainable, "head": head}),
            "step": jnp.zeros((), jnp.int32),

@@ -70,3 +70,40 @@ def test_unknown_method_is_refused():
     bench_llm.parse_args(["--methods", "lora2"])
   assert "--methods: unknown ['lora2']" in err.getvalue()
 
+
+
+# Bytes of the adapted projections of the tiny model, stored bf16 (2 bytes per weight) or NF4
+# (half a byte per weight and one float32 absmax per block of 64 weights).
+N_PROJ = LAYERS * sum(i * o for i, o in PROJ_SIZES)
+NF4_SAVING = 2 * N_PROJ - (N_PROJ // 2 + 4 * N_PROJ // 64)
+
+
+def test_memory_plan_at_tiny_shapes(fast_compile):
+  """The plan's arithmetic and fit flags; the NF4 base's argument bytes are below bf16's by exactly
+  what the format stores, and its whole step by at least half of that (its dequantized kernels are
+  temporaries of one layer at a time)."""
+  rows = {r["base"]: r for r in _rows(
+      ["--plan", "--plan-presets", "tiny", "--plan-bases", "bf16,nf4", "--plan-remats",
+       "nothing_saveable", "--seq", str(SEQ), "--rank", str(RANK), "--plan-devices", "1e-6,80"])}
+  assert set(rows) == {"bf16", "nf4"}
+  for r in rows.values():
+    assert (r["preset"], r["remat"], r["batch"], r["seq"]) == ("tiny", "nothing_saveable", 1, SEQ)
+    assert r["total_bytes"] == (r["arguments_bytes"] + r["outputs_bytes"] - r["aliased_bytes"]
+                                + r["temporaries_bytes"])
+    assert r["fits_80gib"] and not r["fits_1e-06gib"]
+  assert rows["bf16"]["arguments_bytes"] - rows["nf4"]["arguments_bytes"] == NF4_SAVING
+  assert rows["bf16"]["total_bytes"] - rows["nf4"]["total_bytes"] >= NF4_SAVING // 2
+
+
+def test_lora_on_nf4_trains(fast_compile):
+  """fp32 LoRA and AdamW state on an NF4 base (bf16 compute, remat) fit a fixed batch."""
+  r = bench_llm.train_check("tiny", "nf4", 5, 2, SEQ, RANK, 1e-2)
+  assert (r["base"], r["steps"]) == ("nf4", 5)
+  assert r["last_loss"] < r["first_loss"] - 0.05, r
+  assert r["state_dtypes"] == ["float32", "int32"]
+
+
+def test_bad_plan_lists_are_refused():
+  with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+    bench_llm.parse_args(["--plan", "--plan-bases", "bf16,fp8"])
+  assert "--plan-bases: unknown ['fp8']" in err.getvalue()

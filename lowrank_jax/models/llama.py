@@ -55,6 +55,7 @@ import numpy as np
 
 from lowrank_jax import multi
 from lowrank_jax import ops
+from lowrank_jax import quant
 from lowrank_jax import structured
 from lowrank_jax.models import _layers as L
 
@@ -98,6 +99,52 @@ class RopeScaling:
                        f"original_max_position_embeddings > 0, got {self}")
 
 
+# ---------------------------------------------------------------------------------------------
+# Precision and memory: compute dtype and per-layer rematerialization.
+# ---------------------------------------------------------------------------------------------
+
+REMAT_POLICIES = {
+    "none": None,
+    "nothing_saveable": jax.checkpoint_policies.nothing_saveable,
+    "dots_saveable": jax.checkpoint_policies.dots_saveable,
+    "dots_with_no_batch_dims_saveable": jax.checkpoint_policies.dots_with_no_batch_dims_saveable,
+}
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def _check_precision(cfg: LlamaConfig) -> None:
+  L.check_choice("LlamaConfig.remat", cfg.remat, REMAT_POLICIES)
+  if cfg.compute_dtype is not None:
+    L.check_choice("LlamaConfig.compute_dtype", cfg.compute_dtype, COMPUTE_DTYPES)
+  if cfg.remat_layers is not None:
+    layers = tuple(cfg.remat_layers)
+    if not all(isinstance(i, int) and 0 <= i < cfg.num_layers for i in layers):
+      raise ValueError(f"LlamaConfig.remat_layers={cfg.remat_layers!r}: valid entries are layer "
+                       f"indices 0..{cfg.num_layers - 1}")
+    object.__setattr__(cfg, "remat_layers", layers)
+
+
+def remat_applies(cfg: LlamaConfig, layer: int) -> bool:
+  return cfg.remat != "none" and (cfg.remat_layers is None or layer in cfg.remat_layers)
+
+
+def cast_to_compute(params: Any, cfg: LlamaConfig) -> Any:
+  """`params` with every float array in `cfg.compute_dtype` (quantized weights dequantize to it);
+  unchanged when it is None. Inside a step the casts of trainable params are differentiated, so
+  their gradients and optimizer state keep the params' own dtype."""
+  if cfg.compute_dtype is None:
+    return params
+  dtype = jnp.dtype(cfg.compute_dtype)
+
+  def cast(x):
+    if quant.is_quantized(x):
+      return x.astype(dtype)
+    if isinstance(x, (jax.Array, np.ndarray)) and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(cast, params, is_leaf=quant.is_quantized)
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
   """Llama-family decoder hyperparameters.
@@ -115,6 +162,15 @@ class LlamaConfig:
     mlp_bias: biases on gate/up/down projections (HF Llama `mlp_bias`).
     tie_word_embeddings: logits = hidden @ embedding.T; there is no `lm_head` param.
     rope_scaling: None, a `RopeScaling`, or a mapping of its fields (converted).
+    compute_dtype: the dtype of activations and products, e.g. "bfloat16"; the params keep their
+      own (param) dtype and are cast at use, quantized bases dequantize to it, so fp32 adapter
+      params and their optimizer state can train on a bf16 base. None computes in the params'
+      dtypes.
+    remat: rematerialization of each decoder layer in the backward (`jax.checkpoint` around the
+      layer; a run with a KV cache never remats): "none", "nothing_saveable" (save only the
+      layer's input), "dots_saveable" or "dots_with_no_batch_dims_saveable" (also save matmul
+      outputs, the latter only those without batch dims: projections, not attention scores).
+    remat_layers: the layers `remat` applies to; None: all.
   """
   vocab_size: int = 256
   hidden_size: int = 64
@@ -132,6 +188,10 @@ class LlamaConfig:
   mlp_bias: bool = False
   tie_word_embeddings: bool = False
   rope_scaling: RopeScaling | None = None
+  # Precision and memory (see `cast_to_compute` and `REMAT_POLICIES`).
+  compute_dtype: str | None = None
+  remat: str = "none"
+  remat_layers: tuple[int, ...] | None = None
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -153,6 +213,7 @@ class LlamaConfig:
     if not isinstance(self.rope_scaling, (RopeScaling, type(None))):
       raise TypeError(f"LlamaConfig.rope_scaling must be None, a RopeScaling or a mapping of its "
                       f"fields, got {type(self.rope_scaling).__name__}")
+    _check_precision(self)
 
   @property
   def dim_per_head(self) -> int:
@@ -275,6 +336,7 @@ def _mlp(p, x):
 
 def lm_logits(params: dict, h: jax.Array, cfg: LlamaConfig) -> jax.Array:
   """Logits from final hidden states: `lm_head`, or the embedding transposed when tied."""
+  params = cast_to_compute(params, cfg)
   if cfg.tie_word_embeddings:
     return ops.dense(h, ops.materialize(params["embed"]["embedding"]).T)
   return ops.dense(h, params["lm_head"]["kernel"])
@@ -306,6 +368,17 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) ->
           "index": jnp.zeros((), jnp.int32)}
 
 
+def decoder_layer(lp, x, positions, mask, cfg: LlamaConfig, kv, first_slot, i: int,
+                  deterministic: bool, rng):
+  """Layer `i`: pre-norm attention and SwiGLU MLP with residuals. Returns (x, updated kv)."""
+  h, kv = _attention(lp["attention"], L.rms_norm(lp["input_norm"], x, cfg.rms_norm_eps),
+                     positions, mask, cfg, kv, first_slot)
+  x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 0), deterministic)
+  h = _mlp(lp["mlp"], L.rms_norm(lp["post_attention_norm"], x, cfg.rms_norm_eps))
+  x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 1), deterministic)
+  return x, kv
+
+
 def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
                   positions: jax.Array | None = None, segment_ids: jax.Array | None = None,
                   attention_mask: jax.Array | None = None, cache: dict | None = None,
@@ -333,16 +406,16 @@ def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
     kv_slots = jnp.arange(kv_segments.shape[1])
   mask = _attention_mask(segments, kv_segments, q_slots, kv_slots)
   new_layers = {}
+  params = cast_to_compute(params, cfg)
   x = ops.embed(input_ids, params["embed"]["embedding"])
   for i in range(cfg.num_layers):
-    lp = params["layers"][f"layer_{i}"]
     kv = None if cache is None else cache["layers"][f"layer_{i}"]
-    h, kv = _attention(lp["attention"], L.rms_norm(lp["input_norm"], x, cfg.rms_norm_eps),
-                       positions, mask, cfg, kv, first_slot)
-    new_layers[f"layer_{i}"] = kv
-    x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 0), deterministic)
-    h = _mlp(lp["mlp"], L.rms_norm(lp["post_attention_norm"], x, cfg.rms_norm_eps))
-    x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 1), deterministic)
+    layer = decoder_layer
+    if cache is None and remat_applies(cfg, i):
+      layer = jax.checkpoint(decoder_layer, policy=REMAT_POLICIES[cfg.remat],
+                             static_argnums=(4, 7, 8))
+    x, new_layers[f"layer_{i}"] = layer(params["layers"][f"layer_{i}"], x, positions, mask, cfg,
+                                        kv, first_slot, i, deterministic, rng)
   h = L.rms_norm(params["final_norm"], x, cfg.rms_norm_eps)
   if cache is None:
     return h
