@@ -29,5 +29,5 @@ setup(
         "tqdm>=4.60",
         "tensorboardX>=2.6",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "sphinx>=8,<10", "myst-parser>=4,<6"]},
 )
