@@ -21,9 +21,6 @@ from ml_collections import config_flags
 
 from lowrank_jax import sensing
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/repro/matrix_sensing.py[:arg]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Output directory (CSV, JSON, PNG).")
 
 
 def _symmetric_runs(config, problem, key):
@@ -159,15 +156,18 @@ def plot(runs, config, path: str) -> None:
 
 def main(argv):
   del argv
-  if _WORKDIR.value is None:
-    raise app.UsageError("--workdir is required")
-  config = _CONFIG.value
+  config = flags.FLAGS.config
   result = run(config)
-  for path in write_outputs(_WORKDIR.value, config, result):
+  for path in write_outputs(flags.FLAGS.workdir, config, result):
     print("wrote", path)
   print(json.dumps(result["summary"], indent=1))
 
 
 if __name__ == "__main__":
-  flags.mark_flag_as_required("config")
+  # Flags are defined here, not at import, so that `run` can be imported (by the colab) next to
+  # other modules that define `--config`.
+  config_flags.DEFINE_config_file("config", None, "configs/repro/matrix_sensing.py[:arg]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (CSV, JSON, PNG).")
+  flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
