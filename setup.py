@@ -29,5 +29,6 @@ setup(
         "tqdm>=4.60",
         "tensorboardX>=2.6",
     ],
-    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100"]},
+    extras_require={"test": ["pytest>=8", "pytest-xdist>=3.5", "hypothesis>=6.100", "sphinx>=8,<10",
+                             "myst-parser>=4,<6"]},
 )

@@ -72,6 +72,7 @@ class UpdateFn(Protocol):
 
 
 def zero_penalty(state: AdapterState) -> jax.Array:
+  """The penalty of a method without regularizer: a float32 scalar 0."""
   del state
   return jnp.zeros((), jnp.float32)
 
@@ -103,6 +104,7 @@ UPDATE_GRADS = ("task", "total")
 
 
 def with_trainable(state: AdapterState, trainable: PyTree) -> AdapterState:
+  """`state` with its trainable tree replaced by `trainable` (the frozen buffers kept)."""
   return AdapterState(trainable, state.frozen)
 
 
@@ -181,8 +183,8 @@ class MethodFacts:
     residual_init: whether `init` replaces the targeted weights by a residual, so that the state
       alone does not give the update to the original weights (a PEFT export needs the initial
       factors).
-    adapter_names: the `Adapter.name`s the factory gives its adapters when they differ from the
-      registry name (CorDA's "corda_ipa" / "corda_kpa"), so an adapter's method can be found.
+    adapter_names: the names (`Adapter.name`) the factory gives its adapters when they differ from
+      the registry name (CorDA's "corda_ipa" / "corda_kpa"), so an adapter's method can be found.
   """
   factory: Callable[..., Adapter]
   config_kwargs: ConfigKwargsFn

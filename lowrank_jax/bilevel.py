@@ -9,7 +9,7 @@ Problem: ``lam* = argmin_lam L_V(w*(lam), lam)`` with ``w*(lam) = argmin_w L_T(w
   CG by default; ``method="neumann"`` gives Lorraine's truncated Neumann series
   ``H^{-1} ~ alpha sum_j (I - alpha H)^j``. It returns the adjoint ``u`` for warm starts and the
   inner gradient norm, which makes an unconverged inner solve visible (the hypergradient error is
-  O(|grad L_T|) + O(adjoint residual)).
+  `O(|grad L_T|)` + O(adjoint residual)).
 * `unrolled_hypergradient`: differentiate K inner steps (truncated to the last ``truncate`` steps,
   Shaban et al. 2019) with `jax.checkpoint` per step. The correctness reference for the IFT path
   and the only route to hyperparameters that do not enter ``L_T`` (learning rate, init).
@@ -163,7 +163,7 @@ def unrolled_hypergradient(inner_step: Callable, outer_loss: Callable, w0: PyTre
 
   The first ``num_steps - truncate`` steps run without differentiation (their output is
   `stop_gradient`-ed); the last ``truncate`` steps are differentiated through a `lax.scan`, each
-  step wrapped in `jax.checkpoint` (memory O(|state|) per step saved, recomputed in the
+  step wrapped in `jax.checkpoint` (memory `O(|state|)` per step saved, recomputed in the
   backward). Exact for the steps actually run; biased towards short horizons when truncated.
 
   Args:

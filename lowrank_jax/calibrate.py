@@ -206,7 +206,7 @@ def batch_stats_fn(apply_fn: Callable[[Any, Any], Any], params: Any, targets: ta
   Args: as for `collect`.
 
   Returns:
-    `fn(params, batch) -> {path: CalibStats}` (flat dict keyed by `/`-joined paths).
+    ``fn(params, batch) -> {path: CalibStats}`` (flat dict keyed by `/`-joined paths).
   """
   kinds = _check_kinds(kinds)
   if sample_scale not in SAMPLE_SCALES:

@@ -109,8 +109,8 @@ def partition(adapters: Mapping[str, base_lib.Adapter], labels: Labels) -> base_
       hidden), so its `targets` are matched within its label.
 
   Returns:
-    An `Adapter` whose `hparams` are `{"adapters": {label: {"name", "hparams"}}, "labels":
-    labels}`.
+    An `Adapter` whose `hparams` are
+    ``{"adapters": {label: {"name", "hparams"}}, "labels": labels}``.
 
   Raises:
     ValueError: a label without adapter, or an adapter whose label is never used.

@@ -5,7 +5,7 @@ then the update) with big_vision's hygiene: the train state is donated, the step
 `fold_in(rng, step)` (a resumed run sees the same keys), nothing syncs with the host, and the base
 params are a separate argument that is neither donated nor differentiated.
 
-The train state is a plain dict:
+The train state is a plain dict::
 
   adapter   the adapter's trainable state (differentiated; updated by the optimizer),
   frozen    the adapter's frozen buffers (changed only by `adapter.update`),

@@ -151,7 +151,7 @@ def _bias_path(kernel_path: str) -> str:
 
 @flax.struct.dataclass
 class LowRankProduct(structured.Structured):
-  """The kernel ``a @ b`` kept factored: a (*in, r), b (r, out). The low-rank hyper branch."""
+  """The kernel ``a @ b`` kept factored: a `(*in, r)`, b (r, out). The low-rank hyper branch."""
   a: jax.Array
   b: jax.Array
 
@@ -186,7 +186,7 @@ def _hyper_init(key, shape, dtype, rank):
 
 def wrap(params: PyTree, key: jax.Array, num_hyperparameters: int,
          targets: targeting.Targets = r"(.*/)?kernel", hyper_rank: int | None = None) -> PyTree:
-  """Replaces the selected kernels by `HyperKernel`s whose best response starts at the kernel.
+  """Replaces the selected kernels by `HyperKernel` leaves whose best response starts at the kernel.
 
   ``hyper`` is drawn at random (see `_hyper_init`), ``scale_map`` and ``hyper_bias`` start at
   zero, so the wrapped model computes exactly what the original did, for any hyperparameters.
@@ -302,8 +302,9 @@ class STN:
   Attributes:
     hyperparameters: the tuned hyperparameters, in the order of the vector ``z``.
     train_loss: ``(params, values, batch, key) -> scalar``: the training loss of the model whose
-      `HyperKernel`s already hold the per-example perturbed ``z`` (B, h); ``values`` (B, h) are
-      the constrained values, for the loss to apply (dropout rates, augmentation strengths, ...).
+      `HyperKernel` leaves already hold the per-example perturbed ``z`` (B, h); ``values``
+      (B, h) are the constrained values, for the loss to apply (dropout rates, augmentation
+      strengths, ...).
     val_loss: ``(params, batch) -> scalar``: the validation loss (no dropout, no augmentation),
       the hyperparameters acting only through the best response.
     train_optimizer: optax transformation for phi.
@@ -332,7 +333,7 @@ class STN:
       raise ValueError(f"STN.entropy_weight must be >= 0, got {self.entropy_weight}")
 
   def hypernet_input(self, z: jax.Array, hyper: jax.Array) -> jax.Array:
-    """What the `HyperKernel`s see for hyperparameters ``z`` around the current ``hyper``."""
+    """What the `HyperKernel` leaves see for hyperparameters ``z`` around the current ``hyper``."""
     return z - jax.lax.stop_gradient(hyper) if self.centered else z
 
   def values(self, z: jax.Array) -> jax.Array:
@@ -344,7 +345,7 @@ class STNState(NamedTuple):
   """Everything an STN run carries.
 
   Attributes:
-    params: phi, the model parameters with `HyperKernel`s (hyperparameters unset).
+    params: phi, the model parameters with `HyperKernel` leaves (hyperparameters unset).
     hyper: (h,) unconstrained hyperparameters lam.
     scale: (h,) unconstrained perturbation scale; the std of the perturbation is softplus(scale).
     train_opt: optimizer state of phi.

@@ -20,7 +20,7 @@ from lowrank_jax import _kernels
 
 
 class Structured:
-  """Base class of structured weights. Subclasses are `flax.struct.dataclass`es.
+  """Base class of structured weights. Subclasses are `flax.struct.dataclass` classes.
 
   Subclasses must implement `materialize()` and the `shape`/`dtype` of the dense value; they should
   override `matmul` / `conv` / `embed` with factored products where the method allows.
@@ -60,6 +60,7 @@ class Structured:
 
 
 def is_structured(x: Any) -> bool:
+  """Whether `x` is a structured weight (a `Structured` instance) rather than a dense array."""
   return isinstance(x, Structured)
 
 
@@ -100,7 +101,7 @@ def _spatial_spec(n: int) -> str:
 
 def conv(x: jax.Array, w: Any, *, strides=1, padding="SAME", dilation=1,
          feature_group_count: int = 1) -> jax.Array:
-  """N-D convolution, channels last: x (N, *spatial, C_in), w (*k, C_in/groups, C_out)."""
+  """N-D convolution, channels last: x `(N, *spatial, C_in)`, w `(*k, C_in/groups, C_out)`."""
   if isinstance(w, Structured):
     return w.conv(x, strides=strides, padding=padding, dilation=dilation,
                   feature_group_count=feature_group_count)

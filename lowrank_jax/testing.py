@@ -39,6 +39,7 @@ def tiny_params(key=None, dtype=jnp.float32) -> dict:
 
 
 def tiny_batch(key=None, dtype=jnp.float32) -> dict:
+  """A batch for `tiny_apply`: ids (4, 5), images (4, 6, 6, 3) and regression targets y (4, 10)."""
   key = jax.random.key(1) if key is None else key
   k = jax.random.split(key, 3)
   return {"ids": jax.random.randint(k[0], (4, 5), 0, 13),
@@ -47,6 +48,7 @@ def tiny_batch(key=None, dtype=jnp.float32) -> dict:
 
 
 def tiny_apply(params, batch) -> jax.Array:
+  """The tiny model: embedding, two dense layers and a conv, features (4, 10) for `tiny_batch`."""
   h = ops.embed(batch["ids"], params["embed"]["embedding"])
   h = jnp.tanh(ops.dense(h, params["dense_0"]["kernel"]) + params["dense_0"]["bias"])
   h = ops.dense(h, params["dense_1"]["kernel"]) + params["dense_1"]["bias"]
@@ -55,6 +57,7 @@ def tiny_apply(params, batch) -> jax.Array:
 
 
 def tiny_loss(params, batch) -> jax.Array:
+  """Mean squared error of `tiny_apply` against the batch's targets `y`."""
   return jnp.mean((tiny_apply(params, batch) - batch["y"]) ** 2)
 
 
@@ -77,6 +80,7 @@ def _tol(dtype):
 
 
 def assert_close(a, b, dtype=jnp.float32, scale=1.0):
+  """Asserts pytrees `a` and `b` agree within the tolerance of `dtype`, times `scale`."""
   tol = _tol(dtype) * scale
   chex.assert_trees_all_close(_cast(a, jnp.float32), _cast(b, jnp.float32), atol=tol, rtol=tol)
 
@@ -121,6 +125,7 @@ def check_dense_reference(adapter, dense_ref: Callable[[Any, base_lib.AdapterSta
 
 @contextlib.contextmanager
 def enable_x64():
+  """Context manager: float64 enabled inside, the previous setting restored after."""
   old = jax.config.jax_enable_x64
   jax.config.update("jax_enable_x64", True)
   try:

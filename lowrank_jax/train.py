@@ -20,7 +20,7 @@ Config fields (all numbers that change a result live in the config; see `configs
   seed, total_steps, batch_size, eval_batch_size, eval_every, log_every, ckpt_every, keep_ckpts,
   model.{name, pretrained, dropout_rate, attention_dropout_rate}, head (regex of params trained
   fully), dataset.{name, train_split, eval_split, max_train_examples, max_eval_examples, seq_len,
-  shuffle_seed}, adapter.{method, **factory kwargs}, optimizer.{name, lr, head_lr, wd, b1, b2,
+  shuffle_seed}, adapter.{method, factory kwargs...}, optimizer.{name, lr, head_lr, wd, b1, b2,
   schedule, warmup_steps, grad_clip}, task (default "classification"), calib_batches, baseline,
   save_adapter, export_peft, progress, overwrite, nonfinite ("stop": a NaN/Inf loss or gradient
   stops the run; "skip": that update is skipped and counted).
@@ -90,6 +90,7 @@ def make_transform(dcfg, tokenizer):
 
 
 def num_classes_of(name: str) -> int:
+  """Number of classes of dataset `name` (`lowrank_jax.data.num_classes`)."""
   from lowrank_jax import data  # pylint: disable=g-import-not-at-top
   return data.num_classes(name)
 
@@ -364,6 +365,7 @@ def generation_eval(params, model: "Model", data: Data, gcfg) -> dict:
 # =============================================================================================
 
 def check_config(config: ml_collections.ConfigDict):
+  """Raises ValueError naming the missing, deprecated or invalid fields of a run config."""
   missing = [f for f in REQUIRED_FIELDS if f not in config]
   if missing:
     raise ValueError(f"config is missing required fields {missing}")
@@ -866,8 +868,8 @@ def load_trained(config: ml_collections.ConfigDict, adapter_path: str) -> tuple[
     adapter_path: the run's `workdir/adapter` directory (`adapter_io.save_adapter`).
 
   Returns:
-    (params, model): params with structured adapted leaves (`lowrank_jax.merge` makes them dense)
-    and the `Model` whose `apply(params, batch, train=False, rng=None)` gives logits.
+    ``(params, model)``, params with structured adapted leaves (`lowrank_jax.merge` makes them
+    dense) and the `Model` whose `apply(params, batch, train=False, rng=None)` gives logits.
   """
   from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
   check_config(config)

@@ -14,6 +14,7 @@ PyTree = Any
 
 
 def key_to_str(k) -> str:
+  """One pytree path key (dict key, attribute, index) as a string."""
   if isinstance(k, jax.tree_util.DictKey):
     return str(k.key)
   if isinstance(k, jax.tree_util.GetAttrKey):
@@ -26,6 +27,7 @@ def key_to_str(k) -> str:
 
 
 def path_to_str(path) -> str:
+  """A pytree key path as a `/`-joined string, e.g. `encoder/layer_0/kernel`."""
   return "/".join(key_to_str(k) for k in path)
 
 
@@ -88,4 +90,5 @@ def replace_by_name(tree: PyTree, replacements: dict[str, Any], *, is_leaf=None,
 
 
 def tree_size(tree: PyTree) -> int:
+  """Number of scalars in `tree` (a leaf without `size` counts 1)."""
   return int(sum(getattr(x, "size", 1) for x in jax.tree_util.tree_leaves(tree)))

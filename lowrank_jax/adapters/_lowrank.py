@@ -16,7 +16,7 @@ from lowrank_jax.adapters import _leafwise
 
 
 class LoRAFactors(NamedTuple):
-  """Trainable per-leaf state: a (*in_shape, r), b (r, *out_shape)."""
+  """Trainable per-leaf state: a `(*in_shape, r)`, b `(r, *out_shape)`."""
   a: jax.Array
   b: jax.Array
 

@@ -21,8 +21,8 @@ PEFT re-applies the final rank pattern after every step.
 penalty, as PEFT's `p.grad`):
 
 * while `step < T − max(tfinal, 1)` (T = total_steps, PEFT's `total_step`): element-wise
-  sensitivity |θ·∇θ| of a, b, λ, smoothed
-  Ī ← β1·Ī + (1−β1)·|θ∇θ|, Ū ← β2·Ū + (1−β2)·|θ∇θ − Ī| (β1 = β2 = 0.85); per triplet
+  sensitivity `|θ·∇θ|` of a, b, λ, smoothed
+  `Ī ← β1·Ī + (1−β1)·|θ∇θ|, Ū ← β2·Ū + (1−β2)·|θ∇θ − Ī|` (β1 = β2 = 0.85); per triplet
   score_i = Ī_λi·Ū_λi + mean_j(Ī·Ū)_{a, ji} + mean_k(Ī·Ū)_{b, ik} (λ_i with the mean scores of its
   P column and Q row, as PEFT's `_combine_ipt`).
 * cubic budget (PEFT `budget_schedule`), over all modules, B_init = init_r·n, B_target = target_r·n:

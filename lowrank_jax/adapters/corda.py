@@ -31,7 +31,7 @@ rank-deficient covariance (fewer calibration tokens than d_in) therefore still g
 adapter. All decompositions run in fp32 (fp64 when the params are fp64).
 
 Covariance comes from `lowrank_jax.calibrate.collect` (optionally `sample_scale="corda"`, the
-per-sample 1/|max| rescaling of the official hook). The differentiable projector lives in
+per-sample `1/|max|` rescaling of the official hook). The differentiable projector lives in
 `lowrank_jax.implicit`, not here.
 
 >>> import jax, lowrank_jax as lj
@@ -174,7 +174,7 @@ def corda(rank: int = 8, alpha: Optional[float] = None,
       the paper). Why it matters: C̃⁻¹ makes a large and b small wherever the calibration inputs
       have little energy, and the split also depends on the covariance normalisation (C → cC
       scales a by 1/√c and b by √c: per-token vs per-sample normalisation, the per-sample
-      1/|max| rescale). Adam moves every element by ~lr whatever its size, so with the official
+      `1/|max|` rescale). Adam moves every element by ~lr whatever its size, so with the official
       gauge a step of lr changes b by a large *relative* amount (the official scripts use lr 2e-5).
     dropout: adapter-branch input dropout rate (should stay 0, as for PiSSA).
     use_rslora: scale alpha/√r instead of alpha/r.

@@ -20,6 +20,7 @@ Factored products (never the full ΔW in the step):
     conv with the small "core-space" kernel G ×_spatial U_k (kh, kw, r_in, r_out) using the base
     layer's stride/padding/dilation, then r_out → c_out. This equals conv(x, ΔW) because the
     channel maps are pointwise and commute with zero padding;
+
   embed: rows of U_in, then the core and U_outᵀ.
 """
 from __future__ import annotations
@@ -52,6 +53,8 @@ def tucker_product(core: jax.Array, factors: Sequence[jax.Array]) -> jax.Array:
 
 
 def tucker_ranks(rank: Union[int, Sequence[int]], shape: tuple[int, ...], path: str):
+  """Per-mode ranks of a kernel of `shape`: an int `rank` capped by each mode size, or one rank
+  per mode checked to lie in [1, n_i] (ValueError naming `path` otherwise)."""
   if isinstance(rank, int):
     return tuple(min(rank, n) for n in shape)
   rank = tuple(rank)

@@ -31,7 +31,7 @@ backward hook on ΔW, which the orthogonality penalty (a function of the factors
 reaches.
 
 * importance per module, smoothed every step until the budget is reached:
-  Ī ← β1·Ī + (1−β1)·s;  Ū ← β2·Ū + (1−β2)·|s − Ī|;  score = Ī·Ū  (β1 = β2 = 0.85);
+  Ī ← β1·Ī + (1−β1)·s;  `Ū ← β2·Ū + (1−β2)·|s − Ī|`;  score = Ī·Ū  (β1 = β2 = 0.85);
 * at step t > init_warmup with t % incre_interval == 0, while the active total is below the budget,
   the `top_h` highest-scoring modules (with free slots) gain `add_r` rank each, clipped so that the
   total lands exactly on the budget (the official `>=` threshold can select more than top_h modules
@@ -39,7 +39,8 @@ reaches.
 
 Importance, `importance=`:
 
-* "elementwise" (the paper's and the official hook's score): s = Σ|ΔW ⊙ G| / √(d_out·d_in) with
+* "elementwise" (the paper's and the official hook's score):
+  `s = Σ|ΔW ⊙ G| / √(d_out·d_in)` with
   G = ∂L_task/∂ΔW = xᵀg, the dense weight gradient. It needs G per target, which the factor
   gradients do not contain, so the state gets a zero dense leaf `probe` (the kernel's shape) per
   target, added to the base weight in `apply`: its gradient is G, and `update` resets it to 0
@@ -48,10 +49,10 @@ Importance, `importance=`:
   what the optimizer keeps for the probe (Adam: two more dense arrays); the probe counts in
   `count_params` and in gradient-norm clipping (mask it out of clipping with `optax.masked` where
   that matters). Opt-in for that cost.
-* "factored" (the default; a variant, cheaper): s = Σ_i |⟨ΔW_i, G⟩| / √(d_out·d_in) over the
+* "factored" (the default; a variant, cheaper): `s = Σ_i |⟨ΔW_i, G⟩| / √(d_out·d_in)` over the
   rank-1 components ΔW_i, from ⟨ΔW_i, G⟩ = Σ_j a_ji·(∂L/∂a)_ji, exact and free from the factor
   gradients (cost O(R·(d_in + d_out)) per module per step). It is the Taylor sensitivity of each
-  rank-1 piece rather than of each entry: |Σ| ≤ Σ|·| makes it smaller than the elementwise score
+  rank-1 piece rather than of each entry: `|Σ| ≤ Σ|·|` makes it smaller than the elementwise score
   and not proportional to it across modules, so the two can rank modules differently.
 
 Both score the factors the step's forward pass used (kept in `IncreLoRABuffers.prev`) against that
@@ -120,12 +121,13 @@ class ProbedTriplet(NamedTuple):
 class IncreLoRABuffers(NamedTuple):
   """Frozen per-module buffers (changed only by `adapter.update`).
 
-  rank: int32 scalar ρ, number of active components (slots [0, ρ)).
-  reserve_on: fp32 scalar, 1 while reserves carry their fixed coefficient, 0 afterwards.
-  ipt, unc: fp32 scalars, the smoothed importance Ī and uncertainty Ū.
-  born_ab, born_lam: int32 (R,), the step from which a slot's a, b (resp. λ) train; 0 from the
-    start, int32 max not yet (drives the restart warm-up).
-  prev: `TripletFactors`, the factors the current step's forward pass used.
+  Attributes:
+    rank: int32 scalar ρ, number of active components (slots [0, ρ)).
+    reserve_on: fp32 scalar, 1 while reserves carry their fixed coefficient, 0 afterwards.
+    ipt, unc: fp32 scalars, the smoothed importance Ī and uncertainty Ū.
+    born_ab, born_lam: int32 (R,), the step from which a slot's a, b (resp. λ) train; 0 from the
+      start, int32 max not yet (drives the restart warm-up).
+    prev: `TripletFactors`, the factors the current step's forward pass used.
   """
   rank: jax.Array
   reserve_on: jax.Array
@@ -140,12 +142,12 @@ class IncreLoRABuffers(NamedTuple):
 
 
 def factored_score(a, grad_a) -> jax.Array:
-  """Σ_i |⟨ΔW_i, ∂L/∂ΔW⟩| over the rank-1 components (not normalized by the size)."""
+  """`Σ_i |⟨ΔW_i, ∂L/∂ΔW⟩|` over the rank-1 components (not normalized by the size)."""
   return jnp.sum(jnp.abs(component_inner(a, grad_a)))
 
 
 def elementwise_score(delta, grad_w) -> jax.Array:
-  """Σ |ΔW ⊙ ∂L/∂ΔW| over the entries (not normalized by the size)."""
+  """`Σ |ΔW ⊙ ∂L/∂ΔW|` over the entries (not normalized by the size)."""
   return jnp.sum(jnp.abs(delta.astype(jnp.float32) * grad_w.astype(jnp.float32)))
 
 

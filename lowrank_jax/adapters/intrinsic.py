@@ -147,7 +147,7 @@ def intrinsic_dimension(d: int, projection: str = "fastfood",
     dtype: dtype of θ_d and of the stored projection.
 
   Returns:
-    An `Adapter` with `state.trainable = {'theta': zeros(d)}`; d trainable parameters.
+    An `Adapter` with ``state.trainable = {'theta': zeros(d)}``; d trainable parameters.
 
   Raises:
     ValueError: bad d / projection / density (here) or d out of range / no float target

@@ -5,14 +5,18 @@ KronA replaces LoRA's product B·A by a Kronecker product of two small factors, 
 has full rank up to rank(A)·rank(B) with a1·a2 + b1·b2 parameters. It is applied with the vec trick
 (A ⊗ B)·vec(X) = vec(B X Aᵀ): reshape the input and apply the two small factors, never forming ΔW.
 
-Convention (one, tested against `jnp.kron`). In our (d_in, d_out) kernel layout (y = x @ W),
+Convention (one, tested against `jnp.kron`). In our (d_in, d_out) kernel layout (y = x @ W)::
+
     ΔW2 = s · jnp.kron(a, b),   a (a2, a1),  b (d_in / a2, d_out / a1),
+
 so the input index is i·b_in + j and the output index p·b_out + q (row-major). In PyTorch's
 (d_out, d_in) layout this is ΔW_pt = s·(A ⊗ B) with A = aᵀ ∈ R^{a1×a2} and B = bᵀ, i.e. the paper's
 formula with a1 | d_out and a2 | d_in (DiffuseKronA's shapes). The official DiffuseKronA code
 computes a column-shuffled variant (B ⊗ Âᵀ)·Π; its checkpoints are not interchangeable with this
-convention. The factored product is
+convention. The factored product is::
+
     y = x @ W + s · einsum('tij,ip,jq->tpq', x.reshape(T, a2, b_in), a, b).reshape(T, d_out)
+
 computed as two small matmuls (plus, depending on shapes, inner-axis swaps or the small block
 matrix a ⊗ I_{b_out}; `kron_matmul` picks per layer). Trainable parameters: a1·a2 + (d_out/a1)(d_in/a2).
 

@@ -2,7 +2,7 @@
 
 LoLDU factors the *pretrained* weight with an LU decomposition with partial pivoting, rewritten as
 P·L·D·U (L unit lower-trapezoidal, D diagonal, U unit upper-trapezoidal). The first r elimination
-steps (partial-pivoting order, not the r largest |D|) give a frozen rank-r basis P·L_r and U_r; only
+steps (partial-pivoting order, not the r largest D_i) give a frozen rank-r basis P·L_r and U_r; only
 the r diagonal entries z (init z₀ = D_r) are trained. The frozen residual is
 W_res = W − σ·P L_r diag(z₀) U_r and the effective weight W' = W_res + σ·P L_r diag(z) U_r, so
 W' = W at init; σ = alpha / r (the official `from_linear` uses alpha = 1, so σ = 1/r). The adapter
@@ -12,8 +12,10 @@ Orientation and layout. As the official code, the LU is taken of the PyTorch-lay
 W_pt = W2ᵀ (d_out × d_in), where W2 is our kernel matricized to (d_in, d_out): W_pt[perm] = L·U₀,
 i.e. W_pt = P L U₀ with P[perm[i], i] = 1. `perm` is stored as an int32 index vector (never a dense
 P) and P·L_r is formed in-step by a scatter of L_r's rows (d_out × r). In our (d_in, d_out) layout
-ΔW2 = σ·U_rᵀ diag(z) (P L_r)ᵀ, and the factored product is
+ΔW2 = σ·U_rᵀ diag(z) (P L_r)ᵀ, and the factored product is::
+
     x @ W_res + ((x @ U_rᵀ) * σz) @ (P L_r)ᵀ
+
 (three skinny products, hand-written backward; no d_in×d_out array). The LU runs in fp32.
 
 Choices the paper leaves open: σ is frozen by default, as the official code's trainable filter
@@ -47,7 +49,7 @@ class LoLDUState(NamedTuple):
 
 
 class LoLDUFrozen(NamedTuple):
-  """Frozen per-leaf buffers: ut = U_rᵀ (*in_shape, r), l = L_r (d_out, r), perm (d_out,) int32."""
+  """Frozen per-leaf buffers: ut = U_rᵀ `(*in, r)`, l = L_r (d_out, r), perm (d_out,) int32."""
   ut: jax.Array
   l: jax.Array
   perm: jax.Array

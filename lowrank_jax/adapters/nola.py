@@ -17,6 +17,7 @@ Variants (`variant`):
   "vit" (the official ViT `NOLA2`): A = Σ α_i A_i, B = Σ β_j B_j with kaiming-uniform(a=√5) bases
     (our choice of fan-in: U(±1/√d_in) for A_i, U(±1/√r) for B_j), α_i = 1/k and β_j = 1/l at
     init, scale 1/r (alpha = 1). ΔW ≠ 0 at init.
+
 Layout: A is (d_in, r) and B (r, d_out) in our (d_in, d_out) kernel layout (the official
 PyTorch-layout A (r, d_in) and B (d_out, r) transposed). `shared_bases=True` gives every target
 the same seed, so targets of equal shape share their bases (the NOLA2 behaviour); by default each

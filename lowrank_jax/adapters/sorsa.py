@@ -10,10 +10,12 @@ that scaling moves into S_p: L_reg is the mean, over all 2n adapted matrices of 
 comparator.
 
 Layout. Our kernels are stored (d_in, d_out) (y = x @ W), i.e. Wᵀ in PyTorch's (d_out, d_in) layout.
-With the paper's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store
+With the paper's U_p (d_out, r), S_p (r,), V_p (d_in, r) we store::
+
   a = V_p          (*in_shape, r)   (the official `sorsa_A`ᵀ)
   s = S_p          (r,)
   b = U_pᵀ         (r, *out_shape)  (the official `sorsa_B`ᵀ)
+
 and ΔW = scale · a diag(s) b. The factored product is x@W_r + scale·((x@a)·s)@b with a
 hand-written backward of skinny contractions (`structured.DiagLowRank`), never a d_in×d_out array.
 
@@ -50,7 +52,7 @@ DEFAULT_GAMMA = 4e-4
 # ----------------------------------------------------------------------------------------------
 
 class SORSAState(NamedTuple):
-  """Trainable per-leaf state: a = V_p (*in_shape, r), s = S_p (r,), b = U_pᵀ (r, *out_shape)."""
+  """Trainable per-leaf state: a = V_p `(*in_shape, r)`, s = S_p (r,), b = U_pᵀ `(r, *out)`."""
   a: jax.Array
   s: jax.Array
   b: jax.Array
@@ -70,7 +72,7 @@ class SORSAWeight(structured.DiagLowRank):
 
 
 def orthonormal_regularizer(a: jax.Array, b: jax.Array) -> jax.Array:
-  """(‖aᵀa − I‖_F + ‖b bᵀ − I‖_F) / 2 for a (*in, r) = V_p and b (r, *out) = U_pᵀ (not squared).
+  """(‖aᵀa − I‖_F + ‖b bᵀ − I‖_F) / 2 for a `(*in, r)` = V_p and b `(r, *out)` = U_pᵀ (not squared).
 
   The mean over the module's two matrices; its mean over modules is the official average over
   all adapted matrices.

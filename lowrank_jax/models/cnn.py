@@ -53,6 +53,7 @@ PRESETS = {
 
 
 def init(key: jax.Array, cfg: CNNConfig, dtype=jnp.float32) -> dict:
+  """Random params of the CNN `cfg` describes: `conv_i` layers, then the dense `head`."""
   k = cfg.kernel_size
   params, c_in = {}, cfg.in_channels
   for i, c in enumerate(cfg.channels):

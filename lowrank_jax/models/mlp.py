@@ -49,6 +49,7 @@ PRESETS = {
 
 
 def init(key: jax.Array, cfg: MLPConfig, dtype=jnp.float32) -> dict:
+  """Random params of the MLP `cfg` describes: `dense_i` maps `features[i]` to `features[i+1]`."""
   f = cfg.features
   return {f"dense_{i}": L.dense_init(jax.random.fold_in(key, i), f[i], f[i + 1], dtype=dtype)
           for i in range(len(f) - 1)}
