@@ -157,6 +157,7 @@ class PerExample(structured.Structured):
 
 
 def is_per_example(x: Any) -> bool:
+  """Whether `x` is a `PerExample` weight."""
   return isinstance(x, PerExample)
 
 

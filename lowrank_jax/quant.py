@@ -213,7 +213,7 @@ class Int8(Quantized):
 
   Attributes:
     codes: int8, the kernel's shape.
-    scale: float32 (*out_shape,), `absmax / 127` of each output channel.
+    scale: float32 ``(*out_shape,)``, `absmax / 127` of each output channel.
     in_ndim: the number of leading input axes.
     dtype_name: the dtype of the dequantized kernel.
     tile_rows: input rows dequantized at a time (None: all).
@@ -356,6 +356,7 @@ def quantize_nf4(w: jax.Array, *, block_size: int = NF4_BLOCK, double_quant: boo
 # ----------------------------------------------------------------------------------------------
 
 def is_quantized(x: Any) -> bool:
+  """Whether `x` is a quantized weight (`Int8` or `NF4`)."""
   return isinstance(x, Quantized)
 
 

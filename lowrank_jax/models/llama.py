@@ -125,6 +125,7 @@ def _check_precision(cfg: LlamaConfig) -> None:
 
 
 def remat_applies(cfg: LlamaConfig, layer: int) -> bool:
+  """Whether decoder layer `layer` is rematerialised (`cfg.remat`, `cfg.remat_layers`)."""
   return cfg.remat != "none" and (cfg.remat_layers is None or layer in cfg.remat_layers)
 
 
