@@ -142,6 +142,27 @@ def num_params(hidden_size: int, cfg: MonetConfig) -> dict[str, int]:
   return {"experts": 2 * d * e * m + e * m + e * d, "router": 2 * d * cfg.heads * e}
 
 
+def scaling_table(hidden_size: int, cfg: MonetConfig,
+                  experts: tuple[int, ...] = (16, 32, 64, 128, 256, 512)) -> list[dict]:
+  """Rows {E, experts (E²), params (counted from the initialised shapes), formula, router} per E
+  in `experts` (the other fields from `cfg`), printed as a table: parameters grow as O(E) while
+  experts number E²."""
+  rows = []
+  for e in experts:
+    c = dataclasses.replace(cfg, experts=e, topk=min(cfg.topk, e))
+    shapes = jax.eval_shape(lambda c=c: init_layer(jax.random.key(0), 0, hidden_size, c))
+    count = lambda tree: sum(int(np.prod(x.shape)) for x in jax.tree.leaves(tree))
+    rows.append({"E": e, "experts": e * e, "params": count(shapes["moe"]),
+                 "formula": num_params(hidden_size, c)["experts"],
+                 "router": count(shapes["router"])})
+  print(f"{'E':>5} {'experts/layer':>14} {'params/layer':>13} {'2dEm+Em+Ed':>11} "
+        f"{'router (2dHE)':>14}")
+  for r in rows:
+    print(f"{r['E']:>5} {r['experts']:>14,} {r['params']:>13,} {r['formula']:>11,} "
+          f"{r['router']:>14,}")
+  return rows
+
+
 def has_router(layer: int, cfg: MonetConfig) -> bool:
   """Whether decoder layer `layer` holds a router (else it reuses the last router's gates)."""
   return layer % cfg.groups == 0
