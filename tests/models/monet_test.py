@@ -15,16 +15,19 @@ from lowrank_jax.models import _layers as L
 from lowrank_jax.models import llama, monet
 
 D, E, H, K, M = 6, 4, 2, 2, 4
-ACT = {"relu2": lambda x: np.maximum(x, 0) ** 2}
+
+
+def _relu2(x):
+  return np.maximum(x, 0) ** 2
 
 
 def _cfg(decompose, **kw):
   return monet.MonetConfig(experts=E, heads=H, topk=K, dim=M, groups=1, decompose=decompose, **kw)
 
 
-def _random_experts(decompose, seed=0):
+def _random_experts(decompose, seed=0, d=D):
   """Experts params with every leaf random (biases included), std 0.5, float32."""
-  p = monet.init_experts(jax.random.key(seed), D, _cfg(decompose))
+  p = monet.init_experts(jax.random.key(seed), d, _cfg(decompose))
   leaves, tree = jax.tree.flatten(p)
   keys = jax.random.split(jax.random.key(seed + 1), len(leaves))
   return jax.tree.unflatten(tree, [0.5 * jax.random.normal(k, x.shape) for k, x in
@@ -46,7 +49,7 @@ def _np(tree):
 
 def _expert_np(p, decompose, i, j, x):
   """Expert (i, j) of one token x (d,), literally from its pieces (float64)."""
-  act = ACT["relu2"]
+  act = _relu2
   if decompose == "horizontal":
     m = M
     u_i = act(x @ p["u"]["kernel"][:, i * m:(i + 1) * m] + p["u"]["bias"][i * m:(i + 1) * m])
@@ -64,7 +67,7 @@ def _expert_np(p, decompose, i, j, x):
 def _naive_np(p, decompose, x, g1, g2, expert=_expert_np):
   """Σ_h Σ_{i,j} g1[h, i] g2[h, j] expert_ij(x) for every token of x (..., d)."""
   p = _np(p)
-  xs, g1s, g2s = x.reshape(-1, D), g1.reshape(-1, H, E), g2.reshape(-1, H, E)
+  xs, g1s, g2s = x.reshape(-1, x.shape[-1]), g1.reshape(-1, H, E), g2.reshape(-1, H, E)
   out = np.zeros_like(xs)
   for t in range(xs.shape[0]):
     for i in range(E):
@@ -79,7 +82,7 @@ def _router_np(p, x, cfg, mean=None, var=None):
   given statistics), τ = min(max n, norm.ppf(1 - K/E)), softmax of z masked to n >= τ."""
   out = []
   for k in ("w1", "w2"):
-    z = (x.reshape(-1, D) @ np.asarray(p[k]["kernel"], np.float64)).reshape(-1, H, E)
+    z = (x.reshape(-1, x.shape[-1]) @ np.asarray(p[k]["kernel"], np.float64)).reshape(-1, H, E)
     mu = z.mean(axis=(0, 2)) if mean is None else mean
     v = z.var(axis=(0, 2)) if var is None else var
     n = (z - mu[:, None]) / np.sqrt(v[:, None] + cfg.norm_eps)
@@ -102,11 +105,13 @@ def _close(got, want, tol=1e-5):
 
 
 @pytest.mark.parametrize("decompose", ["horizontal", "vertical"])
-def test_collapsed_forward_equals_the_sum_over_all_experts(decompose):
-  p, cfg = _random_experts(decompose), _cfg(decompose)
-  g1, g2 = _random_gates(1, X.shape[:-1]), _random_gates(2, X.shape[:-1])
-  got = jax.jit(monet.experts, static_argnums=4)(p, *_f32(X, g1, g2), cfg)
-  _close(got, _naive_np(p, decompose, X, g1, g2))
+@pytest.mark.parametrize("d", [D, 20])       # d < E·m (wide pieces) and d > E·m (tall)
+def test_collapsed_forward_equals_the_sum_over_all_experts(decompose, d):
+  p, cfg = _random_experts(decompose, d=d), _cfg(decompose)
+  x = np.random.default_rng(d).normal(size=(2, 3, d))
+  g1, g2 = _random_gates(1, x.shape[:-1]), _random_gates(2, x.shape[:-1])
+  got = jax.jit(monet.experts, static_argnums=4)(p, *_f32(x, g1, g2), cfg)
+  _close(got, _naive_np(p, decompose, x, g1, g2))
 
 
 @pytest.mark.parametrize("decompose", ["horizontal", "vertical"])
