@@ -19,9 +19,11 @@ every expert: its routing mass per supersense, the lift of a supersense (its sha
 expert's mass over its share of the tokens), and its top tokens by weight with their gloss
 context (the synset's first lemma). The table prints the `top_experts` experts (with at least the
 mean routing mass) of highest lift. Knock-out: for each expert of the table's first `knockouts`
-rows, its two pieces are zeroed in every layer that uses that router (`monet.knock_out`) and the
-change of the mean token loss is reported on the expert's top-3 supersenses (by lift, among
-supersenses with at least `min_tokens` tokens) and on all other tokens.
+rows, and as a control for as many experts drawn at random among the others with at least the
+mean mass, its two pieces are zeroed in every layer that uses that router (`monet.knock_out`) and
+the change of the mean token loss is reported on the expert's top-3 supersenses (by lift, among
+supersenses with at least `min_tokens` tokens) and on all other tokens. The top supersenses are
+chosen on the same validation tokens the loss is measured on.
 """
 from __future__ import annotations
 
@@ -162,7 +164,7 @@ def print_table(experts, mass, lift, top, tok, lemmas, names, cfg, num_tokens: i
   for e in experts:
     i, j = divmod(int(e), cfg.experts)
     sup = ", ".join(f"{names[s]} ({lift[s, e]:.1f})" for s in np.argsort(-lift[:, e])[:2])
-    words = ", ".join(f"{tok.decode([int(t)]).strip()!r} [{lemmas[x]}]" for t, x in
+    words = ", ".join(f"{tok.decode([int(t)])!r} [{lemmas[x]}]" for t, x in
                       zip(best_tok[:, e], best_ex[:, e]))
     print(f"{f'({i},{j})':>13} {mass[:, e].sum() / num_tokens:6.4f} {sup:<52} {words}")
 
@@ -202,7 +204,10 @@ def main(_):
   print(f"\nknock-out (pieces zeroed in layers 0..{cfg.groups - 1}); Δ = mean token loss after "
         "- before")
   layers = [f"layer_{k}" for k in range(min(cfg.groups, model.spec.config.num_layers))]
-  for e in experts[:_KNOCKOUTS.value]:
+  rng = np.random.default_rng(_SEED.value)
+  controls = rng.choice(np.setdiff1d(eligible, experts), _KNOCKOUTS.value, replace=False)
+  for kind, e in [("table", e) for e in experts[:_KNOCKOUTS.value]] + [("random", e)
+                                                                       for e in controls]:
     i, j = divmod(int(e), cfg.experts)
     ko = jax.tree.map(lambda a: a, params)
     for name in layers:
@@ -212,7 +217,7 @@ def main(_):
     tops = np.argsort(-lift[:, e])[:3]
     on_top = np.isin(labels, tops)
     per = ", ".join(f"{names[s]} {delta[labels == s].mean():+.4f}" for s in tops)
-    print(f"  ({i},{j}): top supersenses {per}; Δ on them {delta[on_top].mean():+.4f} "
+    print(f"  {kind:>6} ({i},{j}): top supersenses {per}; Δ on them {delta[on_top].mean():+.4f} "
           f"({on_top.sum():,} tokens) vs others {delta[~on_top].mean():+.4f}; ratio "
           f"{delta[on_top].mean() / delta[~on_top].mean():.2f}")
 
