@@ -46,6 +46,15 @@ batch's statistics and returns the updated running statistics, `train=False` use
 ones. Batch statistics in a causal LM let a token's routing depend, through one mean and variance
 per head, on the other tokens of the batch (later ones included), as in the paper's training.
 
+In the Llama decoder (`llama.LlamaConfig(ffn="monet", monet=...)`) the layer reads the
+post-attention-normalised hidden state; the router of layer r reads that of layer r, and layers
+r + 1 .. r + groups − 1 reuse its gates. The decoder normalises with batch statistics in training
+and in eval alike: the project's train step carries no model state besides the trained params, so
+this keeps the decoder a pure function of (params, batch). Its eval outputs therefore depend
+(slightly) on the batch they are computed in, and a cached decode step of one token a row
+normalises over those few tokens only. The router trains with everything else; the paper's
+auxiliary routing losses are not implemented.
+
 >>> import jax, jax.numpy as jnp
 >>> cfg = MonetConfig(experts=16, heads=2, topk=4, dim=4, groups=1)
 >>> p = init_layer(jax.random.key(0), 0, 8, cfg)
