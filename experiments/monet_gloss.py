@@ -24,6 +24,37 @@ mean mass, its two pieces are zeroed in every layer that uses that router (`mone
 the change of the mean token loss is reported on the expert's top-3 supersenses (by lift, among
 supersenses with at least `min_tokens` tokens) and on all other tokens. The top supersenses are
 chosen on the same validation tokens the loss is measured on.
+
+Measured (defaults, seed 0, 2026-12-02, 2 CPU cores shared with other jobs, load average ~16;
+training 659 s Monet, 533 s dense; ~28 min wall in all)::
+
+  monet:  1,068,160 params, validation loss 4.2803 (perplexity 72.3)
+  swiglu: 1,068,160 params, validation loss 4.2637 (perplexity 71.1)
+  (71,186 target tokens of 2,000 validation glosses, after 300 steps of 16 x 128 tokens)
+
+  expert  mass    top supersenses (lift)                 top tokens [gloss of]
+  (0,12)  0.0095  noun.person 5.3, noun.quantity 4.0     '8' [cruel and unusual punishment],
+                                                         '7' [Bessel], '4' [Bessel], '19' [Piston]
+  (11,18) 0.0045  noun.process 4.3, verb.stative 3.7     ' be' [exist], ' be' [hang], ' be' [plan]
+  (26,24) 0.0073  verb.stative 4.2, verb.change 4.2      ' "' [password], ' "' [rule], ...
+  (8,0)   0.0063  verb.stative 4.0, verb.change 3.9      ' "' [subsistence], ' "' [continue], ...
+  (19,18) 0.0044  verb.stative 3.6, verb.possession 3.6  a special token [stir fry], [eke out], ...
+  (0,14)  0.0136  noun.quantity 3.5, noun.person 3.5     '9' [sigeh], '00' [Philippines], '5', '2'
+  (0,19)  0.0165  noun.person 3.5, noun.quantity 2.8     a special token [anil], [pine fern], ...
+  (7,20)  0.0070  verb.possession 3.4, verb.competition  'un', 'it' [double crochet], 'it' [waive]
+
+  knock-out (Δ mean token loss on the expert's top-3 supersenses vs on the other tokens)
+  table  (0,12)   +0.1320 vs +0.0424 (ratio 3.12)     random (7,0)    +0.0015 vs +0.0056 (0.27)
+  table  (11,18)  +0.0348 vs +0.0332 (1.05)           random (16,13)  +0.0278 vs +0.0308 (0.90)
+  table  (26,24)  +0.0068 vs +0.0095 (0.72)           random (26,8)   +0.1621 vs +0.1034 (1.57)
+  table  (8,0)    +0.0065 vs +0.0047 (1.39)           random (20,5)   +0.0102 vs +0.0089 (1.14)
+
+The Monet decoder's loss is within 0.4% of the dense decoder's. The clearest expert, (0,12), fires
+on digits (years in the glosses of people, amounts), and knocking it out costs its supersenses
+three times what it costs the others; the other table experts track punctuation or function
+words, and their knock-outs are not more selective than random ones (ratios 0.27–1.57). First
+piece 0 is a "number" piece: (0,12), (0,14) and (0,19) share it. In that run the special tokens
+printed as '' (the table now prints them, `<|bos|>` or `<|eos|>`).
 """
 from __future__ import annotations
 
@@ -164,8 +195,8 @@ def print_table(experts, mass, lift, top, tok, lemmas, names, cfg, num_tokens: i
   for e in experts:
     i, j = divmod(int(e), cfg.experts)
     sup = ", ".join(f"{names[s]} ({lift[s, e]:.1f})" for s in np.argsort(-lift[:, e])[:2])
-    words = ", ".join(f"{tok.decode([int(t)])!r} [{lemmas[x]}]" for t, x in
-                      zip(best_tok[:, e], best_ex[:, e]))
+    words = ", ".join(f"{tok.decode([int(t)], skip_special_tokens=False)!r} [{lemmas[x]}]"
+                      for t, x in zip(best_tok[:, e], best_ex[:, e]))
     print(f"{f'({i},{j})':>13} {mass[:, e].sum() / num_tokens:6.4f} {sup:<52} {words}")
 
 
