@@ -25,7 +25,7 @@ from typing import Any, Callable, NamedTuple, Optional
 
 import jax
 
-from lowrank_jax.models import cnn, llama, minilm, mlp, vit
+from lowrank_jax.models import cnn, llama, minilm, mlp, monet, vit
 
 
 class ModelSpec(NamedTuple):
@@ -173,4 +173,5 @@ def get_model(name: str) -> ModelSpec:
   return _REGISTRY[name]
 
 
-__all__ = ["ModelSpec", "get_model", "list_models", "cnn", "llama", "minilm", "mlp", "vit"]
+__all__ = ["ModelSpec", "get_model", "list_models", "cnn", "llama", "minilm", "mlp", "monet",
+           "vit"]

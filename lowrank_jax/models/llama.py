@@ -58,8 +58,10 @@ from lowrank_jax import ops
 from lowrank_jax import quant
 from lowrank_jax import structured
 from lowrank_jax.models import _layers as L
+from lowrank_jax.models import monet
 
 ROPE_TYPES = ("linear", "llama3")
+FFNS = ("swiglu", "monet")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -172,6 +174,11 @@ class LlamaConfig:
       layer's input), "dots_saveable" or "dots_with_no_batch_dims_saveable" (also save matmul
       outputs, the latter only those without batch dims: projections, not attention scores).
     remat_layers: the layers `remat` applies to; None: all.
+    ffn: "swiglu" (the MLP) or "monet" (`models.monet`: params `moe`, and `router` every
+      `monet.groups` layers, replace `mlp`; routing always uses batch statistics, in training and
+      in eval alike, so the model stays a pure function of (params, batch)).
+    monet: with ffn "monet": a `monet.MonetConfig` or a mapping of its fields (None: its
+      defaults).
   """
   vocab_size: int = 256
   hidden_size: int = 64
@@ -193,6 +200,8 @@ class LlamaConfig:
   compute_dtype: str | None = None
   remat: str = "none"
   remat_layers: tuple[int, ...] | None = None
+  ffn: str = "swiglu"
+  monet: monet.MonetConfig | None = None
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -214,6 +223,17 @@ class LlamaConfig:
     if not isinstance(self.rope_scaling, (RopeScaling, type(None))):
       raise TypeError(f"LlamaConfig.rope_scaling must be None, a RopeScaling or a mapping of its "
                       f"fields, got {type(self.rope_scaling).__name__}")
+    L.check_choice("LlamaConfig.ffn", self.ffn, FFNS)
+    if self.ffn != "monet" and self.monet is not None:
+      raise ValueError(f"LlamaConfig.monet is set but ffn={self.ffn!r}; set ffn='monet'")
+    if self.ffn == "monet":
+      m = self.monet
+      m = monet.MonetConfig(**m) if isinstance(m, Mapping) else (m or monet.MonetConfig())
+      if not isinstance(m, monet.MonetConfig):
+        raise TypeError(f"LlamaConfig.monet must be None, a MonetConfig or a mapping of its "
+                        f"fields, got {type(m).__name__}")
+      monet.check_hidden_size(m, self.hidden_size)
+      object.__setattr__(self, "monet", m)
     _check_precision(self)
 
   @property
@@ -263,6 +283,9 @@ def init(key: jax.Array, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
         "input_norm": L.rms_norm_init(d, dtype),
         "post_attention_norm": L.rms_norm_init(d, dtype),
     }
+    if cfg.ffn == "monet":
+      del params["layers"][f"layer_{i}"]["mlp"]
+      params["layers"][f"layer_{i}"].update(monet.init_layer(ks[4], i, d, cfg.monet, dtype))
   params["final_norm"] = L.rms_norm_init(d, dtype)
   if not cfg.tie_word_embeddings:
     params["lm_head"] = lin(k_head, d, cfg.vocab_size, False)
@@ -370,14 +393,19 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) ->
 
 
 def decoder_layer(lp, x, positions, mask, cfg: LlamaConfig, kv, first_slot, i: int,
-                  deterministic: bool, rng):
-  """Layer `i`: pre-norm attention and SwiGLU MLP with residuals. Returns (x, updated kv)."""
+                  deterministic: bool, rng, gates=None):
+  """Layer `i`: pre-norm attention and FFN with residuals; the FFN is the SwiGLU MLP, or Monet
+  with the router `gates` its group shares. Returns (x, updated kv, gates)."""
   h, kv = _attention(lp["attention"], L.rms_norm(lp["input_norm"], x, cfg.rms_norm_eps),
                      positions, mask, cfg, kv, first_slot)
   x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 0), deterministic)
-  h = _mlp(lp["mlp"], L.rms_norm(lp["post_attention_norm"], x, cfg.rms_norm_eps))
+  h = L.rms_norm(lp["post_attention_norm"], x, cfg.rms_norm_eps)
+  if cfg.ffn == "monet":
+    h, gates = monet.apply_layer(lp, h, gates, cfg.monet)
+  else:
+    h = _mlp(lp["mlp"], h)
   x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 1), deterministic)
-  return x, kv
+  return x, kv, gates
 
 
 def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
@@ -406,7 +434,7 @@ def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
                                                       axis=1)
     kv_slots = jnp.arange(kv_segments.shape[1])
   mask = _attention_mask(segments, kv_segments, q_slots, kv_slots)
-  new_layers = {}
+  new_layers, gates = {}, None
   params = cast_to_compute(params, cfg)
   x = ops.embed(input_ids, params["embed"]["embedding"])
   for i in range(cfg.num_layers):
@@ -415,8 +443,9 @@ def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
     if cache is None and remat_applies(cfg, i):
       layer = jax.checkpoint(decoder_layer, policy=REMAT_POLICIES[cfg.remat],
                              static_argnums=(4, 7, 8))
-    x, new_layers[f"layer_{i}"] = layer(params["layers"][f"layer_{i}"], x, positions, mask, cfg,
-                                        kv, first_slot, i, deterministic, rng)
+    x, new_layers[f"layer_{i}"], gates = layer(params["layers"][f"layer_{i}"], x, positions, mask,
+                                               cfg, kv, first_slot, i, deterministic, rng,
+                                               gates)
   h = L.rms_norm(params["final_norm"], x, cfg.rms_norm_eps)
   if cache is None:
     return h
@@ -476,6 +505,8 @@ def num_params(cfg: LlamaConfig) -> int:
 
 def _hf_modules(cfg: LlamaConfig) -> list[tuple[str, str, str, bool]]:
   """(our module path, HF module name, kind, has a bias) for every module of `cfg`."""
+  if cfg.ffn != "swiglu":
+    raise ValueError(f"ffn={cfg.ffn!r} has no Hugging Face Llama layout (names, checkpoints)")
   mods = [("embed", "model.embed_tokens", "embedding", False)]
   for i in range(cfg.num_layers):
     o, h = f"layers/layer_{i}", f"model.layers.{i}"
