@@ -562,10 +562,12 @@ def param_counts(method: str, ad_state, head) -> dict:
           "trainable_params": n_adapter + n_head}
 
 
-def make_steps(adapter, model: Model, task, optimizer, skip_nonfinite: bool = False):
+def make_steps(adapter, model: Model, task, optimizer, skip_nonfinite: bool = False,
+               state_shardings=None):
   """(train_step, eval_step) of `task` on `model`'s output (`steps.make_train_step` /
   `steps.make_eval_step`): the task never sees the model, the model never sees the task;
-  `skip_nonfinite`: a step with a NaN/Inf loss or gradient leaves the state unchanged."""
+  `skip_nonfinite`: a step with a NaN/Inf loss or gradient leaves the state unchanged;
+  `state_shardings`: the train state's shardings, which every step keeps."""
 
   def task_loss(params, batch, rng):
     return task.loss(model.apply(params, batch, train=True, rng=rng), batch)
@@ -573,7 +575,8 @@ def make_steps(adapter, model: Model, task, optimizer, skip_nonfinite: bool = Fa
   def eval_metrics(params, batch):
     return task.eval_metrics(model.apply(params, batch, train=False, rng=None), batch)
 
-  return (steps.make_train_step(adapter, task_loss, optimizer, skip_nonfinite=skip_nonfinite),
+  return (steps.make_train_step(adapter, task_loss, optimizer, skip_nonfinite=skip_nonfinite,
+                                state_shardings=state_shardings),
           steps.make_eval_step(adapter, eval_metrics))
 
 
@@ -664,7 +667,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   del base
   model.params = None
   train_step, eval_step = make_steps(adapter, model, task, tx,
-                                     config.get("nonfinite", "stop") == "skip")
+                                     config.get("nonfinite", "stop") == "skip", state_shardings)
   evaluate = make_evaluate(eval_step, const, data, config.eval_batch_size, task, data_sharding)
 
   ckpt = ckpt_lib.Checkpointer(workdir, config.get("ckpt_every", 0), config.get("keep_ckpts", 2))
