@@ -785,8 +785,9 @@ def process_0_first(name: str, fn: Callable[[], Any]) -> Any:
 def finished_results(config, workdir: str) -> Optional[dict]:
   """The results of a finished run of this config in `workdir` (reported, not retrained), else
   None. A workdir holding a different config is refused (`ckpt_lib.check_workdir_config`)."""
+  stored = {k: v for k, v in config.to_dict().items() if k != "distributed"}   # differs per process
   same = process_0_first("workdir config", lambda: ckpt_lib.check_workdir_config(
-      workdir, config.to_dict(), overwrite=config.get("overwrite", False)))
+      workdir, stored, overwrite=config.get("overwrite", False)))
   results_path = os.path.join(workdir, RESULTS_FILE)
   if not (same and os.path.exists(results_path)):
     return None
