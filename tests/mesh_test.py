@@ -18,7 +18,7 @@ import pytest
 from lowrank_jax import sharding
 
 SCRIPT = textwrap.dedent("""
-    import functools, jax, jax.numpy as jnp, numpy as np
+    import functools, tempfile, jax, jax.numpy as jnp, numpy as np
     from jax.sharding import PartitionSpec as P
     import lowrank_jax as lj
     from configs import common
@@ -106,6 +106,17 @@ SCRIPT = textwrap.dedent("""
           assert not wrong, wrong
           b = flat[f"adapter/{q}/b"]
           assert b.sharding.shard_shape(b.shape) == (4, b.shape[1] // 8), b.sharding
+
+    # Through train_and_evaluate: `config.mesh` moves the run; the results do not change.
+    from configs import digits_lora
+    def digits_run(**mesh):
+      c = digits_lora.get_config("runlocal")
+      c.total_steps, c.eval_every, c.ckpt_every, c.progress, c.save_adapter = 6, 0, 0, False, False
+      c.mesh.update(mesh)
+      return train.train_and_evaluate(c, tempfile.mkdtemp())
+    r_data, r_mixed = digits_run(), digits_run(data=2, fsdp=2, tensor=2)
+    np.testing.assert_allclose(r_mixed["eval_loss"], r_data["eval_loss"], rtol=1e-5)
+    assert r_mixed["accuracy"] == r_data["accuracy"] > 0.2, (r_mixed, r_data)
     print("MESH_OK")
 """)
 
