@@ -31,9 +31,9 @@ float reductions).
 >>> from lowrank_jax import sharding
 >>> kernel_spec = P("fsdp", "tensor")                          # a (64, 32) kernel's spec
 >>> sharding.factor_spec((64, 32), kernel_spec, (64, 4))      # LoRA A (d_in, r)
-PartitionSpec('fsdp', None)
+P('fsdp', None)
 >>> sharding.factor_spec((64, 32), kernel_spec, (4, 32))      # LoRA B (r, d_out)
-PartitionSpec(None, 'tensor')
+P(None, 'tensor')
 """
 from __future__ import annotations
 
@@ -400,17 +400,19 @@ def allgather_json(value: Any) -> list:
 # ---------------------------------------------------------------------------------------------
 
 def describe(params: PyTree, rules: Sequence[Rule],
-             mesh_sizes: Optional[Mapping[str, int]] = None) -> str:
+             mesh_sizes: Optional[Mapping[str, int]] = None,
+             adapter_tree: Optional[PyTree] = None) -> str:
   """A table of each param's spec and the rule that gave it, and the unmatched (replicated)
-  params; with `mesh_sizes`, the per-device shard shapes too (and the rules are checked).
+  params; with `mesh_sizes`, the per-device shard shapes too (and the rules are checked); with
+  `adapter_tree` (an adapter state's trainable tree), the specs of its leaves.
 
   >>> import jax.numpy as jnp
   >>> params = {"q": {"kernel": jnp.zeros((8, 4))}, "norm": {"scale": jnp.zeros((8,))}}
-  >>> print(describe(params, ((r"q/kernel", ("fsdp", "tensor")),), {"data": 1, "fsdp": 2,
-  ...                                                                 "tensor": 2}))
-  path        shape  spec               shard  rule
-  norm/scale  8      PartitionSpec()    8      (unmatched: replicated)
-  q/kernel    8x4    ('fsdp', 'tensor')  4x2    q/kernel
+  >>> rules = ((r"q/kernel", ("fsdp", "tensor")),)
+  >>> print(describe(params, rules, {"data": 1, "fsdp": 2, "tensor": 2}))
+  path        shape  spec                 shard  rule
+  norm/scale  8      P()                  8      (unmatched: replicated)
+  q/kernel    8x4    P('fsdp', 'tensor')  4x2    q/kernel
   1 of 2 params unmatched (replicated): ['norm/scale']
   """
   rows = []
@@ -433,4 +435,10 @@ def describe(params: PyTree, rules: Sequence[Rule],
   fmt = lambda r: "  ".join(f"{c:<{w}}" for c, w in zip(r[:4], widths)) + "  " + r[4]
   lines = [fmt(("path", "shape", "spec", "shard", "rule"))] + [fmt(r) for r in rows]
   lines.append(f"{len(unmatched)} of {len(rows)} params unmatched (replicated): {unmatched}")
+  if adapter_tree is not None:
+    specs = adapter_specs(adapter_tree, params, param_specs(params, rules, mesh_sizes)[0])
+    leaves = jax.tree_util.tree_leaves(specs, is_leaf=lambda x: isinstance(x, P))
+    lines.append("adapter leaves (factors follow their kernels; the rank axis is replicated):")
+    for (name, leaf), spec in zip(tree_lib.flatten_with_names(adapter_tree)[0], leaves):
+      lines.append(f"  {name}  {'x'.join(map(str, _shape(leaf))) or '()'}  {spec!r}")
   return "\n".join(lines)

@@ -153,3 +153,22 @@ def test_rule_that_does_not_divide_is_one_clear_error():
   with pytest.raises(ValueError, match=r"must name each of the mesh axes .* at most once"):
     sharding.param_specs(params, ((r".*kernel", ("tensor", "tensor")),),
                          {"data": 1, "fsdp": 1, "tensor": 1})
+
+
+def test_describe_shows_the_rules_and_the_factor_specs():
+  import jax   # pylint: disable=g-import-not-at-top
+  import lowrank_jax as lj   # pylint: disable=g-import-not-at-top
+  from lowrank_jax import models   # pylint: disable=g-import-not-at-top
+  spec = models.get_model("llama_tiny")
+  params = jax.eval_shape(spec.init, jax.random.key(0))
+  params = {**params, "extra": {"kernel": jax.ShapeDtypeStruct((3, 5), "float32")}}
+  text = lj.describe(lj.lora(2, targets=r".*layer_0/mlp/down_proj/kernel"), params,
+                     partition_rules=spec.partition_rules,
+                     mesh_sizes={"data": 2, "fsdp": 2, "tensor": 2})
+  lines = [" ".join(line.split()) for line in text.splitlines()]
+  assert ("layers/layer_0/mlp/down_proj/kernel 128x64 P('tensor', 'fsdp') 64x32 "
+          ".*/(o_proj|down_proj)/kernel") in lines
+  assert "extra/kernel 3x5 P() 3x5 (unmatched: replicated)" in lines
+  assert "1 of 22 params unmatched (replicated): ['extra/kernel']" in lines
+  assert "layers/layer_0/mlp/down_proj/kernel/a 128x2 P('tensor', None)" in lines   # A: d_in
+  assert "layers/layer_0/mlp/down_proj/kernel/b 2x64 P(None, 'fsdp')" in lines      # B: d_out
