@@ -3,9 +3,10 @@
 Called by `experiments/run.py` and by colabs alike. `train_and_evaluate` composes the parts, in
 order:
 
-  distributed init -> config check -> workdir (refuse a different config) -> mesh -> model (`models.ModelSpec`) and
-  data (the dataset's catalogue entry, grain, checkpointable iterator) -> adapter init
-  (calibration stats if the method needs them) and head -> optimizer (`optim`) -> train state
+  distributed init -> config check -> workdir (refuse a different config) -> mesh -> model
+  (`models.ModelSpec`) and data (the dataset's catalogue entry, grain, checkpointable iterator of
+  this process's shard) -> adapter init (calibration stats if the method needs them) and head ->
+  params and train state placed on the mesh -> optimizer (`optim`) -> train state
   (`steps.init_train_state`) -> the task's train and eval steps (`tasks`, `steps`) -> restore the
   latest checkpoint -> loop (eval, metrics, checkpoints, progress) -> adapter file, results.
 
