@@ -6,9 +6,9 @@ order:
   distributed init -> config check -> workdir (refuse a different config) -> mesh -> model
   (`models.ModelSpec`) and data (the dataset's catalogue entry, grain, checkpointable iterator of
   this process's shard) -> adapter init (calibration stats if the method needs them) and head ->
-  params and train state placed on the mesh -> optimizer (`optim`) -> train state
-  (`steps.init_train_state`) -> the task's train and eval steps (`tasks`, `steps`) -> restore the
-  latest checkpoint -> loop (eval, metrics, checkpoints, progress) -> adapter file, results.
+  optimizer (`optim`) -> train state (`steps.init_train_state`) -> base params and train state
+  placed on the mesh -> the task's train and eval steps (`tasks`, `steps`) -> restore the latest
+  checkpoint -> loop (eval, metrics, checkpoints, progress) -> adapter file, results.
 
 Nothing here knows a model, dataset or task by name: the model spec, the dataset's catalogue entry
 and the task object say what differs. The step (`steps.make_train_step`) takes gradients with
@@ -81,6 +81,9 @@ REQUIRED_FIELDS = ("seed", "total_steps", "batch_size", "model", "dataset", "ada
 # Fields of earlier versions of the config schema; a config still holding one is an error.
 DEPRECATED_FIELDS = ("num_train_steps", "learning_rate", "lr")
 DEFAULT_TASK = "classification"
+# Config fields of how a run is launched, not of what it computes: a run may resume on another
+# mesh (the checkpoint is restored onto its shardings), and each process has its own process_id.
+LAUNCH_FIELDS = ("mesh", "distributed")
 
 
 # =============================================================================================
@@ -786,7 +789,7 @@ def process_0_first(name: str, fn: Callable[[], Any]) -> Any:
 def finished_results(config, workdir: str) -> Optional[dict]:
   """The results of a finished run of this config in `workdir` (reported, not retrained), else
   None. A workdir holding a different config is refused (`ckpt_lib.check_workdir_config`)."""
-  stored = {k: v for k, v in config.to_dict().items() if k != "distributed"}   # differs per process
+  stored = {k: v for k, v in config.to_dict().items() if k not in LAUNCH_FIELDS}
   same = process_0_first("workdir config", lambda: ckpt_lib.check_workdir_config(
       workdir, stored, overwrite=config.get("overwrite", False)))
   results_path = os.path.join(workdir, RESULTS_FILE)

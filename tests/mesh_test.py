@@ -1,11 +1,13 @@
 """Training on a (data, fsdp, tensor) mesh of 8 fake CPU devices equals training on one device.
 
 The tiny Llama decoder (causal LM) and a tiny MiniLM-shaped encoder (classification, with a fully
-trained head) take 20 LoRA steps through the trainer's own pieces (`train.place`,
-`train.make_steps`, `sharding.put_local_batch`) on one device and on data-, fsdp- and
-tensor-sharded meshes; the loss trajectories agree to 1e-5 (fp32: only the order of float
+trained head), one layer each, take 20 LoRA steps through the trainer's own pieces
+(`train.place`, `train.make_steps`, `sharding.put_local_batch`) on one device and on data-, fsdp-
+and tensor-sharded meshes; the loss trajectories agree to 1e-5 (fp32: only the order of float
 reductions differs). The placed shardings are checked against the partition rules: LoRA A
 (d_in, r) takes its kernel's d_in spec, B (r, d_out) its d_out spec, the rank axis replicated.
+Through `train_and_evaluate`, a run checkpointed on the 8-way data mesh resumes on a 2x2x2 mesh
+(`config.mesh`) and ends where the uninterrupted run ended.
 One subprocess, because the device count must be set before JAX starts.
 """
 import os
@@ -28,7 +30,7 @@ SCRIPT = textwrap.dedent("""
     MESHES = {"one": None, "data": {"data": 8}, "fsdp": {"fsdp": 8}, "tensor": {"tensor": 8}}
 
     def llama_case():
-      spec = models.get_model("llama_tiny")
+      spec = models.get_model("llama_tiny").with_config(num_layers=1)
       params = spec.init(jax.random.key(0))
       apply = lambda p, b, *, train, rng: spec.lm_logits(p, b, deterministic=not train, rng=rng)
       k = jax.random.split(jax.random.key(1), STEPS)
@@ -40,9 +42,11 @@ SCRIPT = textwrap.dedent("""
               "lm_head/kernel")
 
     def minilm_case():
-      mcfg = common.base_config().model
-      mcfg.name, mcfg.dropout_rate, mcfg.attention_dropout_rate = "minilm_tiny", 0.0, 0.0
-      model = train.make_model(mcfg, 4, jax.random.key(0))
+      spec = models.get_model("minilm_tiny").with_config(num_layers=1, dropout_rate=0.0,
+                                                         attention_dropout_rate=0.0)
+      params = spec.with_classifier(jax.random.key(5), spec.init(jax.random.key(0)), 4)
+      apply = lambda p, b, *, train, rng: spec.classify(p, b, deterministic=not train, rng=rng)
+      model = train.Model(params, apply, None, spec)
       k = jax.random.key(2)
       batch = {"input_ids": np.asarray(jax.random.randint(k, (B, T), 1, 1000), np.int32),
                "attention_mask": np.ones((B, T), np.int32),
@@ -107,14 +111,21 @@ SCRIPT = textwrap.dedent("""
           b = flat[f"adapter/{q}/b"]
           assert b.sharding.shard_shape(b.shape) == (4, b.shape[1] // 8), b.sharding
 
-    # Through train_and_evaluate: `config.mesh` moves the run; the results do not change.
+    # Through train_and_evaluate: `config.mesh` moves a run, and a checkpoint written on one mesh
+    # resumes on another; the results do not change.
+    import os, shutil
     from configs import digits_lora
-    def digits_run(**mesh):
+    def digits_run(workdir, **mesh):
       c = digits_lora.get_config("runlocal")
-      c.total_steps, c.eval_every, c.ckpt_every, c.progress, c.save_adapter = 6, 0, 0, False, False
+      c.total_steps, c.eval_every, c.ckpt_every, c.progress, c.save_adapter = 6, 0, 3, False, False
       c.mesh.update(mesh)
-      return train.train_and_evaluate(c, tempfile.mkdtemp())
-    r_data, r_mixed = digits_run(), digits_run(data=2, fsdp=2, tensor=2)
+      return train.train_and_evaluate(c, workdir)
+    wd = tempfile.mkdtemp()
+    r_data = digits_run(wd)                      # 8-way data parallel, checkpoints at 3 and 6
+    os.remove(os.path.join(wd, "results.json"))
+    shutil.rmtree(os.path.join(wd, "ckpt", "6"))
+    r_mixed = digits_run(wd, data=2, fsdp=2, tensor=2)
+    assert r_mixed["resumed_from"] == 3, r_mixed["resumed_from"]
     np.testing.assert_allclose(r_mixed["eval_loss"], r_data["eval_loss"], rtol=1e-5)
     assert r_mixed["accuracy"] == r_data["accuracy"] > 0.2, (r_mixed, r_data)
     print("MESH_OK")
