@@ -111,10 +111,6 @@ def batch_sharding(mesh: Mesh) -> NamedSharding:
   return NamedSharding(mesh, P(BATCH_AXES))
 
 
-def replicated(mesh: Mesh) -> NamedSharding:
-  return NamedSharding(mesh, P())
-
-
 # ---------------------------------------------------------------------------------------------
 # Specs of params, adapter state, optimizer state
 # ---------------------------------------------------------------------------------------------
