@@ -135,4 +135,11 @@ def base_config() -> ml_collections.ConfigDict:
   c.progress = True
   c.overwrite = False
   c.nonfinite = "stop"   # NaN/Inf loss or gradient: "stop" the run, or "skip" the update
+  # Device mesh (`lowrank_jax.sharding`): batches split over data x fsdp, params sharded over
+  # fsdp and tensor by the model's partition rules; -1 takes the devices the others leave.
+  c.mesh = ml_collections.ConfigDict({"data": -1, "fsdp": 1, "tensor": 1})
+  # Multi-process runs (`jax.distributed`): "" / 0 / -1 read JAX_COORDINATOR_ADDRESS,
+  # JAX_NUM_PROCESSES, JAX_PROCESS_ID; one process (the default) starts nothing.
+  c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 0,
+                                             "process_id": -1, "auto": False})
   return c

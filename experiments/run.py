@@ -13,6 +13,9 @@ Bad input (unknown field, missing config file, a workdir that is a file or canno
 ends with one `error: ...` line and exit status 1; `LOWRANK_JAX_TRACEBACK=1` shows the traceback.
 Every log record goes to `DIR/run.log`; the terminal shows the progress bar, the results, warnings
 and the log lines of `lowrank_jax` (third-party INFO logs and the config dump stay in the file).
+A multi-process run (`config.distributed`, or the variables JAX_COORDINATOR_ADDRESS,
+JAX_NUM_PROCESSES, JAX_PROCESS_ID) starts the same command in every process; process 0 writes the
+log, metrics, adapter and results.
 """
 import ast
 import glob
@@ -209,7 +212,16 @@ def main(argv):
     if os.environ.get("LOWRANK_JAX_TRACEBACK"):
       raise
     fail(str(e))
-  log_to_file(_WORKDIR.value)
+  import jax  # pylint: disable=g-import-not-at-top
+  from lowrank_jax import sharding  # pylint: disable=g-import-not-at-top
+  try:   # a multi-process run (config.distributed or JAX_* variables) starts before JAX is used
+    sharding.initialize_distributed(config.get("distributed", None))
+  except ValueError as e:
+    fail(str(e))
+  if jax.process_index() == 0:   # process 0 writes the log; the others print warnings only
+    log_to_file(_WORKDIR.value)
+  else:
+    logging.set_verbosity(logging.WARNING)
   from lowrank_jax import train  # pylint: disable=g-import-not-at-top
   if _OVERWRITE.value:
     with config.unlocked():

@@ -11,10 +11,14 @@ from lowrank_jax import structured
 from lowrank_jax import tree as tree_lib
 
 
-def describe(adapter: base_lib.Adapter, params: Any, stats: Optional[Any] = None) -> str:
+def describe(adapter: base_lib.Adapter, params: Any, stats: Optional[Any] = None, *,
+             partition_rules=None, mesh_sizes=None) -> str:
   """A table of the adapter's state per path: shapes and trainable / frozen counts.
 
-  Runs `adapter.init` abstractly (`jax.eval_shape`), so nothing is computed or allocated.
+  Runs `adapter.init` abstractly (`jax.eval_shape`), so nothing is computed or allocated. With
+  `partition_rules` (e.g. `models.get_model(name).partition_rules`), the sharding of the params
+  and of the adapter's trainable leaves follows (`sharding.describe`; `mesh_sizes` such as
+  `{"data": 1, "fsdp": 2, "tensor": 4}` adds per-device shard shapes).
 
   >>> import jax.numpy as jnp, lowrank_jax as lj
   >>> params = {'layer': {'kernel': jnp.ones((8, 8))}}
@@ -43,6 +47,9 @@ def describe(adapter: base_lib.Adapter, params: Any, stats: Optional[Any] = None
     lines.append(f"{path:<{w}}  {nt:>10,}  {nf:>8,}  {shapes}")
   lines.append(f"trainable {n_train:,} of {total_params:,} params "
                f"({100.0 * n_train / max(total_params, 1):.3f}%)")
+  if partition_rules is not None:
+    from lowrank_jax import sharding  # pylint: disable=g-import-not-at-top
+    lines.append(sharding.describe(params, partition_rules, mesh_sizes, state.trainable))
   return "\n".join(lines)
 
 

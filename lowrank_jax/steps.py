@@ -137,7 +137,8 @@ def loss_and_grads(adapter: base_lib.Adapter, task_loss: TaskLoss, state: dict, 
 def make_train_step(adapter: base_lib.Adapter, task_loss: TaskLoss,
                     optimizer: optax.GradientTransformation, *,
                     donate: bool = True,
-                    skip_nonfinite: bool = False) -> Callable[[dict, PyTree, Batch],
+                    skip_nonfinite: bool = False,
+                    state_shardings: Optional[PyTree] = None) -> Callable[[dict, PyTree, Batch],
                                                               tuple[dict, dict]]:
   """The jitted `train_step(state, base, batch) -> (state, metrics)`.
 
@@ -153,6 +154,8 @@ def make_train_step(adapter: base_lib.Adapter, task_loss: TaskLoss,
     skip_nonfinite: a step whose loss or gradients hold a NaN/Inf leaves the adapter, head and
       optimizer state as they were (the step count and data still advance); `metrics["skipped"]`
       is 1 on such a step, else 0.
+    state_shardings: shardings of the train state (a tree like it, `lowrank_jax.sharding`); the
+      new state is constrained to them, so a sharded state keeps its layout from step to step.
 
   Raises:
     ValueError: `adapter.update_grad` is not one of `base.UPDATE_GRADS`.
@@ -180,6 +183,8 @@ def make_train_step(adapter: base_lib.Adapter, task_loss: TaskLoss,
       new_state.update(jax.tree.map(lambda new, old: jnp.where(finite, new, old),
                                     {k: new_state[k] for k in kept}, kept))
       metrics["skipped"] = 1 - finite.astype(jnp.int32)
+    if state_shardings is not None:
+      new_state = jax.lax.with_sharding_constraint(new_state, state_shardings)
     return new_state, metrics
 
   return jax.jit(train_step, donate_argnums=(0,) if donate else ())

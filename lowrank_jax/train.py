@@ -3,11 +3,12 @@
 Called by `experiments/run.py` and by colabs alike. `train_and_evaluate` composes the parts, in
 order:
 
-  config check -> workdir (refuse a different config) -> mesh -> model (`models.ModelSpec`) and
-  data (the dataset's catalogue entry, grain, checkpointable iterator) -> adapter init
-  (calibration stats if the method needs them) and head -> optimizer (`optim`) -> train state
-  (`steps.init_train_state`) -> the task's train and eval steps (`tasks`, `steps`) -> restore the
-  latest checkpoint -> loop (eval, metrics, checkpoints, progress) -> adapter file, results.
+  distributed init -> config check -> workdir (refuse a different config) -> mesh -> model
+  (`models.ModelSpec`) and data (the dataset's catalogue entry, grain, checkpointable iterator of
+  this process's shard) -> adapter init (calibration stats if the method needs them) and head ->
+  optimizer (`optim`) -> train state (`steps.init_train_state`) -> base params and train state
+  placed on the mesh -> the task's train and eval steps (`tasks`, `steps`) -> restore the latest
+  checkpoint -> loop (eval, metrics, checkpoints, progress) -> adapter file, results.
 
 Nothing here knows a model, dataset or task by name: the model spec, the dataset's catalogue entry
 and the task object say what differs. The step (`steps.make_train_step`) takes gradients with
@@ -23,7 +24,16 @@ Config fields (all numbers that change a result live in the config; see `configs
   shuffle_seed}, adapter.{method, factory kwargs...}, optimizer.{name, lr, head_lr, wd, b1, b2,
   schedule, warmup_steps, grad_clip}, task (default "classification"), calib_batches, baseline,
   save_adapter, export_peft, progress, overwrite, nonfinite ("stop": a NaN/Inf loss or gradient
-  stops the run; "skip": that update is skipped and counted).
+  stops the run; "skip": that update is skipped and counted), mesh.{data, fsdp, tensor} (device
+  mesh sizes, one may be -1: the rest; default: every device on `data`), distributed.{
+  coordinator_address, num_processes, process_id, auto} (multi-process runs; see
+  `sharding.initialize_distributed`).
+
+Sharding (`lowrank_jax.sharding`): base params get the model's partition rules, adapter factors
+follow their kernels, the optimizer state its trainable leaves, batches are split over data x
+fsdp. In a multi-process run each process reads its own rows of every batch (its shard of the
+train data), every process writes the orbax checkpoints together, and only process 0 writes the
+workdir's config, lock, metrics, adapter, exports and results.
 
 Task "causal_lm" (a decoder LM, `tasks.CausalLM`) reads, besides:
 
@@ -39,6 +49,7 @@ Task "causal_lm" (a decoder LM, `tasks.CausalLM`) reads, besides:
 """
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import itertools
@@ -58,6 +69,7 @@ from lowrank_jax import checkpoint as ckpt_lib
 from lowrank_jax import metrics as metrics_lib
 from lowrank_jax import optim
 from lowrank_jax import registry
+from lowrank_jax import sharding as sharding_lib
 from lowrank_jax import steps
 from lowrank_jax import targeting
 from lowrank_jax import tasks
@@ -69,6 +81,9 @@ REQUIRED_FIELDS = ("seed", "total_steps", "batch_size", "model", "dataset", "ada
 # Fields of earlier versions of the config schema; a config still holding one is an error.
 DEPRECATED_FIELDS = ("num_train_steps", "learning_rate", "lr")
 DEFAULT_TASK = "classification"
+# Config fields of how a run is launched, not of what it computes: a run may resume on another
+# mesh (the checkpoint is restored onto its shardings), and each process has its own process_id.
+LAUNCH_FIELDS = ("mesh", "distributed")
 
 
 # =============================================================================================
@@ -95,13 +110,16 @@ def num_classes_of(name: str) -> int:
   return data.num_classes(name)
 
 
-def train_iterator(source, transform, batch_size: int, seed: int):
-  """Infinite shuffled batches, reshuffled each epoch; `get_state()`/`set_state()` checkpoint it."""
+def train_iterator(source, transform, batch_size: int, seed: int, shard: tuple[int, int] = (0, 1)):
+  """Infinite shuffled batches, reshuffled each epoch; `get_state()`/`set_state()` checkpoint it.
+
+  `shard` = (index, count): this process reads shard `index` of `count` of `source`, and
+  `batch_size // count` rows of each batch of `batch_size`."""
   from lowrank_jax import data  # pylint: disable=g-import-not-at-top
   if len(source) < batch_size:
     raise ValueError(f"batch_size={batch_size} exceeds the {len(source)} train examples")
-  return data.make_pipeline(source, batch_size=batch_size, seed=seed, num_epochs=None,
-                            transform=transform, shard_index=0, shard_count=1)
+  return data.make_pipeline(source, batch_size=batch_size // shard[1], seed=seed, num_epochs=None,
+                            transform=transform, shard_index=shard[0], shard_count=shard[1])
 
 
 def eval_batches(source, transform, batch_size: int, limit: int = 0) -> list[dict]:
@@ -146,13 +164,15 @@ class Data:
     return eval_batches(source, self.transform, batch_size, limit)
 
 
-def make_data(config, model: "Model") -> Data:
-  """The train and eval sources of `config.dataset`, as inputs of `model`."""
+def make_data(config, model: "Model", shard: tuple[int, int] = (0, 1)) -> Data:
+  """The train and eval sources of `config.dataset`, as inputs of `model`; this process reads
+  train shard `shard` = (index, count)."""
   dcfg = config.dataset
   transform = make_transform(dcfg, model.tokenizer)
   train_source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)
   eval_source = load_split(dcfg, dcfg.eval_split, dcfg.max_eval_examples)
-  train_iter = train_iterator(train_source, transform, config.batch_size, dcfg.shuffle_seed)
+  train_iter = train_iterator(train_source, transform, config.batch_size, dcfg.shuffle_seed,
+                              shard)
   logging.info("data: %d train / %d eval examples of %s", len(train_source), len(eval_source),
                dcfg.name)
   return Data(train_source, eval_source, transform, train_iter)
@@ -280,8 +300,10 @@ def read_all(source, chunk: int = 4096):
     yield from (get_many(list(idx)) if get_many is not None else (source[i] for i in idx))
 
 
-def make_decoder_and_data(config, key: jax.Array) -> tuple["Model", Data]:
-  """The decoder LM of `config.model` and packed batches of `config.dataset`'s texts."""
+def make_decoder_and_data(config, key: jax.Array,
+                          shard: tuple[int, int] = (0, 1)) -> tuple["Model", Data]:
+  """The decoder LM of `config.model` and packed batches of `config.dataset`'s texts; this
+  process packs train shard `shard` = (index, count) into `batch_size // count` rows a batch."""
   from lowrank_jax import data  # pylint: disable=g-import-not-at-top
   dcfg = config.dataset
   params, spec = decoder_spec(config.model, key)
@@ -292,8 +314,9 @@ def make_decoder_and_data(config, key: jax.Array) -> tuple["Model", Data]:
                      lambda: ("".join(formatter(ex)) for ex in read_all(train_source)))
   transform = data.lm_transform(tok, formatter, dcfg.seq_len)
   train_iter = data.make_packed_pipeline(
-      train_source, transform=transform, seq_len=dcfg.seq_len, batch_size=config.batch_size,
-      seed=dcfg.shuffle_seed, num_epochs=None, shard_index=0, shard_count=1)
+      train_source, transform=transform, seq_len=dcfg.seq_len,
+      batch_size=config.batch_size // shard[1], seed=dcfg.shuffle_seed, num_epochs=None,
+      shard_index=shard[0], shard_count=shard[1])
 
   def pack_batches(source, batch_size, limit):
     examples = itertools.islice(read_all(source), limit if limit > 0 else None)
@@ -309,11 +332,13 @@ def make_decoder_and_data(config, key: jax.Array) -> tuple["Model", Data]:
           Data(train_source, eval_source, transform, train_iter, pack_batches, formatter))
 
 
-def make_classifier_and_data(config, key: jax.Array) -> tuple["Model", Data]:
-  """The classifier of `config.model` (an output per class) and batches of `config.dataset`."""
+def make_classifier_and_data(config, key: jax.Array,
+                             shard: tuple[int, int] = (0, 1)) -> tuple["Model", Data]:
+  """The classifier of `config.model` (an output per class) and batches of `config.dataset`
+  (this process reads train shard `shard` = (index, count))."""
   dcfg = config.dataset
   model = make_model(config.model, num_classes_of(dcfg.name), key, dcfg.get("seq_len", 0))
-  return model, make_data(config, model)
+  return model, make_data(config, model, shard)
 
 
 # What the trainer builds for a task's `model_kind`.
@@ -393,6 +418,9 @@ def check_config(config: ml_collections.ConfigDict):
     raise ValueError(f"dataset {config.dataset.name!r} is {entry.modality}; model "
                      f"{spec.name!r} reads {spec.modality}; models that read {entry.modality}: "
                      f"{readers}")
+  if config.get("generate", None) and jax.process_count() > 1:
+    raise ValueError(f"config.generate runs in a single process; this run has "
+                     f"{jax.process_count()}: unset config.generate")
   if config.get("export_peft", False):
     if not registry.facts(config.adapter.method).peft_exportable:
       exportable = [m for m in registry.list_methods() if registry.facts(m).peft_exportable]
@@ -406,9 +434,27 @@ def check_config(config: ml_collections.ConfigDict):
       raise ValueError(f"config.{f} must be >= 1, got {config[f]}")
   check_ranges(config)
   check_seq_len(config, spec)
-  if config.batch_size % jax.device_count():
-    raise ValueError(f"config.batch_size={config.batch_size} is not divisible by the "
-                     f"{jax.device_count()} devices of the data-parallel mesh")
+  check_mesh(config)
+
+
+def mesh_sizes(config) -> dict:
+  """`config.mesh` as {axis: size} (default: every device on `data`)."""
+  mesh = config.get("mesh", None)
+  return mesh.to_dict() if mesh else {"data": -1}
+
+
+def check_mesh(config):
+  """`config.mesh` fits the devices, and the batches split over its data x fsdp devices.
+
+  Raises:
+    ValueError: a bad mesh (`sharding.mesh_shape`), or a batch size it does not divide.
+  """
+  data, fsdp, _ = sharding_lib.mesh_shape(mesh_sizes(config), jax.device_count())
+  for f in ("batch_size", "eval_batch_size"):
+    if f in config and config[f] % (data * fsdp):
+      raise ValueError(f"config.{f}={config[f]} is not divisible by the {data * fsdp} batch "
+                       f"shards of the mesh (data={data} x fsdp={fsdp}); change config.{f} or "
+                       f"config.mesh")
 
 
 # A learning rate above MAX_LR diverges every model here, so it is taken for a typo (1e3 for 1e-3).
@@ -522,10 +568,12 @@ def param_counts(method: str, ad_state, head) -> dict:
           "trainable_params": n_adapter + n_head}
 
 
-def make_steps(adapter, model: Model, task, optimizer, skip_nonfinite: bool = False):
+def make_steps(adapter, model: Model, task, optimizer, skip_nonfinite: bool = False,
+               state_shardings=None):
   """(train_step, eval_step) of `task` on `model`'s output (`steps.make_train_step` /
   `steps.make_eval_step`): the task never sees the model, the model never sees the task;
-  `skip_nonfinite`: a step with a NaN/Inf loss or gradient leaves the state unchanged."""
+  `skip_nonfinite`: a step with a NaN/Inf loss or gradient leaves the state unchanged;
+  `state_shardings`: the train state's shardings, which every step keeps."""
 
   def task_loss(params, batch, rng):
     return task.loss(model.apply(params, batch, train=True, rng=rng), batch)
@@ -533,7 +581,8 @@ def make_steps(adapter, model: Model, task, optimizer, skip_nonfinite: bool = Fa
   def eval_metrics(params, batch):
     return task.eval_metrics(model.apply(params, batch, train=False, rng=None), batch)
 
-  return (steps.make_train_step(adapter, task_loss, optimizer, skip_nonfinite=skip_nonfinite),
+  return (steps.make_train_step(adapter, task_loss, optimizer, skip_nonfinite=skip_nonfinite,
+                                state_shardings=state_shardings),
           steps.make_eval_step(adapter, eval_metrics))
 
 
@@ -548,8 +597,9 @@ def make_evaluate(eval_step, base, data: Data, batch_size: int, task, sharding):
       tasks.check_batch(cache[0], task.eval_keys, "eval")
     totals = {}
     for batch in cache:
-      totals = tasks.sum_metrics(totals, jax.device_get(
-          eval_step(state, base, jax.device_put(batch, sharding))))
+      totals = tasks.sum_metrics(totals, sharding_lib.to_host(
+          eval_step(state, base, sharding_lib.put_global(batch, jax.tree.map(lambda _: sharding,
+                                                                             batch)))))
     return task.summarize(totals)
   return evaluate
 
@@ -580,9 +630,21 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
     ckpt_lib.ConfigMismatchError: `workdir` holds a run of a different config.
     FloatingPointError: the loss became NaN/inf (the message names the step).
   """
+  sharding_lib.initialize_distributed(config.get("distributed", None))
   check_config(config)
-  with ckpt_lib.workdir_lock(workdir):
+  lock = ckpt_lib.workdir_lock(workdir) if jax.process_index() == 0 else contextlib.nullcontext()
+  with lock:
     return _train_and_evaluate(config, workdir)
+
+
+class _SilentWriter:
+  """The metric writer of processes other than 0: writes nothing."""
+
+  def write(self, step, metrics):
+    del step, metrics
+
+  def close(self):
+    pass
 
 
 def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict:
@@ -594,10 +656,12 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if finished is not None:
     return finished
 
-  repl, data_sharding = data_parallel_shardings()
+  mesh = sharding_lib.make_mesh(mesh_sizes(config))
+  data_sharding = sharding_lib.batch_sharding(mesh)
+  shard = sharding_lib.process_batch_shard(data_sharding, config.batch_size)
   k_model, k_adapter, rng_loop = run_keys(config.seed)
   task = tasks.get_task(config.get("task", DEFAULT_TASK))
-  model, data = MODEL_BUILDERS[task.model_kind](config, k_model)
+  model, data = MODEL_BUILDERS[task.model_kind](config, k_model, shard)
   adapter, base, ad_state, head = init_adapter(config, model, data, k_adapter)
   del k_adapter
   counts = param_counts(config.adapter.method, ad_state, head)
@@ -605,18 +669,19 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   init_state = functools.partial(steps.init_train_state, ad_state, tx, head=head, rng=rng_loop)
   # A residual-init method's PEFT export needs the factors its init produced.
   initial = jax.device_get(ad_state) if config.get("export_peft", False) else None
-  const = jax.device_put(base, repl)
+  const, state_shardings = place(mesh, base, init_state, model.spec.partition_rules)
   del base
   model.params = None
   train_step, eval_step = make_steps(adapter, model, task, tx,
-                                     config.get("nonfinite", "stop") == "skip")
+                                     config.get("nonfinite", "stop") == "skip", state_shardings)
   evaluate = make_evaluate(eval_step, const, data, config.eval_batch_size, task, data_sharding)
 
   ckpt = ckpt_lib.Checkpointer(workdir, config.get("ckpt_every", 0), config.get("keep_ckpts", 2))
   try:   # a failing run still finishes the checkpoint it is writing
-    state, start = restore_or_init(ckpt, init_state, data.train_iter, repl)
+    state, start = restore_or_init(ckpt, init_state, data.train_iter, state_shardings)
     del ad_state, head
-    writer = metrics_lib.MetricWriter(workdir, resume_step=start)
+    writer = metrics_lib.MetricWriter(workdir, resume_step=start) \
+        if jax.process_index() == 0 else _SilentWriter()
     before = {}
     if start == 0:
       writer.write(0, {"trainable_params": counts["trainable_params"]})
@@ -625,15 +690,20 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
     state, tokens = train_loop(config, workdir, state, start, train_step, const, data,
                                data_sharding, evaluate, ckpt, writer)
     train_s = time.perf_counter() - t_loop
-    ckpt.maybe_save(config.total_steps, state, data.train_iter.get_state(), force=True)
+    ckpt.maybe_save(config.total_steps, state, data_state_of(data.train_iter), force=True)
     ev = evaluate(state)
     writer.write(config.total_steps, ev)
     writer.close()
   finally:
     ckpt.close()
 
-  adapter_path = save_outputs(config, workdir, model, adapter, jax.device_get(state), initial)
-  ev.update(decoder_outputs(config, workdir, state, adapter, const, model, data))
+  host = sharding_lib.to_host(state)
+  main = jax.process_index() == 0   # process 0 writes the adapter, exports and results
+  adapter_path = save_outputs(config, workdir, model, adapter, host, initial) if main else None
+  if jax.process_count() > 1 and config.get("export_hf", False):   # process 0 alone: host copies
+    state, const = host, sharding_lib.to_host(const)
+  if main:
+    ev.update(decoder_outputs(config, workdir, state, adapter, const, model, data))
   if tokens:
     ev["tokens_per_s"] = tokens / train_s
   if before:
@@ -647,10 +717,11 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   if baseline is not None:
     results["baseline"] = {k: baseline[k] for k in ("accuracy", "eval_loss", "trainable_params",
                                                     "wall_s")}
-  from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
-  with adapter_io.atomic_path(os.path.join(workdir, RESULTS_FILE)) as tmp, open(tmp, "w") as f:
-    json.dump(results, f, indent=2, default=str)
-  _print_summary(results)
+  if main:
+    from lowrank_jax import adapter_io  # pylint: disable=g-import-not-at-top
+    with adapter_io.atomic_path(os.path.join(workdir, RESULTS_FILE)) as tmp, open(tmp, "w") as f:
+      json.dump(results, f, indent=2, default=str)
+    _print_summary(results)
   return results
 
 
@@ -709,11 +780,20 @@ def train_baseline(config, workdir: str) -> Optional[dict]:
   return train_and_evaluate(bcfg, os.path.join(workdir, "baseline"))
 
 
+def process_0_first(name: str, fn: Callable[[], Any]) -> Any:
+  """`fn()` on process 0, then, after every process got there (barrier `name`), on the others
+  (which then find what process 0 wrote)."""
+  out = fn() if jax.process_index() == 0 else None
+  sharding_lib.barrier(name)
+  return out if jax.process_index() == 0 else fn()
+
+
 def finished_results(config, workdir: str) -> Optional[dict]:
   """The results of a finished run of this config in `workdir` (reported, not retrained), else
   None. A workdir holding a different config is refused (`ckpt_lib.check_workdir_config`)."""
-  same = ckpt_lib.check_workdir_config(workdir, config.to_dict(),
-                                       overwrite=config.get("overwrite", False))
+  stored = {k: v for k, v in config.to_dict().items() if k not in LAUNCH_FIELDS}
+  same = process_0_first("workdir config", lambda: ckpt_lib.check_workdir_config(
+      workdir, stored, overwrite=config.get("overwrite", False)))
   results_path = os.path.join(workdir, RESULTS_FILE)
   if not (same and os.path.exists(results_path)):
     return None
@@ -722,32 +802,59 @@ def finished_results(config, workdir: str) -> Optional[dict]:
   if results.get("steps") != config.total_steps:
     return None
   logging.info("%s holds a finished run of this config; not training again", workdir)
-  _print_summary(results)
+  if jax.process_index() == 0:
+    _print_summary(results)
   return results
 
 
-def data_parallel_shardings():
-  """(replicated, batch-sharded) shardings of a data-parallel mesh over all devices ('data')."""
-  # Auto axes: the compiler propagates shardings (explicit axes would put sharding in the types).
-  mesh = jax.make_mesh((jax.device_count(),), ("data",),
-                       axis_types=(jax.sharding.AxisType.Auto,))
-  return (jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec()),
-          jax.sharding.NamedSharding(mesh, jax.sharding.PartitionSpec("data")))
+def place(mesh, base, init_state, rules) -> tuple[Any, Any]:
+  """(base params on `mesh` by the model's partition `rules`, shardings of the train state that
+  `init_state()` makes); logs the params no rule matches (replicated)."""
+  specs, unmatched = sharding_lib.param_specs(base, rules, dict(mesh.shape))
+  if unmatched and mesh.size > 1:
+    logging.info("no partition rule matches %d params (replicated): %s", len(unmatched),
+                 unmatched[:8])
+  state_specs = sharding_lib.train_state_specs(jax.eval_shape(init_state), base, specs)
+  return (sharding_lib.put_global(base, sharding_lib.named(mesh, specs)),
+          sharding_lib.named(mesh, state_specs))
 
 
-def restore_or_init(ckpt, init_state, train_iter, sharding):
+def data_state_of(train_iter) -> Any:
+  """The iterator state a checkpoint holds: this process's, or every process's in a list."""
+  if jax.process_count() == 1:
+    return train_iter.get_state()
+  return {"process_states": sharding_lib.allgather_json(train_iter.get_state())}
+
+
+def set_data_state(train_iter, data_state):
+  """Restores `train_iter` from a checkpoint's iterator state (`data_state_of`).
+
+  Raises:
+    ValueError: the checkpoint was written by another number of processes.
+  """
+  if jax.process_count() > 1:
+    states = data_state.get("process_states", []) if isinstance(data_state, dict) else []
+    if len(states) != jax.process_count():
+      raise ValueError(f"the checkpoint holds the data state of {len(states) or 1} processes; "
+                       f"this run has {jax.process_count()}; resume with as many processes")
+    data_state = states[jax.process_index()]
+  train_iter.set_state(data_state)
+
+
+def restore_or_init(ckpt, init_state, train_iter, shardings):
   """(state, start step): the latest checkpoint (train state and iterator state), else
-  `init_state()` at step 0; the state is placed with `sharding`."""
+  `init_state()` at step 0; the state is placed with `shardings` (a tree like the state)."""
+  fresh = lambda: sharding_lib.put_global(init_state(), shardings)
   if ckpt.latest_step() is None:
-    return jax.device_put(init_state(), sharding), 0
-  abstract = jax.tree.map(lambda s: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sharding),
-                          jax.eval_shape(init_state))
+    return fresh(), 0
+  abstract = jax.tree.map(lambda s, sh: jax.ShapeDtypeStruct(s.shape, s.dtype, sharding=sh),
+                          jax.eval_shape(init_state), shardings)
   restored = ckpt.restore_intact(abstract)   # skips (and warns about) damaged checkpoints
   if restored is None:
     logging.warning("no intact checkpoint; starting at step 0")
-    return jax.device_put(init_state(), sharding), 0
+    return fresh(), 0
   state, data_state, start = restored
-  train_iter.set_state(data_state)
+  set_data_state(train_iter, data_state)
   logging.info("Resumed from the checkpoint at step %d", start)
   return state, start
 
@@ -769,17 +876,18 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
   method, total = config.adapter.method, config.total_steps
   schedule = optim.make_schedule(config.optimizer, config.optimizer.lr, total)
   rank_fn = registry.rank_allocation_fn(method)
+  main = jax.process_index() == 0
   ranks_writer = metrics_lib.JsonlWriter(os.path.join(workdir, "ranks.jsonl"), resume_step=start) \
-      if rank_fn is not None else None
+      if rank_fn is not None and main else None
   progress = metrics_lib.Progress(total, start, config.batch_size,
-                                  enabled=config.get("progress", True),
+                                  enabled=config.get("progress", True) and main,
                                   log_every=config.get("log_every", 50), desc=method)
   log_every = max(1, config.get("log_every", 50))
   eval_every = config.get("eval_every", 0)
   tokens_total, tokens_since, t_log = 0.0, 0.0, time.perf_counter()
   skipped = 0
   for step in range(start + 1, total + 1):
-    batch = jax.device_put(next(data.train_iter), sharding)
+    batch = sharding_lib.put_local_batch(next(data.train_iter), sharding)
     if step == start + 1:
       progress.note("compiling the train step", start)
     with jax.transfer_guard("disallow"):   # no hidden host<->device copies in the step
@@ -810,12 +918,15 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
         extra["tokens_per_s"] = tokens_since / max(now - t_log, 1e-9)
         tokens_since, t_log = 0.0, now
       writer.write(step, {**m, "lr": float(schedule(step - 1)), **extra})
-      if ranks_writer is not None:
-        ranks_writer.write(step, {"ranks": rank_fn(jax.device_get(steps.adapter_state(state)))})
+      if rank_fn is not None:
+        ranks = rank_fn(sharding_lib.to_host(steps.adapter_state(state)))
+        if ranks_writer is not None:
+          ranks_writer.write(step, {"ranks": ranks})
     if eval_every and (step % eval_every == 0) and step != total:
       progress.note("evaluating", step)
       writer.write(step, evaluate(state))
-    if ckpt.maybe_save(step, state, data.train_iter.get_state()):
+    if ckpt.every and step % ckpt.every == 0 and ckpt.maybe_save(
+        step, state, data_state_of(data.train_iter)):
       logging.info("checkpoint at step %d", step)
   if ranks_writer is not None:
     ranks_writer.close()
@@ -825,7 +936,7 @@ def train_loop(config, workdir, state, start, train_step, base, data: Data, shar
 def nonfinite_leaves(tree) -> list[str]:
   """Paths ('/'-joined) of the leaves of `tree` holding a NaN or Inf, in tree order."""
   return [jax.tree_util.keystr(path, simple=True, separator="/")
-          for path, leaf in jax.tree_util.tree_leaves_with_path(jax.device_get(tree))
+          for path, leaf in jax.tree_util.tree_leaves_with_path(sharding_lib.to_host(tree))
           if np.issubdtype(np.asarray(leaf).dtype, np.inexact)
           and not np.all(np.isfinite(leaf))]
 

@@ -64,6 +64,11 @@ class ModelSpec(NamedTuple):
     return getattr(self.module, "MODALITY", None)
 
   @property
+  def partition_rules(self) -> tuple:
+    """The model's `(regex, spec)` partition rules (`lowrank_jax.sharding`); () replicates all."""
+    return tuple(getattr(self.module, "PARTITION_RULES", ()))
+
+  @property
   def hf_hub_name(self) -> Optional[str]:
     """The Hugging Face checkpoint the model's weights come from (None: none)."""
     return getattr(self.module, "HF_HUB_NAME", None)

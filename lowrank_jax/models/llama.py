@@ -62,6 +62,17 @@ from lowrank_jax.models import monet
 
 ROPE_TYPES = ("linear", "llama3")
 FFNS = ("swiglu", "monet")
+# `lowrank_jax.sharding` rules (regex on the param path -> spec per dim): Megatron-style tensor
+# parallelism (column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding and
+# lm head), fsdp on each kernel's other dim; norms replicated.
+PARTITION_RULES = (
+    (r"embed/embedding", ("tensor", "fsdp")),
+    (r".*/(q_proj|k_proj|v_proj|gate_proj|up_proj)/kernel", ("fsdp", "tensor")),
+    (r".*/(o_proj|down_proj)/kernel", ("tensor", "fsdp")),
+    (r".*/(q_proj|k_proj|v_proj|gate_proj|up_proj)/bias", ("tensor",)),
+    (r".*/(o_proj|down_proj)/bias|.*norm/scale", ()),
+    (r"lm_head/kernel", ("fsdp", "tensor")),
+)
 
 
 @dataclasses.dataclass(frozen=True)

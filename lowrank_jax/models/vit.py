@@ -46,6 +46,14 @@ import jax.numpy as jnp
 from lowrank_jax.models import _layers as L
 
 MODALITY = "image"   # `classify` reads `batch["image"]`
+# `lowrank_jax.sharding` rules (regex on the param path -> spec per dim): column-parallel
+# query/key/value/fc1, row-parallel output/fc2 over `tensor`, fsdp on each kernel's other dim; the
+# patch embedding, tokens, norms and biases replicated.
+PARTITION_RULES = (
+    (r".*/attention/(query|key|value)/kernel|.*/mlp/fc1/kernel", ("fsdp", "tensor")),
+    (r".*/attention/output/kernel|.*/mlp/fc2/kernel", ("tensor", "fsdp")),
+    (r".*/bias|.*norm\d?/scale|patch_embed/kernel|cls_token|pos_embed", ()),
+)
 
 
 @dataclasses.dataclass(frozen=True)
