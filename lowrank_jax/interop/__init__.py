@@ -1,0 +1,8 @@
+"""Factored adapters on unmodified Flax models: `linen_apply` (linen) and `nnx_apply` (nnx).
+
+Structured weights (`lowrank_jax.structured`) stand where a stock model's kernels stood; these entry
+points run the stock layers' products through them (factored) instead of merging them.
+"""
+from lowrank_jax.interop.linen import linen_apply
+
+__all__ = ["linen_apply"]
