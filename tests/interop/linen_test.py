@@ -1,0 +1,115 @@
+"""lj.interop.linen_apply on stock linen models: equal to the merged path, factored gradients."""
+import flax
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+import lowrank_jax as lj
+from lowrank_jax import targeting
+from lowrank_jax import testing
+from tests.interop import checks
+from tests.interop import stock_models
+
+VIT_AXES = {r".*/(query|key|value)/kernel": 1, r".*/out/kernel": 2, r"embedding/kernel": "conv"}
+TAGGER_AXES = {r"split/kernel": 1, r"join/kernel": 2, r"heads/kernel": 1}
+
+
+def _paths(tree):
+  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
+
+
+def _compare(model, adapter, kernel_axes, inputs, *, rtol=1e-5, dtype=jnp.float32):
+  """Factored (`linen_apply`) vs merged outputs and adapter gradients; the factored gradient
+  jaxpr has no product of an adapted kernel's shape, the merged one has (so the check can fail)."""
+  params = model.init(jax.random.key(0), *inputs)["params"]
+  base, state = adapter.init(jax.random.key(1), params)
+  state = testing.perturb(state, jax.random.key(2))
+  adapted = _paths(adapter.apply(base, state))
+  kernels = {p: (w.shape, len(targeting.kernel_axes(p, tuple(w.shape), kernel_axes).in_axes))
+             for p, w in adapted.items() if isinstance(w, lj.Structured)}
+  assert kernels
+
+  def forward(trainable, merged):
+    p = adapter.apply(base, lj.AdapterState(trainable, state.frozen))
+    if merged:
+      return model.apply({"params": lj.merge(p)}, *inputs)
+    return lj.interop.linen_apply(model, {"params": p}, *inputs)
+
+  out = forward(state.trainable, False)
+  ref = forward(state.trainable, True)
+  assert out.dtype == ref.dtype == (dtype if dtype is not None else jnp.float32)
+  checks.assert_trees_close(out, ref, rtol)
+  cot = jax.random.normal(jax.random.key(3), ref.shape)
+  loss = lambda merged: lambda t: jnp.sum(forward(t, merged).astype(jnp.float32) * cot)
+  checks.assert_trees_close(jax.grad(loss(False))(state.trainable),
+                            jax.grad(loss(True))(state.trainable), rtol)
+  dense = checks.kernel_shapes(kernels)
+  assert not checks.product_shapes(jax.grad(loss(False)), state.trainable) & dense
+  assert checks.product_shapes(jax.grad(loss(True)), state.trainable) & dense
+
+
+@pytest.mark.parametrize("adapter", [lj.lora(3, 6.0, targets=r".*kernel"),
+                                     lj.loldu(3, 2.0, targets=r".*kernel")],
+                         ids=["lora", "loldu"])
+def test_mlp(adapter):
+  _compare(stock_models.LinenMLP(), adapter, None,
+           (jax.random.normal(jax.random.key(4), (9, 13)),))
+
+
+VIT_IMAGE = jax.random.normal(jax.random.key(5), (3, 8, 8, 3))
+
+
+@pytest.mark.parametrize("adapter", [
+    lj.lora(2, 4.0, targets=r".*kernel", kernel_axes=VIT_AXES),
+    lj.krona(targets=r".*MlpBlock_0/Dense_\d/kernel"),
+], ids=["lora_all_incl_conv", "krona_mlp"])
+def test_vit(adapter):
+  _compare(stock_models.LinenViT(), adapter, VIT_AXES, (VIT_IMAGE,))
+
+
+def test_vit_bf16():
+  """dtype=bfloat16 (float32 params): the product runs in bf16 as in the stock layer; the two
+  paths round differently, so they agree to bf16 precision."""
+  _compare(stock_models.LinenViT(dtype=jnp.bfloat16),
+           lj.lora(2, 4.0, targets=r".*kernel", kernel_axes=VIT_AXES), VIT_AXES, (VIT_IMAGE,),
+           rtol=3e-2, dtype=jnp.bfloat16)
+
+
+def test_embed_attend_dense_general_einsum():
+  x = jax.random.normal(jax.random.key(6), (4, 5))
+  _compare(stock_models.LinenTagger(),
+           lj.lora(2, 3.0, targets=r".*(kernel|embedding)", kernel_axes=TAGGER_AXES),
+           TAGGER_AXES, (x, jnp.array([3, 0, 10, 7])))
+
+
+class _GroupedAndCustom(flax.linen.Module):
+  @flax.linen.compact
+  def __call__(self, x):
+    x = flax.linen.Conv(4, (3, 3), feature_group_count=2, name="grouped")(x)
+    return flax.linen.Dense(3, dot_general=jax.lax.dot_general, name="custom")(x)
+
+
+def test_unroutable_layers_fall_back_to_merged_with_one_warning():
+  model = _GroupedAndCustom()
+  x = jax.random.normal(jax.random.key(7), (2, 5, 5, 4))
+  params = model.init(jax.random.key(0), x)["params"]
+  adapter = lj.lora(2, targets=r".*kernel", kernel_axes={r"grouped/kernel": "conv"})
+  base, state = adapter.init(jax.random.key(1), params)
+  adapted = adapter.apply(base, testing.perturb(state, jax.random.key(2)))
+  with pytest.warns(RuntimeWarning) as record:
+    out = lj.interop.linen_apply(model, {"params": adapted}, x)
+  text = " ".join(str(r.message) for r in record)
+  assert "params/grouped/kernel" in text and "feature_group_count 2" in text
+  assert "params/custom/kernel" in text and "custom dot_general" in text
+  np.testing.assert_allclose(out, model.apply({"params": lj.merge(adapted)}, x), rtol=1e-6)
+
+
+def test_wrong_shape_is_refused_naming_the_parameter():
+  model = stock_models.LinenMLP()
+  x = jnp.ones((2, 13))
+  params = model.init(jax.random.key(0), x)["params"]
+  wrong = lj.LowRank(jnp.zeros((16, 24)), jnp.zeros((16, 2)), jnp.zeros((2, 24)))
+  params["Dense_1"]["kernel"] = wrong
+  with pytest.raises(flax.errors.ScopeParamShapeError, match="kernel.*Dense_1"):
+    lj.interop.linen_apply(model, {"params": params}, x)
