@@ -2,6 +2,7 @@
 import math
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 
 PRODUCTS = ("dot_general", "conv_general_dilated")
@@ -23,16 +24,50 @@ def product_shapes(fn, *args) -> set:
 
 
 def kernel_shapes(kernels: dict) -> set:
-  """The full shapes of the adapted kernels {path: (shape, in_ndim)} and their (d_in, d_out)."""
+  """The full shapes of the adapted kernels {path: (shape, in_ndim)}, their (d_in, d_out) and the
+  transposes of both (a weight gradient may come out transposed)."""
   out = set()
   for shape, in_ndim in kernels.values():
-    out.add(tuple(shape))
-    out.add((math.prod(shape[:in_ndim]), math.prod(shape[in_ndim:])))
+    for s in (tuple(shape), (math.prod(shape[:in_ndim]), math.prod(shape[in_ndim:]))):
+      out.update((s, s[::-1]))
   return out
 
 
-def assert_trees_close(a, b, rtol=1e-5):
-  """Leafwise |a − b| <= rtol·(|b| + max|b|): relative, with the leaf's scale as the floor."""
+def assert_trees_close(a, b, rtol=1e-5, *, norm=False):
+  """Leafwise |a − b| <= rtol·(|b| + max|b|) (relative, with the leaf's scale as the floor), or
+  with `norm` ‖a − b‖ <= rtol·‖b‖ per leaf (for bf16, where single entries round far apart)."""
   for x, y in zip(jax.tree_util.tree_leaves(a), jax.tree_util.tree_leaves(b), strict=True):
     x, y = np.asarray(x, np.float64), np.asarray(y, np.float64)
-    np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * float(np.abs(y).max()))
+    if norm:
+      assert np.linalg.norm(x - y) <= rtol * np.linalg.norm(y), (np.linalg.norm(x - y),
+                                                                 np.linalg.norm(y))
+    else:
+      np.testing.assert_allclose(x, y, rtol=rtol, atol=rtol * float(np.abs(y).max()))
+
+
+def compare_paths(forward, trainable, kernels: dict, *, rtol=1e-5, grad_rtol=None,
+                  dtype=jnp.float32):
+  """`forward(trainable, merged)` of the factored path (merged=False) vs the merged path: outputs
+  and adapter gradients agree to `rtol` (`grad_rtol`, default `rtol`), outputs have `dtype`; the factored path's gradient jaxpr
+  has no product of an adapted kernel's shape, the merged path's has (so the check can fail).
+
+  One jitted (output, gradient) function per path: the gradient is the VJP of a fixed random
+  cotangent. Below float32 (`dtype` bf16) the comparison is of per-leaf norms.
+  """
+  shape = jax.eval_shape(lambda t: forward(t, True), trainable).shape
+  cot = jax.random.normal(jax.random.key(3), shape)
+
+  def out_and_grad(merged):
+    def f(t):
+      out, vjp = jax.vjp(lambda tt: forward(tt, merged).astype(jnp.float32), t)
+      return out, vjp(cot)[0]
+    return f
+
+  dense = kernel_shapes(kernels)
+  assert not product_shapes(out_and_grad(False), trainable) & dense
+  assert product_shapes(out_and_grad(True), trainable) & dense
+  (out, grad), (ref, ref_grad) = (jax.jit(out_and_grad(m))(trainable) for m in (False, True))
+  assert jax.eval_shape(lambda t: forward(t, False), trainable).dtype == dtype
+  low_precision = jnp.finfo(dtype).bits < 32
+  assert_trees_close(out, ref, rtol, norm=low_precision)
+  assert_trees_close(grad, ref_grad, grad_rtol or rtol, norm=low_precision)

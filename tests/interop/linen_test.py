@@ -19,7 +19,7 @@ def _paths(tree):
   return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
 
 
-def _compare(model, adapter, kernel_axes, inputs, *, rtol=1e-5, dtype=jnp.float32):
+def _compare(model, adapter, kernel_axes, inputs, **tolerances):
   """Factored (`linen_apply`) vs merged outputs and adapter gradients; the factored gradient
   jaxpr has no product of an adapted kernel's shape, the merged one has (so the check can fail)."""
   params = model.init(jax.random.key(0), *inputs)["params"]
@@ -36,22 +36,11 @@ def _compare(model, adapter, kernel_axes, inputs, *, rtol=1e-5, dtype=jnp.float3
       return model.apply({"params": lj.merge(p)}, *inputs)
     return lj.interop.linen_apply(model, {"params": p}, *inputs)
 
-  out = forward(state.trainable, False)
-  ref = forward(state.trainable, True)
-  assert out.dtype == ref.dtype == (dtype if dtype is not None else jnp.float32)
-  checks.assert_trees_close(out, ref, rtol)
-  cot = jax.random.normal(jax.random.key(3), ref.shape)
-  loss = lambda merged: lambda t: jnp.sum(forward(t, merged).astype(jnp.float32) * cot)
-  checks.assert_trees_close(jax.grad(loss(False))(state.trainable),
-                            jax.grad(loss(True))(state.trainable), rtol)
-  dense = checks.kernel_shapes(kernels)
-  assert not checks.product_shapes(jax.grad(loss(False)), state.trainable) & dense
-  assert checks.product_shapes(jax.grad(loss(True)), state.trainable) & dense
+  checks.compare_paths(forward, state.trainable, kernels, **tolerances)
 
 
-@pytest.mark.parametrize("adapter", [lj.lora(3, 6.0, targets=r".*kernel"),
-                                     lj.loldu(3, 2.0, targets=r".*kernel")],
-                         ids=["lora", "loldu"])
+@pytest.mark.parametrize("adapter", [lj.loldu(3, 2.0, targets=r".*kernel"),
+                                     lj.krona(targets=r".*kernel")], ids=["loldu", "krona"])
 def test_mlp(adapter):
   _compare(stock_models.LinenMLP(), adapter, None,
            (jax.random.normal(jax.random.key(4), (9, 13)),))
@@ -60,20 +49,19 @@ def test_mlp(adapter):
 VIT_IMAGE = jax.random.normal(jax.random.key(5), (3, 8, 8, 3))
 
 
-@pytest.mark.parametrize("adapter", [
-    lj.lora(2, 4.0, targets=r".*kernel", kernel_axes=VIT_AXES),
-    lj.krona(targets=r".*MlpBlock_0/Dense_\d/kernel"),
-], ids=["lora_all_incl_conv", "krona_mlp"])
-def test_vit(adapter):
-  _compare(stock_models.LinenViT(), adapter, VIT_AXES, (VIT_IMAGE,))
+def test_vit_lora_on_every_kernel_incl_patch_conv():
+  _compare(stock_models.LinenViT(), lj.lora(2, 4.0, targets=r".*kernel", kernel_axes=VIT_AXES),
+           VIT_AXES, (VIT_IMAGE,))
 
 
 def test_vit_bf16():
-  """dtype=bfloat16 (float32 params): the product runs in bf16 as in the stock layer; the two
-  paths round differently, so they agree to bf16 precision."""
+  """dtype=bfloat16 (float32 params): the products run in bf16 as in the stock layer. The paths
+  round differently (the factored one forms the factor gradients in bf16, the merged one a bf16
+  dW that is contracted with the factors in float32): against the float32 model's gradients both
+  are off by 1-7% per leaf here, so they are compared at 2% (outputs) and 10% (gradients)."""
   _compare(stock_models.LinenViT(dtype=jnp.bfloat16),
            lj.lora(2, 4.0, targets=r".*kernel", kernel_axes=VIT_AXES), VIT_AXES, (VIT_IMAGE,),
-           rtol=3e-2, dtype=jnp.bfloat16)
+           rtol=2e-2, grad_rtol=0.1, dtype=jnp.bfloat16)
 
 
 def test_embed_attend_dense_general_einsum():

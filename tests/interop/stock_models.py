@@ -50,7 +50,7 @@ class LinenViT(nn.Module):
   num_classes: int = 7
   patch: int = 4
   width: int = 12
-  depth: int = 2
+  depth: int = 1
   mlp_dim: int = 20
   num_heads: int = 2
   dtype: Any = None
