@@ -10,9 +10,8 @@ and the front end falls back to the merged kernel for that layer.
 from __future__ import annotations
 
 import contextlib
-import math
 import warnings
-from typing import Any, Optional
+from typing import Optional
 
 import jax
 import jax.numpy as jnp
@@ -40,12 +39,6 @@ def cast(w: structured.Structured, dtype) -> structured.Structured:
     leaf = jnp.asarray(leaf)
     return leaf.astype(dtype) if jnp.issubdtype(leaf.dtype, jnp.floating) else leaf
   return jax.tree_util.tree_map(to, w)
-
-
-def compute_dtype(promoted_kernel_stand_in) -> Any:
-  """The dtype a layer's promotion gave its kernel (the stand-in is a 0-d array of the kernel's
-  dtype passed through the layer's own `promote_dtype`)."""
-  return promoted_kernel_stand_in.dtype
 
 
 def precision_name(precision) -> Optional[str]:
@@ -212,6 +205,3 @@ def shape_error(where: str, leaf, expected) -> ValueError:
   return ValueError(f"{where}: the structured weight's dense shape {tuple(leaf.shape)} differs "
                     f"from the layer's kernel shape {tuple(expected)}")
 
-
-def size(shape) -> int:
-  return math.prod(shape)

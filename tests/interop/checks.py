@@ -5,6 +5,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from lowrank_jax import structured
+from lowrank_jax import targeting
+
 PRODUCTS = ("dot_general", "conv_general_dilated")
 
 
@@ -20,6 +23,19 @@ def product_shapes(fn, *args) -> set:
         walk(sub)
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
+  return found
+
+
+def adapted_kernels(params, kernel_axes) -> dict:
+  """{path: (dense shape, number of input axes)} of the structured leaves of `params`."""
+  found = {}
+
+  def collect(path, leaf):
+    if isinstance(leaf, structured.Structured):
+      p = "/".join(str(k.key) for k in path)
+      axes = targeting.kernel_axes(p, tuple(leaf.shape), kernel_axes)
+      found[p] = (tuple(leaf.shape), len(axes.in_axes))
+  jax.tree_util.tree_map_with_path(collect, params, is_leaf=structured.is_structured)
   return found
 
 

@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import lowrank_jax as lj
-from lowrank_jax import targeting
 from lowrank_jax import testing
 from tests.interop import checks
 from tests.interop import stock_models
@@ -15,19 +14,13 @@ VIT_AXES = {r".*/(query|key|value)/kernel": 1, r".*/out/kernel": 2, r"embedding/
 TAGGER_AXES = {r"split/kernel": 1, r"join/kernel": 2, r"heads/kernel": 1}
 
 
-def _paths(tree):
-  return {"/".join(k): v for k, v in flax.traverse_util.flatten_dict(tree).items()}
-
-
 def _compare(model, adapter, kernel_axes, inputs, **tolerances):
   """Factored (`linen_apply`) vs merged outputs and adapter gradients; the factored gradient
   jaxpr has no product of an adapted kernel's shape, the merged one has (so the check can fail)."""
   params = model.init(jax.random.key(0), *inputs)["params"]
   base, state = adapter.init(jax.random.key(1), params)
   state = testing.perturb(state, jax.random.key(2))
-  adapted = _paths(adapter.apply(base, state))
-  kernels = {p: (w.shape, len(targeting.kernel_axes(p, tuple(w.shape), kernel_axes).in_axes))
-             for p, w in adapted.items() if isinstance(w, lj.Structured)}
+  kernels = checks.adapted_kernels(adapter.apply(base, state), kernel_axes)
   assert kernels
 
   def forward(trainable, merged):

@@ -5,6 +5,8 @@ import flax.linen as nn
 import jax.numpy as jnp
 from flax import nnx
 
+from experiments import bench_flax
+
 
 class LinenMLP(nn.Module):
   """flax examples' MLP: Dense layers with a ReLU between them."""
@@ -18,57 +20,9 @@ class LinenMLP(nn.Module):
     return nn.Dense(self.features[-1], dtype=self.dtype, name="head")(x)
 
 
-class MlpBlock(nn.Module):
-  mlp_dim: int
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    d = x.shape[-1]
-    x = nn.gelu(nn.Dense(self.mlp_dim, dtype=self.dtype, name="Dense_0")(x))
-    return nn.Dense(d, dtype=self.dtype, name="Dense_1")(x)
-
-
-class Encoder1DBlock(nn.Module):
-  mlp_dim: int
-  num_heads: int
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, x):
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    y = nn.MultiHeadDotProductAttention(num_heads=self.num_heads, dtype=self.dtype,
-                                        name="MultiHeadDotProductAttention_0")(y, y)
-    x = x + y
-    y = nn.LayerNorm(dtype=self.dtype)(x)
-    return x + MlpBlock(self.mlp_dim, dtype=self.dtype, name="MlpBlock_0")(y)
-
-
-class LinenViT(nn.Module):
-  """big_vision's ViT in miniature: patch-embedding Conv, class token, learned position
-  embedding, pre-LN encoder blocks (DenseGeneral attention, MLP block), final LayerNorm, head."""
-  num_classes: int = 7
-  patch: int = 4
-  width: int = 12
-  depth: int = 1
-  mlp_dim: int = 20
-  num_heads: int = 2
-  dtype: Any = None
-
-  @nn.compact
-  def __call__(self, image):
-    x = nn.Conv(self.width, (self.patch, self.patch), strides=(self.patch, self.patch),
-                padding="VALID", dtype=self.dtype, name="embedding")(image)
-    n, h, w, c = x.shape
-    x = jnp.reshape(x, (n, h * w, c))
-    cls = self.param("cls", nn.initializers.zeros, (1, 1, c))
-    x = jnp.concatenate([jnp.tile(cls, (n, 1, 1)).astype(x.dtype), x], axis=1)
-    x = x + self.param("pos_embedding", nn.initializers.normal(0.02), (1, h * w + 1, c))
-    for i in range(self.depth):
-      x = Encoder1DBlock(self.mlp_dim, self.num_heads, dtype=self.dtype,
-                         name=f"encoderblock_{i}")(x)
-    x = nn.LayerNorm(name="encoder_norm")(x)
-    return nn.Dense(self.num_classes, dtype=self.dtype, name="head")(x[:, 0])
+# big_vision's ViT in miniature (patch-embedding Conv, class token, DenseGeneral attention, MLP
+# block, LayerNorms, head): the benchmark's model, defined there once.
+LinenViT = bench_flax.ViT
 
 
 class NnxBlock(nnx.Module):
