@@ -32,9 +32,16 @@ def _compare(model, adapter, kernel_axes, inputs, **tolerances):
   checks.compare_paths(forward, state.trainable, kernels, **tolerances)
 
 
-@pytest.mark.parametrize("adapter", [lj.loldu(3, 2.0, targets=r".*kernel"),
-                                     lj.krona(targets=r".*kernel")], ids=["loldu", "krona"])
-def test_mlp(adapter):
+def _by_layer(path, leaf):
+  """LoLDU on the first Dense, KronA on the second, LoRA on the head (one compile, 3 methods)."""
+  del leaf
+  return {"Dense_0/kernel": "loldu", "Dense_1/kernel": "krona", "head/kernel": "lora"}.get(path)
+
+
+def test_mlp_loldu_krona_lora():
+  adapter = lj.partition({"loldu": lj.loldu(3, 2.0, targets=r".*kernel"),
+                          "krona": lj.krona(targets=r".*kernel"),
+                          "lora": lj.lora(2, 4.0, targets=r".*kernel")}, _by_layer)
   _compare(stock_models.LinenMLP(), adapter, None,
            (jax.random.normal(jax.random.key(4), (9, 13)),))
 

@@ -38,11 +38,18 @@ def _compare(model, adapter, kernel_axes, inputs):
 X = jax.random.normal(jax.random.key(4), (2, 5, 12))
 
 
-@pytest.mark.parametrize("adapter", [
-    lj.lora(2, 4.0, targets=r".*kernel", kernel_axes=BLOCK_AXES),
-    lj.loldu(3, 2.0, targets=r".*(fc\d|attn/(query|value))/kernel", kernel_axes=BLOCK_AXES),
-], ids=["lora_all", "loldu"])
-def test_transformer_block(adapter):
+def _by_layer(path, leaf):
+  """LoLDU on the MLP and on the query projection, LoRA on the other attention projections."""
+  del leaf
+  if path.endswith("kernel"):
+    return "loldu" if path.startswith("fc") or path == "attn/query/kernel" else "lora"
+  return None
+
+
+def test_transformer_block_lora_and_loldu():
+  adapter = lj.partition({"lora": lj.lora(2, 4.0, targets=r".*kernel", kernel_axes=BLOCK_AXES),
+                          "loldu": lj.loldu(3, 2.0, targets=r".*kernel",
+                                            kernel_axes=BLOCK_AXES)}, _by_layer)
   _compare(stock_models.NnxBlock(12, 2, 20, rngs=nnx.Rngs(0)), adapter, BLOCK_AXES, (X,))
 
 
