@@ -7,6 +7,7 @@ import numpy as np
 
 from lowrank_jax import structured
 from lowrank_jax import targeting
+from lowrank_jax import testing
 
 PRODUCTS = ("dot_general", "conv_general_dilated")
 
@@ -24,6 +25,15 @@ def product_shapes(fn, *args) -> set:
 
   walk(jax.make_jaxpr(fn)(*args).jaxpr)
   return found
+
+
+def init_perturbed(adapter, make_params):
+  """(params, base, state): `make_params()` (compiled: an eager model init compiles op by op),
+  `adapter.init` on them (eager: some inits check values) and every trainable leaf perturbed off
+  its init."""
+  params = jax.jit(make_params)()
+  base, state = adapter.init(jax.random.key(1), params)
+  return params, base, jax.jit(testing.perturb)(state, jax.random.key(2))
 
 
 def adapted_kernels(params, kernel_axes) -> dict:

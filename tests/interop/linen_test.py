@@ -6,7 +6,6 @@ import numpy as np
 import pytest
 
 import lowrank_jax as lj
-from lowrank_jax import testing
 from tests.interop import checks
 from tests.interop import stock_models
 
@@ -17,9 +16,8 @@ TAGGER_AXES = {r"split/kernel": 1, r"join/kernel": 2, r"heads/kernel": 1}
 def _compare(model, adapter, kernel_axes, inputs, **tolerances):
   """Factored (`linen_apply`) vs merged outputs and adapter gradients; the factored gradient
   jaxpr has no product of an adapted kernel's shape, the merged one has (so the check can fail)."""
-  params = model.init(jax.random.key(0), *inputs)["params"]
-  base, state = adapter.init(jax.random.key(1), params)
-  state = testing.perturb(state, jax.random.key(2))
+  _, base, state = checks.init_perturbed(
+      adapter, lambda: model.init(jax.random.key(0), *inputs)["params"])
   kernels = checks.adapted_kernels(adapter.apply(base, state), kernel_axes)
   assert kernels
 
@@ -81,16 +79,17 @@ class _GroupedAndCustom(flax.linen.Module):
 def test_unroutable_layers_fall_back_to_merged_with_one_warning():
   model = _GroupedAndCustom()
   x = jax.random.normal(jax.random.key(7), (2, 5, 5, 4))
-  params = model.init(jax.random.key(0), x)["params"]
   adapter = lj.lora(2, targets=r".*kernel", kernel_axes={r"grouped/kernel": "conv"})
-  base, state = adapter.init(jax.random.key(1), params)
-  adapted = adapter.apply(base, testing.perturb(state, jax.random.key(2)))
+  _, base, state = checks.init_perturbed(
+      adapter, lambda: model.init(jax.random.key(0), x)["params"])
+  adapted = adapter.apply(base, state)
   with pytest.warns(RuntimeWarning) as record:
-    out = lj.interop.linen_apply(model, {"params": adapted}, x)
+    out = jax.jit(lambda p: lj.interop.linen_apply(model, {"params": p}, x))(adapted)
   text = " ".join(str(r.message) for r in record)
   assert "params/grouped/kernel" in text and "feature_group_count 2" in text
   assert "params/custom/kernel" in text and "custom dot_general" in text
-  np.testing.assert_allclose(out, model.apply({"params": lj.merge(adapted)}, x), rtol=1e-6)
+  ref = jax.jit(lambda p: model.apply({"params": lj.merge(p)}, x))(adapted)
+  np.testing.assert_allclose(out, ref, rtol=1e-6)
 
 
 def test_wrong_shape_is_refused_naming_the_parameter():

@@ -6,7 +6,6 @@ import pytest
 from flax import nnx
 
 import lowrank_jax as lj
-from lowrank_jax import testing
 from tests.interop import checks
 from tests.interop import stock_models
 
@@ -18,8 +17,8 @@ def _compare(model, adapter, kernel_axes, inputs):
   """Factored (`nnx_merge` of the split model with structured Param values) vs `nnx.merge` of
   the merged values: outputs, adapter gradients, gradient jaxpr (see `checks.compare_paths`)."""
   graphdef, params_state = nnx.split(model, nnx.Param)
-  base, state = adapter.init(jax.random.key(1), nnx.to_pure_dict(params_state))
-  state = testing.perturb(state, jax.random.key(2))
+  pure = nnx.to_pure_dict(params_state)
+  _, base, state = checks.init_perturbed(adapter, lambda: pure)
   kernels = checks.adapted_kernels(adapter.apply(base, state), kernel_axes)
   assert kernels
 
@@ -61,8 +60,9 @@ def test_embed_attend_linear_general_einsum_conv():
 
 def _adapted_state(model, adapter):
   graphdef, st = nnx.split(model, nnx.Param)
-  base, state = adapter.init(jax.random.key(1), nnx.to_pure_dict(st))
-  adapted = adapter.apply(base, testing.perturb(state, jax.random.key(2)))
+  pure = nnx.to_pure_dict(st)
+  _, base, state = checks.init_perturbed(adapter, lambda: pure)
+  adapted = adapter.apply(base, state)
   return graphdef, st, adapted
 
 
