@@ -32,7 +32,8 @@ from experiments import bench
 from lowrank_jax import steps
 from lowrank_jax import tasks
 
-ATTENTION_AND_MLP = r".*/(MultiHeadDotProductAttention_0/(query|key|value|out)|MlpBlock_0/Dense_\d)/kernel"
+ATTENTION_AND_MLP = (r".*/(MultiHeadDotProductAttention_0/(query|key|value|out)"
+                     r"|MlpBlock_0/Dense_\d)/kernel")
 KERNEL_AXES = {r".*/(query|key|value)/kernel": 1, r".*/out/kernel": 2}
 CLASSIFICATION = tasks.get_task("classification")
 

@@ -158,9 +158,10 @@ def attend_blocker(w) -> Optional[str]:
 
 def attend(q, w):
   """`q @ wᵀ` for a `DiagLowRank` w = base + a diag(d) b: q @ baseᵀ + ((q @ bᵀ) d) @ aᵀ."""
-  a, d, b = w._factors()   # pylint: disable=protected-access
+  # pylint: disable=protected-access
+  a, d, b = w._factors()
   y = q @ w.base.T
-  branch = _kernels.lowrank_branch(w._branch_input(q), b.T, a.T, d, w.impl)  # pylint: disable=protected-access
+  branch = _kernels.lowrank_branch(w._branch_input(q), b.T, a.T, d, w.impl)
   return y + branch.astype(y.dtype)
 
 

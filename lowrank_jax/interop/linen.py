@@ -188,8 +188,8 @@ def _leaf_path(module, rule: _Rule) -> tuple:
 
 def _interceptor(leaves: dict, verdicts: Optional[dict]):
   """The `nn.intercept_methods` interceptor. With `verdicts` (the abstract pass) it records, per
-  structured leaf, None (routable) or the first reason it is not, and runs the stock method; without,
-  it computes routed layers through their structured leaf."""
+  structured leaf, None (routable) or the first reason it is not, and runs the stock method;
+  without, it computes routed layers through their structured leaf."""
   def intercept(next_fun, args, kwargs, context):
     rule = _RULES.get((type(context.module), context.method_name))
     path = None if rule is None else _leaf_path(context.module, rule)

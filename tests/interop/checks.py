@@ -74,8 +74,9 @@ def assert_trees_close(a, b, rtol=1e-5, *, norm=False):
 def compare_paths(forward, trainable, kernels: dict, *, rtol=1e-5, grad_rtol=None,
                   dtype=jnp.float32):
   """`forward(trainable, merged)` of the factored path (merged=False) vs the merged path: outputs
-  and adapter gradients agree to `rtol` (`grad_rtol`, default `rtol`), outputs have `dtype`; the factored path's gradient jaxpr
-  has no product of an adapted kernel's shape, the merged path's has (so the check can fail).
+  and adapter gradients agree to `rtol` (`grad_rtol`, default `rtol`), outputs have `dtype`; the
+  factored path's gradient jaxpr has no product of an adapted kernel's shape, the merged path's
+  has (so the check can fail).
 
   One jitted (output, gradient) function per path: the gradient is the VJP of a fixed random
   cotangent. Below float32 (`dtype` bf16) the comparison is of per-leaf norms.
