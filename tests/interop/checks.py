@@ -78,8 +78,8 @@ def compare_paths(forward, trainable, kernels: dict, *, rtol=1e-5, grad_rtol=Non
   factored path's gradient jaxpr has no product of an adapted kernel's shape, the merged path's
   has (so the check can fail).
 
-  One jitted (output, gradient) function per path: the gradient is the VJP of a fixed random
-  cotangent. Below float32 (`dtype` bf16) the comparison is of per-leaf norms.
+  Both paths' (output, gradient) in one compiled function; the gradient is the VJP of a fixed
+  random cotangent. Below float32 (`dtype` bf16) the comparison is of per-leaf norms.
   """
   shape = jax.eval_shape(lambda t: forward(t, True), trainable).shape
   cot = jax.random.normal(jax.random.key(3), shape)
@@ -93,7 +93,8 @@ def compare_paths(forward, trainable, kernels: dict, *, rtol=1e-5, grad_rtol=Non
   dense = kernel_shapes(kernels)
   assert not product_shapes(out_and_grad(False), trainable) & dense
   assert product_shapes(out_and_grad(True), trainable) & dense
-  (out, grad), (ref, ref_grad) = (jax.jit(out_and_grad(m))(trainable) for m in (False, True))
+  both = jax.jit(lambda t: (out_and_grad(False)(t), out_and_grad(True)(t)))
+  (out, grad), (ref, ref_grad) = both(trainable)
   assert jax.eval_shape(lambda t: forward(t, False), trainable).dtype == dtype
   low_precision = jnp.finfo(dtype).bits < 32
   assert_trees_close(out, ref, rtol, norm=low_precision)
