@@ -11,7 +11,10 @@
 32
 
 Submodules loaded on first use: `models`, `data`, `train`, `steps`, `tasks`, `optim`, `calibrate`,
-`implicit`, `bilevel`, `stn`, `adapter_io`, `checkpoint`, `registry`, `testing`, `metrics`.
+`implicit`, `bilevel`, `stn`, `adapter_io`, `checkpoint`, `registry`, `testing`, `metrics`,
+`multi` (per-example adapters), `arithmetic` (adapter combination), `interop` (stock linen / nnx
+models, factored). Loaded with the package: `ops`, `quant` (quantized frozen bases), `targeting`,
+`tree`.
 """
 import importlib as _importlib
 
@@ -39,7 +42,8 @@ from lowrank_jax.targeting import KernelAxes
 __version__ = "0.1.0"
 
 _LAZY = ("models", "data", "train", "steps", "tasks", "optim", "calibrate", "implicit", "bilevel",
-         "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics", "multi", "arithmetic")
+         "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics", "multi", "arithmetic",
+         "interop")
 
 
 def __getattr__(name):
