@@ -408,7 +408,8 @@ def eval_problems(c) -> list[arith.Problem]:
 
 
 def run_rl(c, workdir: str) -> dict:
-  """The RL stage and the evaluation; returns {(solver, mode): accuracy} and prints the table."""
+  """The RL stage and the evaluation; prints the table and returns {"accuracy": {(solver, mode):
+  accuracy}, "base_unchanged": bool, "solver_unchanged": bool} (bitwise, after RL)."""
   tok = tokenizer(c)
   solvers, cfg, adapter, base, sft_state = _load_all(c, workdir, tok)
   base_before = jax.tree.map(np.array, base)
@@ -442,8 +443,10 @@ def run_rl(c, workdir: str) -> dict:
   _save(os.path.join(workdir, RL_FILE), rl_state)
   same = lambda a, b: all(np.array_equal(x, y) for x, y in zip(jax.tree.leaves(a),
                                                                jax.tree.leaves(b)))
-  print(f"decomposer base bitwise unchanged: {same(base, base_before)}; small solver bitwise "
-        f"unchanged: {same(solvers['small'].params, solver_before)}")
+  unchanged = {"base_unchanged": same(base, base_before),
+               "solver_unchanged": same(solvers["small"].params, solver_before)}
+  print(f"decomposer base bitwise unchanged: {unchanged['base_unchanged']}; small solver bitwise "
+        f"unchanged: {unchanged['solver_unchanged']}")
 
   problems = eval_problems(c)
   decompositions = {
@@ -457,7 +460,7 @@ def run_rl(c, workdir: str) -> dict:
       finals = [a[-1] if a else None for a in solver.solve_stepwise(subqs)]
       results[(size, mode)] = accuracy(problems, finals)
   print_table(results, len(problems), c)
-  return results
+  return {"accuracy": results, **unchanged}
 
 
 def print_table(results: dict, n: int, c) -> None:

@@ -11,6 +11,7 @@ import lowrank_jax as lj
 from lowrank_jax import rl
 from lowrank_jax.models import llama
 
+pytestmark = pytest.mark.usefixtures("fast_compile")
 TARGET = 5
 
 
