@@ -25,5 +25,6 @@ def get_config(arg=None):
   c.total_steps = 2 if a.runlocal else 100
   c.batch_size = 8 if a.runlocal else 64
   c.optimizer.lr = 1e-3
+  c.optimizer.warmup_steps = 1 if a.runlocal else 5
   c.log_every = 1 if a.runlocal else 10
   return c

@@ -10,7 +10,9 @@ One iteration (`PolicyGradient.step`):
    position. The reference is the same base under the adapter's *initial* state (kept in the train
    state as `reference`, an adapter-sized tree; the base is shared, never copied): for every
    adapter whose update starts at zero (LoRA's B = 0, ...) and for residual ones (PiSSA: residual
-   + principal part), that is the un-adapted model, so the KL term is exactly 0 at init.
+   + principal part), that is the un-adapted model, so the KL term is exactly 0 at init. Starting
+   from a tuned adapter (after SFT), the reference is that tuned model, or any other state of the
+   same adapter given to `init(..., reference=...)`.
 3. Rewards: `rewards(prompts, completions) -> (B,)` on the host; `completions[i]` is the list of
    ids row i generated, its stop token included.
 4. Advantages A_i = r_i - b with the baseline b (`baseline`):
@@ -236,10 +238,25 @@ class PolicyGradient:
     self._score = jax.jit(self._score_fn)
 
   def init(self, adapter_state: base_lib.AdapterState, key: jax.Array, *,
-           head: Optional[PyTree] = None) -> dict:
-    """The state at step 0; `adapter_state` is also the KL reference. `key` drives sampling."""
+           head: Optional[PyTree] = None,
+           reference: Optional[base_lib.AdapterState] = None) -> dict:
+    """The state at step 0. `key` drives sampling.
+
+    Args:
+      adapter_state: the adapter's state to start from.
+      key: the loop key.
+      head: params trained fully (see `steps.init_train_state`); None: none.
+      reference: the adapter state of the KL reference (its trainable tree is kept; the frozen
+        buffers are `adapter_state`'s); None: `adapter_state` itself. Pass `adapter.init`'s
+        fresh state to penalize the distance to the un-adapted model when starting from a tuned
+        adapter (e.g. after SFT).
+    """
     state = steps.init_train_state(adapter_state, self.optimizer, head=head, rng=key)
-    state["reference"] = jax.tree.map(jnp.copy, adapter_state.trainable)
+    reference = adapter_state if reference is None else reference
+    if jax.tree.structure(reference.trainable) != jax.tree.structure(adapter_state.trainable):
+      raise ValueError("PolicyGradient.init: reference must have the adapter state's tree "
+                       "structure (a state of the same adapter)")
+    state["reference"] = jax.tree.map(jnp.copy, reference.trainable)
     state["baseline"] = None
     return state
 

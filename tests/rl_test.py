@@ -9,6 +9,7 @@ import pytest
 
 import lowrank_jax as lj
 from lowrank_jax import rl
+from lowrank_jax import steps
 from lowrank_jax.models import llama
 
 pytestmark = pytest.mark.usefixtures("fast_compile")
@@ -53,9 +54,13 @@ def test_bandit_reward_rises_base_unchanged_kl_zero_at_init(objective):
   p1 = _target_prob(pg.policy_params(state, base), cfg, prompt)
   assert p0 < 0.3 and p1 > 0.9, (p0, p1)
   assert kls[0] == 0.0 and kls[-1] > 0.0
-  jax.tree.map(np.testing.assert_array_equal, base, base_before)
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base),
                                                    jax.tree.leaves(base_before)))
+  # From the tuned adapter: KL 0 to itself (default reference), > 0 to the un-adapted model.
+  tuned = steps.adapter_state(state)
+  _, again = pg.step(pg.init(tuned, jax.random.key(3)), base, prompts)
+  _, to_init = pg.step(pg.init(tuned, jax.random.key(3), reference=st), base, prompts)
+  assert again["kl"] == 0.0 and to_init["kl"] > 0.1
 
 
 def test_reinforce_gradient_is_the_score_function_estimator_by_hand():
