@@ -6,7 +6,7 @@ Command (after `configs/daslam_solver.py` on the same workdir)::
   python -m experiments.daslam --config configs/daslam_sft.py --workdir /tmp/daslam
 
 The base decoder (`model.decomposer_size`) is pretrained, all parameters, as a plain LM on a
-stream of problem texts and single-step questions (`base_lm`); then LoRA (rank 8 on the q/k/v/o
+stream of problem texts and single-step questions, half of them twice in a row (`base_lm`); then LoRA (rank 8 on the q/k/v/o
 and MLP kernels) learns "<bos> problem -> sub-question | ... <eos>" with the base frozen.
 `total_steps` is kept small so that SFT leaves room for the RL stage.
 
@@ -20,6 +20,6 @@ def get_config(arg=None):
   a = common.parse_arg(arg, **daslam_solver.ARGS)
   c = daslam_solver.shared_config(arg)
   c.stage = "sft"
-  c.total_steps = 4 if a.runlocal else 300
+  c.total_steps = 4 if a.runlocal else 600
   c.batch_size = 8 if a.runlocal else 32
   return c

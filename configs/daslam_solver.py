@@ -40,7 +40,7 @@ def shared_config(arg=None) -> ml_collections.ConfigDict:
       "lr": 3e-3, "wd": 0.0, "warmup_steps": 2 if a.runlocal else 50, "grad_clip": 1.0})
   c.base_lm = ml_collections.ConfigDict({
       "total_steps": 4 if a.runlocal else 600, "batch_size": 8 if a.runlocal else 32,
-      "log_every": c.log_every, "optimizer": c.optimizer.to_dict()})
+      "log_every": c.log_every, "optimizer": c.optimizer.to_dict(), "repeat_fraction": 0.5})
   c.rl = ml_collections.ConfigDict({
       "objective": "ppo", "baseline": "mean", "clip_eps": 0.2, "kl_coef": 0.05, "epochs": 2,
       "temperature": 1.0, "consistency_weight": 0.5})

@@ -17,7 +17,10 @@ Stages:
   scratch, all parameters, to answer single-step questions: "<bos> question = answer <eos>", loss
   on the answer and eos. They are frozen afterwards (stored, never trained again).
 * sft: the decomposer's base decoder is pretrained as a plain LM on a stream of problem texts and
-  single-step questions (it never sees a decomposition), then a LoRA adapter on it is trained on
+  single-step questions (it never sees a decomposition); a fraction `base_lm.repeat_fraction` of
+  the texts comes twice in a row, so that the base learns to copy from its context (a skill any
+  pretrained LM has; without it the decomposer copies no number from the problem). Then a LoRA
+  adapter on it is trained on
   "<bos> problem -> sub-question | sub-question ... <eos>" (loss on the decomposition and eos).
 * rl: the same adapter continues with `lowrank_jax.rl.PolicyGradient` (PPO-clip, batch-mean
   baseline, KL to the SFT adapter... see below) on rewards from the *small* solver only; the base
@@ -353,11 +356,12 @@ def run_sft(c, workdir: str) -> None:
   cfg = decoder_config(c, tok, c.model.decomposer_size)
   problems = sft_problems(c)
   lm_texts = [p.text() for p in problems] + [
-      q for p in arith.generate_problems(len(problems), c.seed * 1000 + 3, min_steps=1,
-                                         max_steps=1, max_value=c.dataset.max_value)
-      for q in [p.text()]]
+      p.text() for p in arith.generate_problems(len(problems), c.seed * 1000 + 3, min_steps=1,
+                                                max_steps=1, max_value=c.dataset.max_value)]
   rng = np.random.default_rng(c.seed)
   lm_texts = [lm_texts[i] for i in rng.permutation(len(lm_texts))]
+  repeated = rng.random(len(lm_texts)) < c.base_lm.repeat_fraction
+  lm_texts = [t for text, twice in zip(lm_texts, repeated) for t in [text] * (1 + twice)]
   lm = c.base_lm
   t0 = time.time()
   base = train_full(_init(cfg, jax.random.fold_in(key, 0)), cfg,
