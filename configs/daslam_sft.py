@@ -6,8 +6,9 @@ Command (after `configs/daslam_solver.py` on the same workdir)::
   python -m experiments.daslam --config configs/daslam_sft.py --workdir /tmp/daslam
 
 The base decoder (`model.decomposer_size`) is pretrained, all parameters, as a plain LM on a
-stream of problem texts and single-step questions, half of them twice in a row (`base_lm`); then LoRA (rank 8 on the q/k/v/o
-and MLP kernels) learns "<bos> problem -> sub-question | ... <eos>" with the base frozen.
+stream of problem texts and single-step questions, half of them twice in a row (`base_lm`); then
+LoRA (rank 8 on the q/k/v/o and MLP kernels) learns "<bos> problem -> sub-question | ... <eos>"
+with the base frozen.
 `total_steps` is kept small so that SFT leaves room for the RL stage.
 
 Args (after `:`): seed (0), runlocal (False: tiny shapes and a few steps, for the smoke test).

@@ -1,5 +1,5 @@
-r"""DaSLaM at small scale: a LoRA *decomposer* writes sub-questions that a frozen *solver* answers in
-turn; the decomposer is fine-tuned by supervision, then by policy gradient on the solver's answers.
+r"""DaSLaM at small scale: a LoRA *decomposer* writes sub-questions that a frozen *solver* answers
+in turn; the decomposer is fine-tuned by supervision, then by policy gradient on the solver's answers.
 
 Run (each stage reads what the stages before it wrote to the workdir)::
 
@@ -23,8 +23,8 @@ Stages:
   adapter on it is trained on
   "<bos> problem -> sub-question | sub-question ... <eos>" (loss on the decomposition and eos).
 * rl: the same adapter continues with `lowrank_jax.rl.PolicyGradient` (PPO-clip, batch-mean
-  baseline, KL to the SFT adapter... see below) on rewards from the *small* solver only; the base
-  stays frozen. Then the table.
+  baseline, KL to the SFT decomposer) on rewards from the *small* solver only; the base stays
+  frozen. Then the table.
 
 Solving with a decomposition: the generated text is split at `|` into sub-questions q_1..q_J
 (at most 4 are asked); for k = 1..J, every `#j` in q_k is replaced by the solver's answer a_j,
@@ -57,7 +57,6 @@ from absl import app
 from absl import flags
 import flax.serialization
 import jax
-import jax.numpy as jnp
 import ml_collections
 from ml_collections import config_flags
 import numpy as np
@@ -323,8 +322,10 @@ def _load(path: str, like):
     return flax.serialization.from_bytes(like, f.read())
 
 
-def _init(cfg, key):
-  return llama.init(key, cfg)
+def _params_like(cfg) -> dict:
+  """Zero params of `cfg`'s shapes: the target `_load` restores into."""
+  shapes = jax.eval_shape(functools.partial(llama.init, cfg=cfg), jax.random.key(0))
+  return jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), shapes)
 
 
 def run_solver(c, workdir: str) -> None:
@@ -338,7 +339,7 @@ def run_solver(c, workdir: str) -> None:
   for size, hidden in zip(("small", "large"), c.model.solver_sizes):
     cfg = decoder_config(c, tok, hidden)
     t0 = time.time()
-    params = train_full(_init(cfg, jax.random.fold_in(key, hidden)), cfg, rows, c,
+    params = train_full(llama.init(jax.random.fold_in(key, hidden), cfg), cfg, rows, c,
                         jax.random.fold_in(key, 7), f"solver {size}")
     _save(os.path.join(workdir, SOLVER_FILE.format(size)), params)
     print(f"solver {size} (hidden {hidden}, {llama.num_params(cfg):,} params) trained in "
@@ -364,7 +365,7 @@ def run_sft(c, workdir: str) -> None:
   lm_texts = [t for text, twice in zip(lm_texts, repeated) for t in [text] * (1 + twice)]
   lm = c.base_lm
   t0 = time.time()
-  base = train_full(_init(cfg, jax.random.fold_in(key, 0)), cfg,
+  base = train_full(llama.init(jax.random.fold_in(key, 0), cfg), cfg,
                     lm_stream_rows(tok, lm_texts, c.dataset.decomposer_len), lm,
                     jax.random.fold_in(key, 1), "decomposer base LM")
   _save(os.path.join(workdir, BASE_FILE), base)
@@ -386,13 +387,10 @@ def _load_all(c, workdir, tok):
   solvers = {}
   for size, hidden in zip(("small", "large"), c.model.solver_sizes):
     cfg = decoder_config(c, tok, hidden)
-    like = jax.eval_shape(functools.partial(_init, cfg), jax.random.key(0))
-    like = jax.tree.map(lambda s: np.zeros(s.shape, s.dtype), like)
-    solvers[size] = Solver(_load(os.path.join(workdir, SOLVER_FILE.format(size)), like), cfg,
-                           tok, c)
+    solvers[size] = Solver(_load(os.path.join(workdir, SOLVER_FILE.format(size)),
+                                 _params_like(cfg)), cfg, tok, c)
   cfg = decoder_config(c, tok, c.model.decomposer_size)
-  like = jax.tree.map(np.asarray, _init(cfg, jax.random.key(0)))
-  base = _load(os.path.join(workdir, BASE_FILE), like)
+  base = _load(os.path.join(workdir, BASE_FILE), _params_like(cfg))
   adapter = make_adapter(c)
   base, st0 = adapter.init(jax.random.key(0), base)
   st = _load(os.path.join(workdir, SFT_FILE), st0)

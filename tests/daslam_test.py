@@ -1,6 +1,5 @@
 """The DaSLaM pipeline (experiments/daslam.py): its reward formula and decomposition parsing by
 hand, and an end-to-end run of the three stages at tiny size."""
-import jax
 import pytest
 
 from configs import daslam_rl
