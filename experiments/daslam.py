@@ -1,5 +1,6 @@
 r"""DaSLaM at small scale: a LoRA *decomposer* writes sub-questions that a frozen *solver* answers
-in turn; the decomposer is fine-tuned by supervision, then by policy gradient on the solver's answers.
+in turn; the decomposer is fine-tuned by supervision, then by policy gradient on the solver's
+answers.
 
 Run (each stage reads what the stages before it wrote to the workdir)::
 
