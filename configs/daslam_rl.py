@@ -12,7 +12,8 @@ experiments/daslam.py). The table compares, for both solvers, answering directly
 decomposition, with the SFT decomposer and with the RL decomposer on `eval.num_problems` held-out
 problems.
 
-Args (after `:`): seed (0), runlocal (False: tiny shapes and a few steps, for the smoke test).
+Args (after `:`): seed (0), rl_seed (-1: seed; the RL stage's sampling and batch-order
+seed), runlocal (False: tiny shapes and a few steps, for the smoke test).
 """
 from configs import common
 from configs import daslam_solver

@@ -11,7 +11,8 @@ LoRA (rank 8 on the q/k/v/o and MLP kernels) learns "<bos> problem -> sub-questi
 with the base frozen.
 `total_steps` is kept small so that SFT leaves room for the RL stage.
 
-Args (after `:`): seed (0), runlocal (False: tiny shapes and a few steps, for the smoke test).
+Args (after `:`): seed (0), rl_seed (-1: seed; the RL stage's sampling and batch-order
+seed), runlocal (False: tiny shapes and a few steps, for the smoke test).
 """
 from configs import common
 from configs import daslam_solver

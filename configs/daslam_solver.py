@@ -9,13 +9,14 @@ The solvers (hidden sizes `model.solver_sizes`, 2 layers) are trained from scrat
 parameters, on single-step word problems "<bos> question = answer <eos>" with counts up to
 `dataset.max_value`. `shared_config` holds the fields every stage reads (data, shapes, eval, RL).
 
-Args (after `:`): seed (0), runlocal (False: tiny shapes and a few steps, for the smoke test).
+Args (after `:`): seed (0), rl_seed (-1: seed; the RL stage's sampling and batch-order
+seed), runlocal (False: tiny shapes and a few steps, for the smoke test).
 """
 import ml_collections
 
 from configs import common
 
-ARGS = dict(seed=0, runlocal=False)
+ARGS = dict(seed=0, rl_seed=-1, runlocal=False)
 TARGETS = (r"layers/layer_\d+/(attention|mlp)/\w+_proj/kernel",)
 
 
@@ -43,7 +44,8 @@ def shared_config(arg=None) -> ml_collections.ConfigDict:
       "log_every": c.log_every, "optimizer": c.optimizer.to_dict(), "repeat_fraction": 0.5})
   c.rl = ml_collections.ConfigDict({
       "objective": "ppo", "baseline": "mean", "clip_eps": 0.2, "kl_coef": 0.05, "epochs": 2,
-      "temperature": 1.0, "consistency_weight": 0.5})
+      "temperature": 1.0, "consistency_weight": 0.5,
+      "seed": a.seed if a.rl_seed < 0 else a.rl_seed})
   c.eval = ml_collections.ConfigDict({"num_problems": 8 if a.runlocal else 500,
                                       "batch_size": 8 if a.runlocal else 100})
   return c

@@ -430,8 +430,8 @@ def run_rl(c, workdir: str) -> dict:
                          kl_coef=rlc.kl_coef, epochs=rlc.epochs,
                          max_new_tokens=c.dataset.decomposition_len,
                          temperature=rlc.temperature, stop_tokens=[tok.eos_id], pad_id=tok.pad_id)
-  state = pg.init(sft_state, jax.random.key(c.seed + 200))
-  rng = np.random.default_rng(c.seed + 200)
+  state = pg.init(sft_state, jax.random.key(rlc.seed + 200))
+  rng = np.random.default_rng(rlc.seed + 200)
   t0 = time.time()
   for i in range(c.total_steps):
     problems = [train[j] for j in rng.choice(len(train), c.batch_size, replace=False)]
@@ -469,7 +469,8 @@ def run_rl(c, workdir: str) -> dict:
 def print_table(results: dict, n: int, c) -> None:
   modes = ["direct", "gold decomposition", "SFT decomposer", "RL decomposer"]
   sizes = [s for s in ("small", "large") if (s, "direct") in results]
-  print(f"\nAccuracy on {n} held-out problems (seed {c.seed}; RL rewards from the small solver)")
+  print(f"\nAccuracy on {n} held-out problems (seed {c.seed}, RL seed {c.rl.seed}; RL rewards "
+        "from the small solver)")
   print(f"| {'solver':<24} | " + " | ".join(f"{m:>18}" for m in modes) + " |")
   print(f"|{'-' * 26}|" + "|".join("-" * 20 for _ in modes) + "|")
   for s, hidden in zip(sizes, c.model.solver_sizes):
