@@ -72,12 +72,6 @@ from lowrank_jax import tasks
 from lowrank_jax.data import arith
 from lowrank_jax.models import llama
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/daslam_*.py[:arg]",
-                                          lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "Directory the stages share.")
-_ALL = flags.DEFINE_bool("all", False, "Run the solver, sft and rl stages in turn (their configs "
-                         "with the same arg).")
-
 STAGES = ("solver", "sft", "rl")
 SOLVER_FILE, BASE_FILE, SFT_FILE, RL_FILE = ("solver_{}.msgpack", "decomposer_base.msgpack",
                                              "decomposer_sft.msgpack", "decomposer_rl.msgpack")
@@ -483,20 +477,27 @@ def run_stage(c, workdir: str):
   return {"solver": run_solver, "sft": run_sft, "rl": run_rl}[c.stage](c, workdir)
 
 
+def define_flags() -> None:
+  """The command-line flags (defined only when run as a script: importing this module for its
+  functions must not clash with the flags of `experiments.run`)."""
+  config_flags.DEFINE_config_file("config", None, "configs/daslam_*.py[:arg]", lock_config=True)
+  flags.DEFINE_string("workdir", None, "Directory the stages share.")
+  flags.DEFINE_bool("all", False, "Run the solver, sft and rl stages in turn (their configs with "
+                    "the same arg).")
+  flags.mark_flags_as_required(["config", "workdir"])
+
+
 def main(argv):
   del argv
-  c, workdir = _CONFIG.value, _WORKDIR.value
-  if c is None or workdir is None:
-    raise app.UsageError("--config and --workdir are required")
-  if not _ALL.value:
+  c, workdir = flags.FLAGS.config, flags.FLAGS.workdir
+  if not flags.FLAGS.all:
     run_stage(c, workdir)
     return
   from configs import daslam_solver, daslam_sft, daslam_rl  # pylint: disable=g-import-not-at-top
-  arg = c.arg
   for module in (daslam_solver, daslam_sft, daslam_rl):
-    run_stage(module.get_config(arg or None), workdir)
+    run_stage(module.get_config(c.arg or None), workdir)
 
 
 if __name__ == "__main__":
-  flags.mark_flags_as_required(["config", "workdir"])
+  define_flags()
   app.run(main)
