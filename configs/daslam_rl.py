@@ -24,9 +24,9 @@ held-out problems:
 
 With `--config.rl.temperature=0.5` the RL decomposer gets 0.078 / 0.074. Decomposition beats
 answering directly for both solvers; this RL budget does not improve on SFT (differences of
-0.01-0.02 are within the binomial noise of 500 problems, ~0.013). The SFT decomposer gets the format, names,
-objects and the number of steps right but often miscopies the numbers and operations, so sampled
-rewards are too rare for 100 PPO steps.
+0.01-0.02 are within the binomial noise of 500 problems, ~0.013). The SFT decomposer gets the
+format, names, objects and the number of steps right but often miscopies the numbers and
+operations, so sampled rewards are too rare for 100 PPO steps.
 
 Args (after `:`): seed (0), rl_seed (-1: seed; the RL stage's sampling and batch-order
 seed), runlocal (False: tiny shapes and a few steps, for the smoke test).
