@@ -51,6 +51,7 @@ from __future__ import annotations
 
 import functools
 import os
+import sys
 import time
 from typing import Optional, Sequence
 
@@ -490,12 +491,14 @@ def define_flags() -> None:
 def main(argv):
   del argv
   c, workdir = flags.FLAGS.config, flags.FLAGS.workdir
-  if not flags.FLAGS.all:
-    run_stage(c, workdir)
-    return
   from configs import daslam_solver, daslam_sft, daslam_rl  # pylint: disable=g-import-not-at-top
-  for module in (daslam_solver, daslam_sft, daslam_rl):
-    run_stage(module.get_config(c.arg or None), workdir)
+  stages = ([module.get_config(c.arg or None) for module in (daslam_solver, daslam_sft, daslam_rl)]
+            if flags.FLAGS.all else [c])
+  for stage in stages:
+    try:
+      run_stage(stage, workdir)
+    except FileNotFoundError as e:   # an earlier stage was not run: one line, no traceback
+      sys.exit(f"error: {e}")
 
 
 if __name__ == "__main__":
