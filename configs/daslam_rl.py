@@ -22,7 +22,9 @@ held-out problems:
   small (64)    0.032   0.912               0.098           0.108
   large (128)   0.064   0.900               0.098           0.088
 
-With `--config.rl.temperature=0.5` the RL decomposer gets 0.078 / 0.074. Decomposition beats
+RL seeds 1 and 2 (`:rl_seed=N`, same solvers and SFT): RL decomposer 0.120 / 0.112 and
+0.098 / 0.088 (mean of seeds 0-2: 0.109 small, 0.096 large, vs SFT 0.098). With
+`--config.rl.temperature=0.5` (RL seed 0) the RL decomposer gets 0.078 / 0.074. Decomposition beats
 answering directly for both solvers; this RL budget does not improve on SFT (differences of
 0.01-0.02 are within the binomial noise of 500 problems, ~0.013). The SFT decomposer gets the
 format, names, objects and the number of steps right but often miscopies the numbers and
