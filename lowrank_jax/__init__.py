@@ -11,7 +11,8 @@
 32
 
 Submodules loaded on first use: `models`, `data`, `train`, `steps`, `tasks`, `optim`, `calibrate`,
-`implicit`, `bilevel`, `stn`, `adapter_io`, `checkpoint`, `registry`, `testing`, `metrics`.
+`implicit`, `bilevel`, `stn`, `adapter_io`, `checkpoint`, `registry`, `testing`, `metrics`,
+`compress`.
 """
 import importlib as _importlib
 
@@ -38,7 +39,7 @@ from lowrank_jax.targeting import KernelAxes
 __version__ = "0.1.0"
 
 _LAZY = ("models", "data", "train", "steps", "tasks", "optim", "calibrate", "implicit", "bilevel",
-         "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics")
+         "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics", "compress")
 
 
 def __getattr__(name):
