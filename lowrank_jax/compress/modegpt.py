@@ -60,6 +60,9 @@ from lowrank_jax.models import llama
 from lowrank_jax.models import minilm
 
 ALLOCATIONS = ("influence", "uniform")
+# The config fields of a compressed model (`LlamaConfig`, `MiniLMConfig`).
+_LAYER_SIZE_FIELDS = ("layer_intermediate_sizes", "layer_qk_freqs", "layer_qk_head_dims",
+                      "layer_v_head_dims")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -145,8 +148,7 @@ def _get(layer: Mapping, path: str) -> dict:
 
 
 def _check_uncompressed(cfg) -> None:
-  fields = [f.name for f in dataclasses.fields(cfg) if f.name.startswith("layer_")]
-  set_ = [f for f in fields if getattr(cfg, f) is not None]
+  set_ = [f for f in _LAYER_SIZE_FIELDS if getattr(cfg, f, None) is not None]
   if set_:
     raise ValueError(f"modegpt: cfg already has per-layer sizes {set_}: compress the original "
                      f"model instead")
@@ -192,14 +194,16 @@ def _stream_states(params, cfg, batch) -> list[jax.Array]:
   return [first] + [run(n) for n in range(1, cfg.num_layers + 1)]
 
 
+_jit_stream_states = jax.jit(_stream_states, static_argnums=1)   # compiled once per config
+
+
 def block_influence(params, cfg, batches: Iterable[Mapping[str, Any]]) -> np.ndarray:
   """(L,) block influence ``1 − cos(x_in, x_out)`` of every block, averaged over the unmasked
   calibration tokens."""
   _, mask_fn = _forward(cfg)
   total, count = np.zeros(cfg.num_layers), 0.0
-  states_fn = jax.jit(lambda p, b: _stream_states(p, cfg, b))
   for batch in batches:
-    xs = states_fn(params, batch)
+    xs = _jit_stream_states(params, cfg, batch)
     m = np.asarray(mask_fn(batch), np.float64)
     for i in range(cfg.num_layers):
       a, b = np.asarray(xs[i], np.float64), np.asarray(xs[i + 1], np.float64)
