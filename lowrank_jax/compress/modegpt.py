@@ -426,8 +426,8 @@ def modegpt(params: dict, cfg, batches: Iterable[Mapping[str, Any]],
 
 def svd_baseline(params: dict, cfg, ratio: float) -> tuple[dict, int]:
   """Plain truncated SVD of every block kernel (q, k, v, o, MLP) at the parameter count of
-  `modegpt` at `ratio`: a (m, n) kernel gets rank ``floor((1 − ratio)·m·n / (m + n))``, i.e.
-  factors of at most ``(1 − ratio)`` of its parameters. The product is returned dense (the same
+  `modegpt` at `ratio`: a (m, n) kernel gets rank ``round((1 − ratio)·m·n / (m + n))`` (at
+  least 1), i.e. factors of about ``(1 − ratio)`` of its parameters. The product is returned dense (the same
   function as the factored form); biases are kept.
 
   Returns:
@@ -445,7 +445,7 @@ def svd_baseline(params: dict, cfg, ratio: float) -> tuple[dict, int]:
       p = _get(layer, path)
       w = np.asarray(p["kernel"], np.float64)
       m, n = w.shape
-      r = int((1 - ratio) * m * n // (m + n))
+      r = max(1, int(round((1 - ratio) * m * n / (m + n))))
       u, s, vt = np.linalg.svd(w, full_matrices=False)
       layer = _set(layer, path, {**p, "kernel": _cast((u[:, :r] * s[:r]) @ vt[:r], p["kernel"])})
       count += r * (m + n) + (int(np.prod(p["bias"].shape)) if "bias" in p else 0)
