@@ -16,13 +16,11 @@ def test_curves_csv_and_png(tmp_path, fast_compile):
   ids = np.asarray(jax.random.randint(jax.random.key(1), (2, 8), 0, 32))
   batch = {"input_ids": ids, "loss_mask": np.ones_like(ids, np.float32),
            "segment_ids": np.ones_like(ids), "positions": np.tile(np.arange(8), (2, 1))}
-  rows, models = compress_curve.decoder_curve(params, cfg, [batch], [batch], [0.0, 0.3])
-  assert [(r["method"], r["ratio"]) for r in rows] == [
-      ("modegpt", 0.0), ("svd", 0.0), ("modegpt", 0.3), ("svd", 0.3)]
-  assert abs(rows[2]["achieved_ratio"] - 0.3) < 0.01
-  assert abs(rows[3]["achieved_ratio"] - 0.3) < 0.05     # whole ranks of 16-wide kernels
-  # Ratio 0 is the original model: its perplexity is the uncompressed one.
-  assert rows[0]["value"] == compress_curve.perplexity_fn(cfg)(params, [batch])
+  rows, models = compress_curve.decoder_curve(params, cfg, [batch], [batch], [0.3])
+  assert [(r["method"], r["ratio"]) for r in rows] == [("modegpt", 0.3), ("svd", 0.3)]
+  assert abs(rows[0]["achieved_ratio"] - 0.3) < 0.01
+  assert abs(rows[1]["achieved_ratio"] - 0.3) < 0.05     # whole ranks of 16-wide kernels
+  assert rows[0]["value"] > 1 and rows[1]["value"] > 1  # perplexities
   small, small_cfg = models[0.3]
   assert compress_curve.forward_seconds(small, small_cfg, batch, repeats=1) > 0
 
@@ -39,5 +37,5 @@ def test_curves_csv_and_png(tmp_path, fast_compile):
   compress_curve.write_outputs(rows + mrows, str(tmp_path))
   with open(tmp_path / "compress_curve.csv") as fh:
     got = list(csv.DictReader(fh))
-  assert len(got) == 5 and set(got[0]) == set(compress_curve.FIELDS)
+  assert len(got) == 3 and set(got[0]) == set(compress_curve.FIELDS)
   assert (tmp_path / "compress_curve.png").stat().st_size > 0
