@@ -3,7 +3,7 @@ settings, on a compressed Hugging Face checkpoint (written by `experiments/compr
 
 Command (2-core CPU)::
 
-  python -m experiments.compress_curve --workdir /tmp/compress_curve   # writes the checkpoint
+  python -m experiments.compress_curve --out_dir /tmp/compress_curve   # writes the checkpoint
   python -m experiments.run --config configs/compress_recovery.py \
       --workdir /tmp/compress_curve/recovery
 
@@ -11,8 +11,8 @@ The checkpoint's config.json records the compressed per-layer sizes; the runner 
 checkpoint and trains LoRA on every projection kernel of the blocks (method "lora", rank 8), then
 reports the validation perplexity before (`eval_before`) and after.
 
-Args (after `:`): checkpoint (/tmp/compress_curve/modegpt30_hf), method (lora), rank (8), steps (60), seed (0), lr
-(1e-3), runlocal (False: 4 steps on 256 train / 64 validation texts).
+Args (after `:`): checkpoint (/tmp/compress_curve/modegpt30_hf), method (lora), rank (8),
+steps (60), seed (0), lr (1e-3), runlocal (False: 4 steps on 256 train / 64 validation texts).
 """
 from configs import common
 from configs import gloss_lm

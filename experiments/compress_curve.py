@@ -2,7 +2,7 @@ r"""MoDeGPT compression curves: gloss-decoder perplexity and MiniLM synonym-prob
 
 Command (2-core CPU, a few minutes)::
 
-  python -m experiments.compress_curve --workdir /tmp/compress_curve \
+  python -m experiments.compress_curve --out_dir /tmp/compress_curve \
       [--checkpoint /tmp/gloss_lm/hf --ratios 0,0.1,0.2,0.3,0.4,0.5 --recovery_steps 60]
 
 Decoder: the WordNet-gloss Llama written by ``configs/gloss_lm.py`` (`--checkpoint`, a Hugging
@@ -10,7 +10,7 @@ Face directory with its tokenizer.json). For each ratio (fraction of the block p
 removed), `lowrank_jax.compress.modegpt` (influence allocation) against plain truncated SVD of
 every block kernel at the same parameter count (`compress.svd_baseline`); validation perplexity
 on packed held-out glosses; calibration on packed train glosses. The 30% model is saved as a
-Hugging Face checkpoint (`workdir/modegpt30_hf`, with the tokenizer) and its forward is timed
+Hugging Face checkpoint (`out_dir/modegpt30_hf`, with the tokenizer) and its forward is timed
 against the original (same batch, jitted, median of repeats). With `--recovery_steps` > 0, LoRA
 recovers it through the normal runner (``configs/compress_recovery.py``); the same LoRA run on the
 original model is the reference (the gloss decoder is briefly pretrained, so any further training
@@ -20,8 +20,8 @@ Encoder: all-MiniLM-L6-v2 compressed at each ratio (calibration on train glosses
 random-pair ROC AUC of its sentence embeddings of single words (`data.semantic_probe_score`, test
 split pairs).
 
-Writes `workdir/compress_curve.csv` (model, method, ratio, achieved_ratio, block_params, metric,
-value) and `workdir/compress_curve.png`.
+Writes `out_dir/compress_curve.csv` (model, method, ratio, achieved_ratio, block_params, metric,
+value) and `out_dir/compress_curve.png`.
 
 Measured (defaults, seed 0, 2026-12-02, 2 CPU cores shared with other jobs at load ~15-20; the
 4-layer gloss decoder of ``configs/gloss_lm.py``, 1.57M block parameters; 500 validation glosses,
@@ -68,15 +68,15 @@ from lowrank_jax import tasks
 from lowrank_jax.models import llama
 from lowrank_jax.models import minilm
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/compress_curve", "Output directory.")
+_WORKDIR = flags.DEFINE_string("out_dir", "/tmp/compress_curve", "Output directory.")
 _CKPT = flags.DEFINE_string("checkpoint", "/tmp/gloss_lm/hf", "The gloss decoder (HF dir).")
 _RATIOS = flags.DEFINE_list("ratios", ["0", "0.1", "0.2", "0.3", "0.4", "0.5"], "Ratios.")
-_CALIB = flags.DEFINE_integer("calib_texts", 512, "Train glosses for calibration.")
+_CALIB = flags.DEFINE_integer("calib_glosses", 512, "Train glosses for calibration.")
 _EVAL = flags.DEFINE_integer("eval_texts", 500, "Validation glosses for perplexity.")
-_PAIRS = flags.DEFINE_integer("probe_pairs", 300, "Synonym and random pairs each (MiniLM).")
+_PAIRS = flags.DEFINE_integer("synonym_pairs", 300, "Synonym and random pairs each (MiniLM).")
 _RECOVERY = flags.DEFINE_integer("recovery_steps", 60, "LoRA recovery steps (0: skip).")
 _MINILM = flags.DEFINE_bool("minilm", True, "Also run the MiniLM probe curve.")
-_SEED = flags.DEFINE_integer("seed", 0, "Seed (probe pairs, recovery).")
+_SEED = flags.DEFINE_integer("curve_seed", 0, "Seed (probe pairs, recovery).")
 
 RECOVERY_RATIO = 0.3
 FIELDS = ("model", "method", "ratio", "achieved_ratio", "block_params", "metric", "value")

@@ -427,8 +427,8 @@ def modegpt(params: dict, cfg, batches: Iterable[Mapping[str, Any]],
 def svd_baseline(params: dict, cfg, ratio: float) -> tuple[dict, int]:
   """Plain truncated SVD of every block kernel (q, k, v, o, MLP) at the parameter count of
   `modegpt` at `ratio`: a (m, n) kernel gets rank ``round((1 − ratio)·m·n / (m + n))`` (at
-  least 1), i.e. factors of about ``(1 − ratio)`` of its parameters. The product is returned dense (the same
-  function as the factored form); biases are kept.
+  least 1), i.e. factors of about ``(1 − ratio)`` of its parameters. The product is returned
+  dense (the same function as the factored form); biases are kept.
 
   Returns:
     (params, block parameters of the factored form, biases included).
