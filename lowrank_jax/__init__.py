@@ -13,8 +13,8 @@
 Submodules loaded on first use: `models`, `data`, `train`, `steps`, `tasks`, `optim`, `calibrate`,
 `implicit`, `bilevel`, `stn`, `adapter_io`, `checkpoint`, `registry`, `testing`, `metrics`,
 `multi` (per-example adapters), `arithmetic` (adapter combination), `interop` (stock linen / nnx
-models, factored), `rl` (policy-gradient fine-tuning of adapters). Loaded with the package: `ops`,
-`quant` (quantized frozen bases), `targeting`, `tree`.
+models, factored), `rl` (policy-gradient fine-tuning of adapters), `compress` (MoDeGPT). Loaded
+with the package: `ops`, `quant` (quantized frozen bases), `targeting`, `tree`.
 """
 import importlib as _importlib
 
@@ -43,7 +43,7 @@ __version__ = "0.1.0"
 
 _LAZY = ("models", "data", "train", "steps", "tasks", "optim", "calibrate", "implicit", "bilevel",
          "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics", "multi", "arithmetic",
-         "interop", "rl")
+         "interop", "rl", "compress")
 
 
 def __getattr__(name):

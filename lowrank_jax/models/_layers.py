@@ -88,20 +88,25 @@ def rms_norm(p: Params, x: jax.Array, eps: float) -> jax.Array:
 
 
 def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None = None, *,
-              dropout_rate: float = 0.0, rng=None, deterministic: bool = True) -> jax.Array:
+              dropout_rate: float = 0.0, rng=None, deterministic: bool = True,
+              scale: float | None = None) -> jax.Array:
   """Softmax attention over (B, T, H, D) heads, with inverted dropout on the probabilities.
 
   Without dropout (deterministic, or rate 0) this is `jax.nn.dot_product_attention` (XLA picks its
   kernel); with dropout it is the same formula written out, softmax(q·kᵀ/√D + mask) with a
   Bernoulli(1 − rate) keep-mask on the (B, H, T, S) probabilities, as in BERT's
   `attention_probs_dropout_prob`. `mask` is boolean, broadcastable to (B, H, T, S), True = attend.
+  `scale` (None: 1/√D) replaces 1/√D; with it, or with a value head size other than q's (a
+  compressed model), the written-out formula runs.
   """
-  if deterministic or dropout_rate == 0.0:
+  default = scale is None and v.shape[-1] == q.shape[-1]
+  if default and (deterministic or dropout_rate == 0.0):
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
-  logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32) / math.sqrt(q.shape[-1])
+  logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32)
+  logits = logits / math.sqrt(q.shape[-1]) if scale is None else logits * scale
   if mask is not None:
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
-  probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, rng, False)
+  probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, rng, deterministic)
   return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
 
 

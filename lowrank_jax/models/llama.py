@@ -190,6 +190,17 @@ class LlamaConfig:
       in eval alike, so the model stays a pure function of (params, batch)).
     monet: with ffn "monet": a `monet.MonetConfig` or a mapping of its fields (None: its
       defaults).
+    layer_intermediate_sizes: per-layer MLP inner sizes of a compressed model (one per layer);
+      None: `intermediate_size` everywhere.
+    layer_qk_freqs: per layer, per key/value head, the indices (into the `head_dim // 2` RoPE
+      frequencies) of the rotary pairs a compressed model keeps in its query/key heads; a
+      layer's q/k head size is twice its number of kept pairs (equal for all heads of a layer).
+      Head j of a compressed layer holds original dims `f[j]` (first half) and
+      `f[j] + head_dim // 2` (second half), so rotate-half still pairs them. The query heads of
+      a group use their key/value head's pairs. Attention logits keep the original
+      1/sqrt(head_dim) scale. None: all pairs in their order.
+    layer_v_head_dims: per-layer value (and o_proj input) head sizes of a compressed model;
+      None: `head_dim` everywhere.
   """
   vocab_size: int = 256
   hidden_size: int = 64
@@ -213,6 +224,9 @@ class LlamaConfig:
   remat_layers: tuple[int, ...] | None = None
   ffn: str = "swiglu"
   monet: monet.MonetConfig | None = None
+  layer_intermediate_sizes: tuple[int, ...] | None = None
+  layer_qk_freqs: tuple[tuple[tuple[int, ...], ...], ...] | None = None
+  layer_v_head_dims: tuple[int, ...] | None = None
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_heads",
@@ -246,6 +260,53 @@ class LlamaConfig:
       monet.check_hidden_size(m, self.hidden_size)
       object.__setattr__(self, "monet", m)
     _check_precision(self)
+    self._check_layer_sizes()
+
+  def _check_layer_sizes(self):
+    """Normalises the per-layer size fields to tuples and checks them."""
+    for f in ("layer_intermediate_sizes", "layer_v_head_dims", "layer_qk_freqs"):
+      value = getattr(self, f)
+      if value is None:
+        continue
+      if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or (
+          len(value) != self.num_layers):
+        raise ValueError(f"LlamaConfig.{f} must hold one entry per layer "
+                         f"(num_layers={self.num_layers}), got {value!r}")
+      if f == "layer_qk_freqs":
+        value = tuple(tuple(tuple(int(i) for i in head) for head in layer) for layer in value)
+        self._check_qk_freqs(value)
+      else:
+        value = tuple(int(v) for v in value)
+        if min(value) < 1:
+          raise ValueError(f"LlamaConfig.{f} must be positive, got {value}")
+      object.__setattr__(self, f, value)
+
+  def _check_qk_freqs(self, freqs):
+    half = self.dim_per_head // 2
+    for i, layer in enumerate(freqs):
+      sizes = {len(head) for head in layer}
+      if len(layer) != self.num_kv_heads or len(sizes) != 1 or 0 in sizes:
+        raise ValueError(f"LlamaConfig.layer_qk_freqs[{i}] must hold num_kv_heads="
+                         f"{self.num_kv_heads} non-empty index lists of one length, got {layer}")
+      for head in layer:
+        if len(set(head)) != len(head) or min(head) < 0 or max(head) >= half:
+          raise ValueError(f"LlamaConfig.layer_qk_freqs[{i}] has {head}: indices must be "
+                           f"distinct and in [0, head_dim // 2 = {half})")
+
+  def mlp_size(self, layer: int) -> int:
+    """MLP inner size of layer `layer`."""
+    sizes = self.layer_intermediate_sizes
+    return self.intermediate_size if sizes is None else sizes[layer]
+
+  def qk_head_dim(self, layer: int) -> int:
+    """Query/key head size of layer `layer`."""
+    freqs = self.layer_qk_freqs
+    return self.dim_per_head if freqs is None else 2 * len(freqs[layer][0])
+
+  def v_head_dim(self, layer: int) -> int:
+    """Value head size of layer `layer`."""
+    dims = self.layer_v_head_dims
+    return self.dim_per_head if dims is None else dims[layer]
 
   @property
   def dim_per_head(self) -> int:
@@ -277,18 +338,19 @@ PRESETS: dict[str, LlamaConfig] = {
 
 def init(key: jax.Array, cfg: LlamaConfig, dtype=jnp.float32) -> dict:
   """Random params (normal, std 0.02; norms at one; biases, where `cfg` has them, at zero)."""
-  d, f, hd = cfg.hidden_size, cfg.intermediate_size, cfg.dim_per_head
+  d = cfg.hidden_size
   lin = lambda k, i, o, bias: L.dense_init(k, i, o, bias=bias, std=0.02, dtype=dtype)
   mb = cfg.mlp_bias
   k_embed, k_head, k_layers = jax.random.split(key, 3)
   params: dict = {"embed": L.embed_init(k_embed, cfg.vocab_size, d, dtype=dtype), "layers": {}}
   for i in range(cfg.num_layers):
     ks = jax.random.split(jax.random.fold_in(k_layers, i), 7)
+    f, qk, vd = cfg.mlp_size(i), cfg.qk_head_dim(i), cfg.v_head_dim(i)
     params["layers"][f"layer_{i}"] = {
-        "attention": {"q_proj": lin(ks[0], d, cfg.num_heads * hd, cfg.qkv_bias),
-                      "k_proj": lin(ks[1], d, cfg.num_kv_heads * hd, cfg.qkv_bias),
-                      "v_proj": lin(ks[2], d, cfg.num_kv_heads * hd, cfg.qkv_bias),
-                      "o_proj": lin(ks[3], cfg.num_heads * hd, d, cfg.o_bias)},
+        "attention": {"q_proj": lin(ks[0], d, cfg.num_heads * qk, cfg.qkv_bias),
+                      "k_proj": lin(ks[1], d, cfg.num_kv_heads * qk, cfg.qkv_bias),
+                      "v_proj": lin(ks[2], d, cfg.num_kv_heads * vd, cfg.qkv_bias),
+                      "o_proj": lin(ks[3], cfg.num_heads * vd, d, cfg.o_bias)},
         "mlp": {"gate_proj": lin(ks[4], d, f, mb), "up_proj": lin(ks[5], d, f, mb),
                 "down_proj": lin(ks[6], f, d, mb)},
         "input_norm": L.rms_norm_init(d, dtype),
@@ -324,36 +386,57 @@ def rope(x: jax.Array, positions: jax.Array, theta: float, *,
          inv_freq: jax.Array | np.ndarray | None = None) -> jax.Array:
   """Rotary embedding, HF rotate-half convention. x (B, T, H, D), positions (B, T).
 
-  `inv_freq` (D/2,) overrides the unscaled frequencies `theta ** (-2i/D)` (see `rope_inv_freq`).
+  `inv_freq` (D/2,) overrides the unscaled frequencies `theta ** (-2i/D)` (see `rope_inv_freq`);
+  an `inv_freq` of shape (H, D/2) gives each head its own frequencies (a compressed model).
   """
   d = x.shape[-1]
   if inv_freq is None:
     inv_freq = 1.0 / (theta ** (jnp.arange(0, d, 2, dtype=jnp.float32) / d))
-  ang = positions.astype(jnp.float32)[..., None] * inv_freq            # (B, T, D/2)
-  ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]            # (B, T, 1, D)
+  if np.ndim(inv_freq) == 2:
+    ang = positions.astype(jnp.float32)[..., None, None] * inv_freq    # (B, T, H, D/2)
+    ang = jnp.concatenate([ang, ang], axis=-1)                         # (B, T, H, D)
+  else:
+    ang = positions.astype(jnp.float32)[..., None] * inv_freq          # (B, T, D/2)
+    ang = jnp.concatenate([ang, ang], axis=-1)[:, :, None, :]          # (B, T, 1, D)
   x1, x2 = jnp.split(x.astype(jnp.float32), 2, axis=-1)
   rotated = jnp.concatenate([-x2, x1], axis=-1)
   return (x * jnp.cos(ang) + rotated * jnp.sin(ang)).astype(x.dtype)
 
 
-def _attention(p, x, positions, mask, cfg, kv=None, index=None):
-  """Self-attention; with a layer cache `kv` ({"k", "v"}) the new keys/values are written at slot
-  `index` and the queries attend over the whole cache. Returns (output, updated kv or None)."""
-  b, t, _ = x.shape
-  hd = cfg.dim_per_head
-  q = L.dense(p["q_proj"], x).reshape(b, t, cfg.num_heads, hd)
-  k = L.dense(p["k_proj"], x).reshape(b, t, cfg.num_kv_heads, hd)
-  v = L.dense(p["v_proj"], x).reshape(b, t, cfg.num_kv_heads, hd)
+def _layer_inv_freq(cfg: LlamaConfig, layer: int):
+  """(query, key) RoPE frequencies of a layer: both (D/2,), or per head (H, D/2) and
+  (H_kv, D/2) when `cfg.layer_qk_freqs` selects the kept pairs."""
   inv_freq = rope_inv_freq(cfg)
-  q = rope(q, positions, cfg.rope_theta, inv_freq=inv_freq)
-  k = rope(k, positions, cfg.rope_theta, inv_freq=inv_freq)
+  if cfg.layer_qk_freqs is None:
+    return inv_freq, inv_freq
+  k_freq = inv_freq[np.asarray(cfg.layer_qk_freqs[layer])]            # (H_kv, D/2)
+  return np.repeat(k_freq, cfg.num_heads // cfg.num_kv_heads, axis=0), k_freq
+
+
+def _attention(p, x, positions, mask, cfg, kv=None, index=None, layer=0):
+  """Self-attention of layer `layer`; with a layer cache `kv` ({"k", "v"}) the new keys/values are
+  written at slot `index` and the queries attend over the whole cache. Returns (output, updated
+  kv or None)."""
+  b, t, _ = x.shape
+  hd, qk, vd = cfg.dim_per_head, cfg.qk_head_dim(layer), cfg.v_head_dim(layer)
+  q = L.dense(p["q_proj"], x).reshape(b, t, cfg.num_heads, qk)
+  k = L.dense(p["k_proj"], x).reshape(b, t, cfg.num_kv_heads, qk)
+  v = L.dense(p["v_proj"], x).reshape(b, t, cfg.num_kv_heads, vd)
+  q_freq, k_freq = _layer_inv_freq(cfg, layer)
+  q = rope(q, positions, cfg.rope_theta, inv_freq=q_freq)
+  k = rope(k, positions, cfg.rope_theta, inv_freq=k_freq)
   if kv is not None:
     write = lambda buf, new: jax.lax.dynamic_update_slice_in_dim(buf, new.astype(buf.dtype), index,
                                                                   axis=1)
     kv = {"k": write(kv["k"], k), "v": write(kv["v"], v)}
     k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)
-  o = jax.nn.dot_product_attention(q, k, v, mask=mask)   # GQA built in
-  return L.dense(p["o_proj"], o.reshape(b, t, cfg.num_heads * hd)), kv
+  if qk == vd == hd:
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask)   # GQA built in
+  else:  # compressed head sizes: written out, at the original 1/sqrt(head_dim) scale
+    group = cfg.num_heads // cfg.num_kv_heads
+    k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
+    o = L.attention(q, k, v, mask, scale=1.0 / math.sqrt(hd))
+  return L.dense(p["o_proj"], o.reshape(b, t, cfg.num_heads * vd)), kv
 
 
 def _attention_mask(q_segments, kv_segments, q_slots, kv_slots):
@@ -383,7 +466,7 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) ->
   A pure pytree:
 
   - ``layers/layer_{i}/{k,v}``: the (rotated) keys and the values of every slot, shape
-    (batch, max_len, num_kv_heads, head_dim) in `dtype`;
+    (batch, max_len, num_kv_heads, head size of the layer's keys / values) in `dtype`;
   - ``segment_ids``: int32 (batch, max_len), the segment id of the token in each slot (0: padding);
   - ``index``: int32 scalar, the next slot to write. All rows advance together, one slot per token
     fed; a row's padding slots hold segment 0, which its tokens never attend.
@@ -397,8 +480,9 @@ def init_cache(cfg: LlamaConfig, batch: int, max_len: int, dtype=jnp.float32) ->
   for name, value in (("batch", batch), ("max_len", max_len)):
     if not isinstance(value, (int, np.integer)) or isinstance(value, bool) or value < 1:
       raise ValueError(f"init_cache: {name} must be a positive integer, got {value!r}")
-  slots = jnp.zeros((batch, max_len, cfg.num_kv_heads, cfg.dim_per_head), dtype)
-  return {"layers": {f"layer_{i}": {"k": slots, "v": slots} for i in range(cfg.num_layers)},
+  slots = lambda dim: jnp.zeros((batch, max_len, cfg.num_kv_heads, dim), dtype)
+  return {"layers": {f"layer_{i}": {"k": slots(cfg.qk_head_dim(i)), "v": slots(cfg.v_head_dim(i))}
+                     for i in range(cfg.num_layers)},
           "segment_ids": jnp.zeros((batch, max_len), jnp.int32),
           "index": jnp.zeros((), jnp.int32)}
 
@@ -408,7 +492,7 @@ def decoder_layer(lp, x, positions, mask, cfg: LlamaConfig, kv, first_slot, i: i
   """Layer `i`: pre-norm attention and FFN with residuals; the FFN is the SwiGLU MLP, or Monet
   with the router `gates` its group shares. Returns (x, updated kv, gates)."""
   h, kv = _attention(lp["attention"], L.rms_norm(lp["input_norm"], x, cfg.rms_norm_eps),
-                     positions, mask, cfg, kv, first_slot)
+                     positions, mask, cfg, kv, first_slot, layer=i)
   x = x + L.dropout(h, cfg.dropout_rate, L.fold(rng, i, 0), deterministic)
   h = L.rms_norm(lp["post_attention_norm"], x, cfg.rms_norm_eps)
   if cfg.ffn == "monet":
@@ -553,6 +637,10 @@ def hf_name_map(cfg: LlamaConfig) -> dict[str, str]:
   return {ours: hf for ours, hf, _, _ in _hf_modules(cfg)}
 
 
+# Per-layer inner sizes of a compressed model (`LlamaConfig` fields of the same names), written to
+# config.json only when set; Hugging Face transformers does not read them.
+_LAYER_SIZE_KEYS = ("layer_intermediate_sizes", "layer_qk_freqs", "layer_v_head_dims")
+
 # config.json keys, by what they do. Every key of a config must be in one of these sets: a key
 # that is not is refused, because a key we do not know may change the math (e.g. a new attention
 # variant) and ignoring it would load a wrong model without a word.
@@ -560,7 +648,7 @@ _HONOURED_KEYS = frozenset({
     "model_type", "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
     "num_attention_heads", "num_key_value_heads", "head_dim", "max_position_embeddings",
     "rope_theta", "rope_scaling", "rope_parameters", "rms_norm_eps", "hidden_act",
-    "tie_word_embeddings", "attention_dropout", "layer_types"})
+    "tie_word_embeddings", "attention_dropout", "layer_types"} | set(_LAYER_SIZE_KEYS))
 _FAMILY_KEYS = {
     "llama": frozenset({"attention_bias", "mlp_bias"}),
     "mistral": frozenset({"sliding_window"}),
@@ -697,7 +785,8 @@ def config_from_hf(hf: Mapping[str, Any]) -> LlamaConfig:
       rms_norm_eps=float(get("rms_norm_eps", 1e-6)),
       qkv_bias=attention_bias or family == "qwen2", o_bias=attention_bias,
       mlp_bias=bool(get("mlp_bias", False)),
-      tie_word_embeddings=bool(get("tie_word_embeddings", False)), rope_scaling=scaling)
+      tie_word_embeddings=bool(get("tie_word_embeddings", False)), rope_scaling=scaling,
+      **{k: hf[k] for k in _LAYER_SIZE_KEYS if hf.get(k) is not None})
 
 
 def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, Any]:
@@ -726,6 +815,7 @@ def config_to_hf(cfg: LlamaConfig, torch_dtype: str = "float32") -> dict[str, An
              k: v for k, v in dataclasses.asdict(s).items() if v is not None},
          "rms_norm_eps": cfg.rms_norm_eps, "hidden_act": "silu",
          "tie_word_embeddings": cfg.tie_word_embeddings, "torch_dtype": torch_dtype}
+  out.update({k: getattr(cfg, k) for k in _LAYER_SIZE_KEYS if getattr(cfg, k) is not None})
   if qwen2:
     out.update(use_sliding_window=False, sliding_window=None)
   else:

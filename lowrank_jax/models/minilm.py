@@ -46,6 +46,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import pathlib
 from typing import Any, Mapping
 
@@ -75,7 +76,14 @@ PARTITION_RULES = (
 
 @dataclasses.dataclass(frozen=True)
 class MiniLMConfig:
-  """BERT encoder hyperparameters."""
+  """BERT encoder hyperparameters.
+
+  The optional `layer_*` fields describe a compressed model (one entry per layer; None: the
+  uniform size): `layer_intermediate_sizes` the MLP inner sizes, `layer_qk_head_dims` the
+  query/key head sizes, `layer_v_head_dims` the value head sizes (the output projection's input
+  is `num_heads` times it). Attention logits keep the original 1/sqrt(hidden_size / num_heads)
+  scale.
+  """
   vocab_size: int = 30522
   hidden_size: int = 384
   num_layers: int = 6
@@ -87,6 +95,9 @@ class MiniLMConfig:
   dropout_rate: float = 0.1            # hidden dropout (HF hidden_dropout_prob)
   attention_dropout_rate: float = 0.1  # on the attention probabilities (attention_probs_dropout_prob)
   pad_token_id: int = 0
+  layer_intermediate_sizes: tuple[int, ...] | None = None
+  layer_qk_head_dims: tuple[int, ...] | None = None
+  layer_v_head_dims: tuple[int, ...] | None = None
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -99,6 +110,24 @@ class MiniLMConfig:
     for f in ("dropout_rate", "attention_dropout_rate"):
       if not 0.0 <= getattr(self, f) < 1.0:
         raise ValueError(f"MiniLMConfig.{f} must be in [0, 1), got {getattr(self, f)}")
+    for f in ("layer_intermediate_sizes", "layer_qk_head_dims", "layer_v_head_dims"):
+      value = getattr(self, f)
+      if value is None:
+        continue
+      if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or (
+          len(value) != self.num_layers) or min(value) < 1:
+        raise ValueError(f"MiniLMConfig.{f} must hold one positive size per layer "
+                         f"(num_layers={self.num_layers}), got {value!r}")
+      object.__setattr__(self, f, tuple(int(v) for v in value))
+
+  def layer_size(self, field: str, layer: int) -> int:
+    """Size of layer `layer` given by `layer_{field}` ("intermediate_sizes", "qk_head_dims",
+    "v_head_dims"), or the uniform size when that field is None."""
+    sizes = getattr(self, f"layer_{field}")
+    if sizes is not None:
+      return sizes[layer]
+    return self.intermediate_size if field == "intermediate_sizes" else (
+        self.hidden_size // self.num_heads)
 
   @classmethod
   def all_minilm_l6_v2(cls) -> "MiniLMConfig":
@@ -124,7 +153,7 @@ class MiniLMConfig:
 
 def init(key: jax.Array, cfg: MiniLMConfig, dtype=jnp.float32) -> dict:
   """Random BERT params (std 0.02 normal, as BERT), nested dicts of arrays."""
-  d, f = cfg.hidden_size, cfg.intermediate_size
+  d = cfg.hidden_size
   ks = iter(jax.random.split(key, 4 + 6 * cfg.num_layers))
   dense = lambda i, o: L.dense_init(next(ks), i, o, std=0.02, dtype=dtype)
   params = {
@@ -137,9 +166,12 @@ def init(key: jax.Array, cfg: MiniLMConfig, dtype=jnp.float32) -> dict:
       "encoder": {},
   }
   for i in range(cfg.num_layers):
+    f = cfg.layer_size("intermediate_sizes", i)
+    qk = cfg.num_heads * cfg.layer_size("qk_head_dims", i)
+    v = cfg.num_heads * cfg.layer_size("v_head_dims", i)
     params["encoder"][f"layer_{i}"] = {
-        "attention": {"query": dense(d, d), "key": dense(d, d), "value": dense(d, d),
-                      "output": dense(d, d), "norm": L.layer_norm_init(d, dtype)},
+        "attention": {"query": dense(d, qk), "key": dense(d, qk), "value": dense(d, v),
+                      "output": dense(v, d), "norm": L.layer_norm_init(d, dtype)},
         "mlp": {"intermediate": dense(d, f), "output": dense(f, d),
                 "norm": L.layer_norm_init(d, dtype)},
     }
@@ -161,8 +193,11 @@ def attention_block(p, x, mask, cfg, rng=None, deterministic=True):
   q = L.split_heads(L.dense(p["query"], x), cfg.num_heads)
   k = L.split_heads(L.dense(p["key"], x), cfg.num_heads)
   v = L.split_heads(L.dense(p["value"], x), cfg.num_heads)
+  head_dim = cfg.hidden_size // cfg.num_heads
+  # Head sizes follow the params; a compressed layer keeps the original logit scale.
+  scale = None if q.shape[-1] == v.shape[-1] == head_dim else 1.0 / math.sqrt(head_dim)
   o = L.merge_heads(L.attention(q, k, v, mask, dropout_rate=cfg.attention_dropout_rate,
-                                rng=L.fold(rng, 2), deterministic=deterministic))
+                                rng=L.fold(rng, 2), deterministic=deterministic, scale=scale))
   o = L.dropout(L.dense(p["output"], o), cfg.dropout_rate, rng, deterministic)
   return L.layer_norm(p["norm"], x + o, cfg.layer_norm_eps)
 
