@@ -1,4 +1,4 @@
-"""Sharded training: a device mesh from config, per-model partition rules, `NamedSharding`s.
+"""Sharded training: a device mesh from config, per-model partition rules, `NamedSharding` values.
 
 The mesh has three axes, any of which may have size 1:
 
@@ -177,7 +177,7 @@ def _shape(x) -> tuple[int, ...]:
 
 def param_specs(params: PyTree, rules: Sequence[Rule],
                 mesh_sizes: Optional[Mapping[str, int]] = None) -> tuple[PyTree, list[str]]:
-  """(a tree of `PartitionSpec`s like `params`, the paths no rule matched).
+  """(a tree of `PartitionSpec` values like `params`, the paths no rule matched).
 
   A structured leaf gets the spec its path's rule gives its dense shape, and its arrays
   `factor_spec` of it.
@@ -251,7 +251,7 @@ def mirror_specs(tree: PyTree, reference: PyTree, reference_specs: PyTree) -> Py
 
 
 def train_state_specs(state: PyTree, base: PyTree, base_specs: PyTree) -> dict:
-  """Specs of a train state (`steps.init_train_state`; arrays or `ShapeDtypeStruct`s): adapter
+  """Specs of a train state (`steps.init_train_state`; arrays or `ShapeDtypeStruct` values): adapter
   factors follow their kernels, the head its params' specs, the optimizer state the trainable
   tree it mirrors; step and rng replicated."""
   head_specs = adapter_specs(state["head"], base, base_specs)
@@ -266,7 +266,7 @@ def train_state_specs(state: PyTree, base: PyTree, base_specs: PyTree) -> dict:
 
 
 def named(mesh: Mesh, specs: PyTree) -> PyTree:
-  """`NamedSharding`s of a tree of `PartitionSpec`s."""
+  """The `NamedSharding` of each `PartitionSpec` of a tree."""
   return jax.tree.map(lambda s: NamedSharding(mesh, s), specs,
                       is_leaf=lambda x: isinstance(x, P))
 

@@ -59,7 +59,7 @@ def precision_name(precision) -> Optional[str]:
 def precision_scope(precision):
   """A context in which the factored products run at the layer's `precision` (forward pass).
 
-  The products of the factored path are several `dot_general`s; the layer's precision is applied
+  The products of the factored path are several `dot_general` calls; the layer's precision is applied
   to all of them through `jax.default_matmul_precision`.
   """
   name = precision_name(precision)

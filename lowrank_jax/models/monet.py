@@ -183,6 +183,8 @@ def has_router(layer: int, cfg: MonetConfig) -> bool:
 
 def init_router(key: jax.Array, hidden_size: int, cfg: MonetConfig, dtype=jnp.float32,
                 std: float = 0.02) -> dict:
+  """Router params: the two product-key projections `w1`, `w2`, dense layers without bias from
+  hidden to heads * experts, normal with std `std`."""
   k1, k2 = jax.random.split(key)
   width = cfg.heads * cfg.experts
   return {"w1": L.dense_init(k1, hidden_size, width, bias=False, std=std, dtype=dtype),
@@ -198,6 +200,8 @@ def init_norm_state(cfg: MonetConfig) -> dict:
 
 def init_experts(key: jax.Array, hidden_size: int, cfg: MonetConfig, dtype=jnp.float32,
                  std: float = 0.02) -> dict:
+  """Expert pieces of one layer (normal with std `std`, biases at zero), in the layout of
+  `cfg.decompose`."""
   check_hidden_size(cfg, hidden_size)
   d, e, m = hidden_size, cfg.experts, cfg.dim
   lin = lambda k, i, o, bias: L.dense_init(k, i, o, bias=bias, std=std, dtype=dtype)
