@@ -35,12 +35,13 @@ which this script now runs itself)::
   0.2     124.80      125.25    0.7665
   0.3     124.88      125.43    0.7587
   0.4     125.20      125.63    0.7274
-  0.5     125.70      125.84    (not measured: the run was stopped by its time limit)
+  0.5     125.70      125.84    0.6795 (a separate ``--ratios 0.5 --recovery_steps 0`` run)
 
   achieved ratios (MoDeGPT): 0.0000 0.1005 0.2001 0.3004 0.3997 0.4999; SVD 0.3 -> 0.2985
   influence allocation at 0.3: sparsity per layer [0.002, 0.342, 0.430, 0.426]
   forward, batch (32, 128), jitted, median of 10: original 842 ms, 30% model 722 ms, 1.17x
-    (an earlier run of the same script: 1124 ms vs 632 ms, 1.78x; the shared CPU is noisy)
+    (an earlier run of the same script: 1124 ms vs 632 ms, 1.78x; the shared CPU is noisy; the
+    ratio-0.5 run, on a nearly idle machine: 218.9 ms vs 200.1 ms, 1.09x)
   LoRA rank 8, 60 steps: 30% model 124.88 -> 124.38; original 124.73 -> 124.32;
     gap 0.15 -> 0.06 ppl (about 60% of the gap closed)
 
