@@ -47,12 +47,15 @@ def test_bandit_reward_rises_base_unchanged_kl_zero_at_init(objective):
   prompt = np.array([1, 2, 3], np.int32)
   prompts = np.tile(prompt, (32, 1))
   p0 = _target_prob(pg.policy_params(state, base), cfg, prompt)
-  kls = []
-  for _ in range(40):
-    state, metrics = pg.step(state, base, prompts)
-    kls.append(metrics["kl"])
-  p1 = _target_prob(pg.policy_params(state, base), cfg, prompt)
-  assert p0 < 0.3 and p1 > 0.9, (p0, p1)
+  kls, probs = [], []
+  for _ in range(10):   # usually above 0.99 after the first 10 updates
+    for _ in range(10):
+      state, metrics = pg.step(state, base, prompts)
+      kls.append(metrics["kl"])
+    probs.append(_target_prob(pg.policy_params(state, base), cfg, prompt))
+    if probs[-1] > 0.9:
+      break
+  assert p0 < 0.3 and probs[-1] > 0.9, (p0, probs)
   assert kls[0] == 0.0 and kls[-1] > 0.0
   assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(base),
                                                    jax.tree.leaves(base_before)))
