@@ -30,6 +30,19 @@ trained with, step by step), with the STN's final values fixed, and with the bes
 configuration fixed.
 
 Writes ``results.csv`` and ``schedule.png`` (the hyperparameter schedule) to ``--workdir``.
+
+Measured (2-core CPU, ``--train 5000 --val 2000 --test 5000 --warmup 100 --cycles 200 --batch
+64``, 500 training steps, 7 min)::
+
+  run                                   val acc  test acc
+  STN (best response at final values)   0.8295   0.8206
+  random search (9 x 55 steps)          0.7130   0.7148
+  grid search (9 x 55 steps)            0.7310   0.7184
+  retrain: STN schedule                 0.8370   0.8338
+  retrain: STN final values fixed       0.8415   0.8446
+  retrain: best search values fixed     0.8440   0.8358
+
+  final values: dropout 0.048 / 0.323 / 0.053, shift 0.27, cutout 1.71, weight decay 8.9e-5
 """
 from __future__ import annotations
 
