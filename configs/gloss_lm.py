@@ -34,6 +34,17 @@ MODEL_RUNLOCAL = {"vocab_size": 384, "hidden_size": 32, "intermediate_size": 64,
 
 def get_config(arg=None):
   a = common.parse_arg(arg, seed=0, steps=400, runlocal=False)
+  c = pretraining_config(a, MODEL_RUNLOCAL if a.runlocal else MODEL,
+                         warmup_steps=2 if a.runlocal else 40)
+  c.export_hf = True
+  return c
+
+
+def pretraining_config(a, model: dict, warmup_steps: int) -> ml_collections.ConfigDict:
+  """Full training of a `llama_tiny` decoder of shape `model` on the glosses ("lemma: gloss").
+
+  `a` holds the parsed args ``seed``, ``steps`` and ``runlocal`` (see the module docstring);
+  the caller decides the HF export and any further model fields."""
   c = common.base_config()
   c.task = "causal_lm"
   c.seed = a.seed
@@ -44,7 +55,7 @@ def get_config(arg=None):
   c.log_every = 2 if a.runlocal else 50
   c.ckpt_every = 0 if a.runlocal else 200
   c.model.name = "llama_tiny"        # the family; `model.config` sets the shape
-  c.model.config = ml_collections.ConfigDict(MODEL_RUNLOCAL if a.runlocal else MODEL)
+  c.model.config = ml_collections.ConfigDict(model)
   c.model.checkpoint = ""
   c.model.tokenizer = ""              # "": train a byte-level BPE on the train texts
   c.head = ".*"                       # every parameter trains (pretraining)
@@ -63,8 +74,8 @@ def get_config(arg=None):
   c.optimizer.head_lr = 3e-3
   c.optimizer.wd = 0.01
   c.optimizer.schedule = "cosine"
-  c.optimizer.warmup_steps = 2 if a.runlocal else 40
+  c.optimizer.warmup_steps = warmup_steps
   c.optimizer.grad_clip = 1.0
   c.save_adapter = False
-  c.export_hf = True
+  c.export_hf = False
   return c

@@ -25,9 +25,8 @@ target tokens of 2,000 glosses after 300 steps (659 s and 533 s of training). ru
 Args (after `:`): seed (0), steps (300), runlocal (False: a 2-layer model, 6 steps, 256 train and
 64 validation texts, for CI), ffn ("monet" or "swiglu"), decompose ("vertical" or "horizontal").
 """
-import ml_collections
-
 from configs import common
+from configs import gloss_lm
 from lowrank_jax.models import monet
 
 MONET = {"experts": 32, "heads": 4, "topk": 4, "dim": 16, "groups": 2}
@@ -51,16 +50,6 @@ def dense_intermediate_size(model: dict, moe: dict) -> int:
 def get_config(arg=None):
   a = common.parse_arg(arg, seed=0, steps=300, runlocal=False, ffn="monet",
                        decompose="vertical")
-  c = common.base_config()
-  c.task = "causal_lm"
-  c.seed = a.seed
-  c.total_steps = 6 if a.runlocal else a.steps
-  c.batch_size = 8 if a.runlocal else 16
-  c.eval_batch_size = 16 if a.runlocal else 32
-  c.eval_every = 0
-  c.log_every = 2 if a.runlocal else 50
-  c.ckpt_every = 0
-  c.model.name = "llama_tiny"        # the family; `model.config` sets the shape and the FFN
   model = dict(MODEL_RUNLOCAL if a.runlocal else MODEL)
   moe = {**(MONET_RUNLOCAL if a.runlocal else MONET), "decompose": a.decompose}
   if a.ffn == "monet":
@@ -69,27 +58,6 @@ def get_config(arg=None):
     model.update(intermediate_size=dense_intermediate_size(model, moe))
   else:
     raise ValueError(f"config arg ffn={a.ffn!r} is not valid; valid: 'monet', 'swiglu'")
-  c.model.config = ml_collections.ConfigDict(model)
-  c.model.checkpoint = ""
-  c.model.tokenizer = ""              # "": train a byte-level BPE on the train texts
-  c.head = ".*"                       # every parameter trains (pretraining)
-  c.dataset.name = "wordnet_supersense"
-  c.dataset.train_split = "train"
-  c.dataset.eval_split = "validation"
-  c.dataset.max_train_examples = 256 if a.runlocal else 0
-  c.dataset.max_eval_examples = 64 if a.runlocal else 2000
-  c.dataset.seq_len = 128
-  c.dataset.shuffle_seed = a.seed
-  c.dataset.prompt = ""               # plain text: the whole text is trained
-  c.dataset.template = ""
-  c.dataset.response = "{lemmas[0]}: {gloss}"
-  c.adapter = ml_collections.ConfigDict({"method": "none"})
-  c.optimizer.lr = 3e-3
-  c.optimizer.head_lr = 3e-3
-  c.optimizer.wd = 0.01
-  c.optimizer.schedule = "cosine"
-  c.optimizer.warmup_steps = 2 if a.runlocal else 30
-  c.optimizer.grad_clip = 1.0
-  c.save_adapter = False
-  c.export_hf = False
+  c = gloss_lm.pretraining_config(a, model, warmup_steps=2 if a.runlocal else 30)
+  c.ckpt_every = 0
   return c

@@ -110,7 +110,7 @@ class _Recorder:
 
 
 @flax.struct.dataclass
-class CalibrationProbe(structured.Structured):
+class CalibrationProbe(structured.Wrapped):
   """A structured weight that computes the ordinary product and records its input statistics.
 
   Only meaningful inside `batch_stats_fn` / `collect` (it holds a Python recorder as static data).
@@ -118,17 +118,6 @@ class CalibrationProbe(structured.Structured):
   w: Any
   path: str = flax.struct.field(pytree_node=False)
   recorder: Any = flax.struct.field(pytree_node=False)
-
-  @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
-
-  def materialize(self):
-    return structured.materialize(self.w)
 
   def matmul(self, x, in_ndim: int = 1):
     rec = self.recorder

@@ -261,3 +261,29 @@ class LowRank(DiagLowRank):
 
   def _factors(self):
     return self.a, self.scale, self.b
+
+
+class Wrapped(Structured):
+  """A structured weight that stands for the kernel `w` it wraps: same shape, dtype, dense value
+  and products. Subclasses (flax dataclasses with a `w` field) observe the products, e.g. record
+  their inputs, and override `matmul` / `conv` to do so."""
+
+  @property
+  def shape(self):
+    return tuple(self.w.shape)
+
+  @property
+  def dtype(self):
+    return self.w.dtype
+
+  def materialize(self):
+    return materialize(self.w)
+
+  def matmul(self, x: jax.Array, in_ndim: int = 1) -> jax.Array:
+    return dense(x, self.w, in_ndim=in_ndim)
+
+  def conv(self, x: jax.Array, **conv_kwargs) -> jax.Array:
+    return conv(x, self.w, **conv_kwargs)
+
+  def embed(self, ids: jax.Array) -> jax.Array:
+    return embed(ids, self.w)

@@ -374,26 +374,15 @@ def knock_out(moe: dict, first: int, second: int, cfg: MonetConfig) -> dict:
 
 
 @flax.struct.dataclass
-class _InputTap(structured.Structured):
+class _InputTap(structured.Wrapped):
   """A kernel that computes its ordinary product and appends its input to a Python list (only
   inside the function that wraps it, see `router_inputs`)."""
   w: Any
   sink: Any = flax.struct.field(pytree_node=False)
 
-  @property
-  def shape(self):
-    return tuple(self.w.shape)
-
-  @property
-  def dtype(self):
-    return self.w.dtype
-
-  def materialize(self):
-    return structured.materialize(self.w)
-
   def matmul(self, x, in_ndim: int = 1):
     self.sink.append(x)
-    return structured.dense(x, self.w, in_ndim=in_ndim)
+    return super().matmul(x, in_ndim)
 
 
 def router_inputs(apply_fn: Callable[[dict], Any], params: dict, router_path: tuple[str, ...]):
