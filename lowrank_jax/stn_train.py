@@ -30,7 +30,8 @@ read only when `adapter.method` is "stn"):
   perturbation_std: initial std of the per-example perturbation of ``z``.
 
 Writes to the workdir: ``schedule.csv`` (per cycle: train steps so far, each hyperparameter's
-value and perturbation std, mean train loss and hyper objective), ``schedule.png`` (each value as
+value and perturbation std, mean train loss and hyper objective; row 0 is the start of the cycles,
+with the warm-up's mean loss, nan without warm-up), ``schedule.png`` (each value as
 a fraction of its range), ``metrics.jsonl``, the adapter file (unless ``save_adapter=False``) and
 ``results.json`` (eval accuracy and loss at the final hyperparameters, the validation split's
 too, and the final values under ``hyperparameters``).
