@@ -405,7 +405,8 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
                                f"lower optimizer.lr or stn.hyper_lr")
     if c % log_every == 0 or c == num_cycles:
       row = rows[-1]
-      writer.write(done, {k: v for k, v in row.items() if k not in ("step", "cycle")})
+      writer.write(done, {"loss": row["train_loss"], **{
+          k: v for k, v in row.items() if k not in ("step", "cycle", "train_loss")}})
       logging.info("stn cycle %d (step %d): %s; train loss %.4f, hyper objective %.4f", c, done,
                    ", ".join(f"{h.name}={row[h.name]:.4g}" for h in hyperparameters),
                    row["train_loss"], row["hyper_objective"])
