@@ -11,23 +11,23 @@ at the current hyperparameters: the final model is evaluated, saved and merged a
 ``lam`` like any other adapter. There are no checkpoints: an interrupted run starts over.
 
 Config block `config.stn` (`default_config`; checked by `check_config` before anything is built;
-read only when `adapter.method` is "stn"):
+read only when `adapter.method` is "stn")::
 
-  hyperparameters: {name: (low, high, initial)}; names from `HYPERPARAMETERS`:
-    dropout_rate, attention_dropout_rate: the model's dropout fields (`model.dropout_rate`, ...),
-      applied with one rate per example (models of the families `MODEL_FAMILIES`);
+  hyperparameters: {name: (low, high, initial)}; names from HYPERPARAMETERS:
+    dropout_rate, attention_dropout_rate: the model's dropout fields (model.dropout_rate, ...),
+      applied with one rate per example (models of the families MODEL_FAMILIES);
     label_smoothing: per-example label smoothing of the training cross-entropy;
-    weight_decay: ``wd * |phi|^2`` over the adapter's trainable state and the head, with the
-      batch's mean ``wd`` (`optimizer.wd` must then be 0).
-    The vector ``z`` holds them in sorted name order. Each is ``low + (high - low) sigmoid(z)``.
-  val_split: the split the hyper phase reads (a tfds split expression, e.g. ``"train[80%:]"``
-    with ``dataset.train_split="train[:80%]"``); it may be neither the train nor the eval split.
-  val_batch_size: batch size of the hyper phase (0: `batch_size`).
+    weight_decay: wd * |phi|^2 over the adapter's trainable state and the head, with the
+      batch's mean wd (optimizer.wd must then be 0).
+    The vector z holds them in sorted name order. Each is low + (high - low) sigmoid(z).
+  val_split: the split the hyper phase reads (a tfds split expression, e.g. "train[80%:]"
+    with dataset.train_split="train[:80%]"); it may be neither the train nor the eval split.
+  val_batch_size: batch size of the hyper phase (0: batch_size).
   warmup_steps, train_steps, hyper_steps: warm-up train steps, then per cycle train and hyper
-    steps; ``total_steps - warmup_steps`` must be a positive multiple of ``train_steps``.
+    steps; total_steps - warmup_steps must be a positive multiple of train_steps.
   tau: weight of the perturbation entropy in the hyper objective.
-  hyper_lr: Adam learning rate of ``(lam, sigma)``.
-  perturbation_std: initial std of the per-example perturbation of ``z``.
+  hyper_lr: Adam learning rate of (lam, sigma).
+  perturbation_std: initial std of the per-example perturbation of z.
 
 Writes to the workdir: ``schedule.csv`` (per cycle: train steps so far, each hyperparameter's
 value and perturbation std, mean train loss and hyper objective; row 0 is the start of the cycles,
