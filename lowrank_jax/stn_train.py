@@ -381,7 +381,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
 
   writer = metrics_lib.MetricWriter(workdir)
   writer.write(0, {"trainable_params": counts["trainable_params"]})
-  done = 0
+  done = 0   # train steps taken; each phase's key is fold_in(loop key, its first step)
   while done < scfg.warmup_steps:
     n = min(scfg.train_steps, scfg.warmup_steps - done)
     state, losses = stn_lib.train_phase(tuner, state, stack_batches(data.train_iter, n),
@@ -395,7 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   for c in range(1, num_cycles + 1):
     state, (t_losses, h_losses) = stn_lib.cycle(
         tuner, state, stack_batches(data.train_iter, scfg.train_steps),
-        stack_batches(val_iter, scfg.hyper_steps), jax.random.fold_in(rng_loop, done + c))
+        stack_batches(val_iter, scfg.hyper_steps), jax.random.fold_in(rng_loop, done))
     done += scfg.train_steps
     t_losses, h_losses = jax.device_get((t_losses, h_losses))
     rows.append(schedule_row(tuner, state, done, c, float(np.mean(t_losses)),
