@@ -34,6 +34,9 @@ def get_config(arg=None):
   c.progress = False
   c.adapter = common.adapter_config(a.method, rank=a.rank, targets=TARGETS,
                                     total_steps=c.total_steps)
+  if a.method == "stn":   # STN tunes hyperparameters on a validation split (config.stn)
+    from configs import stn_digits_runner  # pylint: disable=g-import-not-at-top
+    stn_digits_runner.add_stn(c, warmup_steps=10 if a.runlocal else 50)
   return c
 
 

@@ -38,6 +38,7 @@ METHODS: dict[str, str] = {
     "corda": "lowrank_jax.adapters.corda",
     "increlora": "lowrank_jax.adapters.increlora",
     "adalora": "lowrank_jax.adapters.adalora",
+    "stn": "lowrank_jax.adapters.stn",
 }
 
 

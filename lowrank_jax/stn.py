@@ -28,7 +28,7 @@ stack of batches):
   perturbation being ``sum log softplus(sigma)`` up to a constant.
 
 Warm-up is `train_phase` alone. `fix` turns an STN back into plain dense parameters at given
-hyperparameters (`lowrank_jax.merge` refuses `HyperKernel`, which carries a bias term).
+hyperparameters (`lowrank_jax.merge` refuses a `HyperKernel` that carries a bias term).
 """
 from __future__ import annotations
 
@@ -58,6 +58,7 @@ __all__ = [
     "cycle",
     "fix",
     "hyper_objective",
+    "hyper_init",
     "hyper_phase",
     "init",
     "train_phase",
@@ -101,9 +102,23 @@ class HyperKernel(structured.Structured):
     return self.elem.dtype
 
   def materialize(self):
-    raise TypeError("HyperKernel has no single dense value (it depends on the hyperparameters "
-                    "and carries a bias term); use lowrank_jax.stn.fix(params, z) to get plain "
-                    "dense parameters at fixed hyperparameters")
+    """``elem + hyper * s(z)`` when the kernel alone carries the layer at one vector ``z``.
+
+    That is the case without a hyper bias and with hyperparameters of shape (h,) (the adapter
+    `lowrank_jax.adapters.stn.stn_adapter` builds such kernels); otherwise the dense value also
+    needs the bias (`fix`) or does not exist (unset or per-example hyperparameters).
+    """
+    z = self.hyperparameters
+    if self.hyper_bias is not None or z is None or jnp.ndim(z) != 1:
+      raise TypeError("HyperKernel has no single dense value here (it depends on the "
+                      "hyperparameters and carries a bias term, or its hyperparameters are unset "
+                      "or per example); use lowrank_jax.stn.fix(params, z) to get plain dense "
+                      "parameters at fixed hyperparameters")
+    elem = structured.materialize(self.elem)
+    s = jnp.asarray(z).astype(self.scale_map.dtype) @ self.scale_map
+    dt = structured.compute_dtype(elem, s)
+    return (elem.astype(dt) + structured.materialize(self.hyper).astype(dt) * s.astype(dt)
+            ).astype(elem.dtype)
 
   def _gate(self, y):
     """s(z) shaped to broadcast against an output ``y`` of shape (B, ..., out)."""
@@ -173,8 +188,10 @@ class LowRankProduct(structured.Structured):
     return structured.conv(x, self.a, **conv_kwargs) @ self.b.astype(x.dtype)
 
 
-def _hyper_init(key, shape, dtype, rank):
-  """N(0, 1/fan_in) dense kernel, or factors with N(0, 1/fan_in) and N(0, 1/rank) entries."""
+def hyper_init(key, shape, dtype, rank):
+  """A random hyper kernel of ``shape`` (``(*in, out)``): N(0, 1/fan_in) entries when ``rank`` is
+  None, else a `LowRankProduct` with N(0, 1/fan_in) and N(0, 1/rank) factors (so the branch's
+  outputs have the scale of a fan-in-normalised dense layer's)."""
   fan_in = math.prod(shape[:-1])
   if rank is None:
     return jax.random.normal(key, shape, dtype) / math.sqrt(fan_in)
@@ -188,7 +205,7 @@ def wrap(params: PyTree, key: jax.Array, num_hyperparameters: int,
          targets: targeting.Targets = r"(.*/)?kernel", hyper_rank: int | None = None) -> PyTree:
   """Replaces the selected kernels by `HyperKernel` leaves whose best response starts at the kernel.
 
-  ``hyper`` is drawn at random (see `_hyper_init`), ``scale_map`` and ``hyper_bias`` start at
+  ``hyper`` is drawn at random (see `hyper_init`), ``scale_map`` and ``hyper_bias`` start at
   zero, so the wrapped model computes exactly what the original did, for any hyperparameters.
   A target may already be structured (e.g. a `LowRank` adapter): it becomes ``elem`` unchanged,
   which is where STN meets parameter-efficient fine-tuning (train only the adapter factors and the
@@ -219,7 +236,7 @@ def wrap(params: PyTree, key: jax.Array, num_hyperparameters: int,
       raise ValueError(f"stn.wrap: target {path!r} must be a kernel of rank >= 2 (not already "
                        f"wrapped), got {type(kernel).__name__} of shape {shape}")
     replacements[path] = HyperKernel(
-        elem=kernel, hyper=_hyper_init(tree_lib.derive_key(key, path), shape, kernel.dtype,
+        elem=kernel, hyper=hyper_init(tree_lib.derive_key(key, path), shape, kernel.dtype,
                                        hyper_rank),
         hyper_bias=jnp.zeros(shape[-1:], kernel.dtype) if _bias_path(path) in flat else None,
         scale_map=jnp.zeros((num_hyperparameters, shape[-1]), kernel.dtype))
@@ -310,6 +327,10 @@ class STN:
     train_optimizer: optax transformation for phi.
     hyper_optimizer: optax transformation for ``(lam, sigma)``.
     entropy_weight: tau, the weight of the perturbation entropy in the hyper objective.
+    bind: ``(params, z) -> what train_loss / val_loss get as params``: how the hypernetwork
+      input ``z`` reaches the model. The default `with_hyperparameters` sets it in the
+      `HyperKernel` leaves of ``params``; a runner whose phi is an adapter state rather than the
+      model's params applies the adapter there (`lowrank_jax.stn_train`).
     centered: feed the hypernetwork ``z - stop_gradient(lam)`` instead of ``z`` (the centring of
       Bae & Grosse's Delta-STN, NeurIPS 2020). With the raw ``z``, which varies little around a
       nonzero ``lam``, ``s(z) = z @ S`` mostly learns a constant shift instead of the local slope
@@ -324,6 +345,7 @@ class STN:
   hyper_optimizer: optax.GradientTransformation = optax.adam(3e-3)
   entropy_weight: float = 1e-3
   centered: bool = True
+  bind: Callable[[PyTree, jax.Array], PyTree] = with_hyperparameters
 
   def __post_init__(self):
     if not self.hyperparameters or not all(
@@ -387,8 +409,7 @@ def _train_step(stn: STN, state: STNState, batch, key) -> tuple[STNState, jax.Ar
   key_eps, key_loss = jax.random.split(key)
   z = _perturbed(state.hyper, state.scale, key_eps, batch)
   inputs = stn.hypernet_input(z, state.hyper)
-  loss_fn = lambda p: stn.train_loss(with_hyperparameters(p, inputs), stn.values(z), batch,
-                                     key_loss)
+  loss_fn = lambda p: stn.train_loss(stn.bind(p, inputs), stn.values(z), batch, key_loss)
   loss, grads = jax.value_and_grad(loss_fn)(state.params)
   updates, opt = stn.train_optimizer.update(grads, state.train_opt, state.params)
   return state._replace(params=optax.apply_updates(state.params, updates), train_opt=opt), loss
@@ -400,7 +421,7 @@ def hyper_objective(stn: STN, params: PyTree, hyper: jax.Array, scale: jax.Array
   z = _perturbed(hyper, scale, key, batch)
   entropy = jnp.sum(jnp.log(jax.nn.softplus(scale)))
   inputs = stn.hypernet_input(z, hyper)
-  return stn.val_loss(with_hyperparameters(params, inputs), batch) - stn.entropy_weight * entropy
+  return stn.val_loss(stn.bind(params, inputs), batch) - stn.entropy_weight * entropy
 
 
 def _hyper_step(stn: STN, state: STNState, batch, key) -> tuple[STNState, jax.Array]:

@@ -132,18 +132,38 @@ def compute_dtype(*arrays: Any):
   return jnp.result_type(jnp.float32, *arrays)
 
 
-def dropout(x: jax.Array, rate: float, rng, deterministic: bool) -> jax.Array:
+def no_dropout(rate: Any) -> bool:
+  """Whether `rate` is a Python number equal to 0 (dropout statically off).
+
+  An array rate (a traced or per-example value) always counts as on: its value is not known when
+  the function is traced, and a rate of 0 then keeps every entry anyway.
+  """
+  return isinstance(rate, (int, float)) and rate == 0.0
+
+
+def dropout(x: jax.Array, rate: Any, rng, deterministic: bool) -> jax.Array:
   """Inverted dropout: zeroes entries with probability `rate`, scales the rest by 1/(1 − rate).
 
-  The identity when `deterministic` or `rate == 0`; otherwise `rng` is required.
+  `rate` is a number, or an array of one rate per example (B,) that applies along the leading
+  (batch) axis of `x` (so Self-Tuning Networks can train with per-example dropout rates, see
+  `lowrank_jax.stn_train`). The identity when `deterministic` or `rate` is the number 0;
+  otherwise `rng` is required.
 
   Raises:
-    ValueError: `deterministic=False` with `rate > 0` and no `rng`.
+    ValueError: `deterministic=False` with a nonzero rate and no `rng`, or an array `rate` whose
+      shape is not () or (B,) for the batch size B of `x`.
   """
-  if deterministic or rate == 0.0:
+  if deterministic or no_dropout(rate):
     return x
   if rng is None:
     raise ValueError("dropout: deterministic=False with dropout rate > 0 needs an `rng` key")
+  if not isinstance(rate, (int, float)):
+    rate = jnp.asarray(rate)
+    if rate.ndim == 1 and rate.shape[0] == x.shape[0]:
+      rate = rate.reshape(rate.shape + (1,) * (x.ndim - 1)).astype(x.dtype)
+    elif rate.ndim != 0:
+      raise ValueError(f"dropout: an array rate must be a scalar or one rate per example "
+                       f"({x.shape[0]},), got shape {rate.shape} for inputs of shape {x.shape}")
   keep = jax.random.bernoulli(rng, 1.0 - rate, x.shape)
   return jnp.where(keep, x / (1.0 - rate), jnp.zeros_like(x))
 

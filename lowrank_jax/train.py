@@ -402,6 +402,9 @@ def check_config(config: ml_collections.ConfigDict):
   registry.get_factory(config.adapter.method)       # unknown/unavailable method -> ValueError
   spec = models.get_model(config.model.name)        # unknown model -> ValueError
   task = tasks.get_task(config.get("task", DEFAULT_TASK))
+  if config.adapter.method == "stn":   # the STN loop's own block (lowrank_jax.stn_train)
+    from lowrank_jax import stn_train  # pylint: disable=g-import-not-at-top
+    stn_train.check_config(config, spec, config.get("task", DEFAULT_TASK))
   if task.model_kind == "decoder":
     if not spec.is_decoder:
       raise ValueError(f"config.task={config.task!r} trains a decoder LM; model {spec.name!r} "
@@ -511,14 +514,16 @@ def check_seq_len(config: ml_collections.ConfigDict, spec):
 
 def adapter_kwargs(config) -> dict:
   """The factory keyword arguments of `config.adapter`, plus what a factory takes from the run
-  itself unless the config sets it: `total_steps` (schedules) and `base_lr` (the run's peak
-  `optimizer.lr`, which SORSA's official recipe divides its regularizer weight by)."""
+  itself unless the config sets it: `total_steps` (schedules), `base_lr` (the run's peak
+  `optimizer.lr`, which SORSA's official recipe divides its regularizer weight by) and, with a
+  `config.stn` block, `num_hyperparameters` (the STN adapter's gate width)."""
   kw = {k: v for k, v in config.adapter.to_dict().items() if k != "method"}
   if "targets" in kw and isinstance(kw["targets"], (list, tuple)):
     kw["targets"] = list(kw["targets"])
+  run = {"num_hyperparameters": len(config.stn.hyperparameters)} if "stn" in config else {}
   return registry.with_run_settings(config.adapter.method, kw,
                                     total_steps=int(config.total_steps),
-                                    base_lr=float(config.optimizer.lr))
+                                    base_lr=float(config.optimizer.lr), **run)
 
 
 def split_head(params, head_regex: str) -> tuple[dict, list[str]]:
@@ -655,6 +660,9 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   finished = finished_results(config, workdir)
   if finished is not None:
     return finished
+  if config.adapter.method == "stn":   # Self-Tuning Networks: the alternating loop
+    from lowrank_jax import stn_train  # pylint: disable=g-import-not-at-top
+    return stn_train.train_and_evaluate(config, workdir, baseline=baseline, t_start=t_start)
 
   mesh = sharding_lib.make_mesh(mesh_sizes(config))
   data_sharding = sharding_lib.batch_sharding(mesh)

@@ -99,6 +99,25 @@ def test_dropout_against_numpy_and_its_errors():
     structured.dropout(x, 0.25, None, False)
 
 
+def test_dropout_with_one_rate_per_example():
+  """Rates (B,) act along the batch axis: each row is dropped at its own rate (numpy keep-mask
+  drawn independently per row's rate), rate 0 rows pass unchanged; a (B,) rate of another
+  length is refused."""
+  x = jnp.ones((3, 4000), jnp.float32)
+  rates = np.array([0.0, 0.5, 0.9])
+  out = np.asarray(structured.dropout(x, jnp.asarray(rates), jax.random.key(4), False))
+  np.testing.assert_array_equal(out[0], 1.0)
+  for i in (1, 2):
+    np.testing.assert_allclose(out[i][out[i] != 0.0], 1.0 / (1.0 - rates[i]), rtol=1e-5)
+    assert abs(np.mean(out[i] == 0.0) - rates[i]) < 0.03
+  assert abs(out[1:].mean() - 1.0) < 0.05   # inverted dropout keeps the mean
+  # A scalar array rate is the float rate (same keep-mask for the same key).
+  np.testing.assert_array_equal(structured.dropout(x, jnp.asarray(0.3), jax.random.key(5), False),
+                                structured.dropout(x, 0.3, jax.random.key(5), False))
+  with pytest.raises(ValueError, match=r"one rate per example \(3,\), got shape \(2,\)"):
+    structured.dropout(x, jnp.asarray([0.1, 0.2]), jax.random.key(4), False)
+
+
 def test_lowrank_branch_dropout_is_on_the_branch_input_only():
   """y = x@W + s·(drop(x)@a)@b with the same mask; no key: deterministic (no dropout)."""
   w, a, b = _numpy_factors(np.float32)

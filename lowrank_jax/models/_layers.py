@@ -12,7 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import ops
-from lowrank_jax.structured import dropout
+from lowrank_jax.structured import dropout, no_dropout
 
 Params = dict[str, Any]
 
@@ -100,7 +100,7 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
   compressed model), the written-out formula runs.
   """
   default = scale is None and v.shape[-1] == q.shape[-1]
-  if default and (deterministic or dropout_rate == 0.0):
+  if default and (deterministic or no_dropout(dropout_rate)):
     return jax.nn.dot_product_attention(q, k, v, mask=mask)
   logits = jnp.einsum("bthd,bshd->bhts", q, k).astype(jnp.float32)
   logits = logits / math.sqrt(q.shape[-1]) if scale is None else logits * scale

@@ -107,8 +107,8 @@ class MiniLMConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"MiniLMConfig.hidden_size={self.hidden_size} is not divisible by "
                        f"num_heads={self.num_heads}")
-    for f in ("dropout_rate", "attention_dropout_rate"):
-      if not 0.0 <= getattr(self, f) < 1.0:
+    for f in ("dropout_rate", "attention_dropout_rate"):   # arrays: per-example rates (STN)
+      if isinstance(getattr(self, f), (int, float)) and not 0.0 <= getattr(self, f) < 1.0:
         raise ValueError(f"MiniLMConfig.{f} must be in [0, 1), got {getattr(self, f)}")
     for f in ("layer_intermediate_sizes", "layer_qk_head_dims", "layer_v_head_dims"):
       value = getattr(self, f)

@@ -50,3 +50,15 @@ def test_attention_dropout_drops_probabilities():
   np.testing.assert_allclose(mean, _reference(q, k, v, mask), atol=0.06)
   with pytest.raises(ValueError, match="rng"):
     L.attention(q, k, v, mask, dropout_rate=rate, deterministic=False)
+
+
+def test_attention_dropout_with_one_rate_per_example():
+  """Per-example rates (B,) (Self-Tuning Networks) drop each example's probabilities at its own
+  rate; rate 0 leaves that example's attention exact."""
+  q, k, v, mask = _qkv_mask()
+  rates, rng = np.array([0.0, 0.4], np.float32), jax.random.key(9)
+  out = L.attention(q, k, v, mask, dropout_rate=jnp.asarray(rates), rng=rng, deterministic=False)
+  r4 = rates[:, None, None, None]
+  keep = np.asarray(jax.random.bernoulli(rng, 1.0 - r4, (B, H, T, T)))
+  np.testing.assert_allclose(out, _reference(q, k, v, mask, keep, r4), atol=1e-5)
+  np.testing.assert_allclose(out[0], _reference(q, k, v, mask)[0], atol=1e-5)
