@@ -388,6 +388,12 @@ def _check_leaf(fmt: str, path: str, leaf: Any, in_ndim: int, block_size: int,
                                                  if fmt == "nf4" else ""))
 
 
+# One compiled quantizer per kernel shape (a model's layers share a few), instead of the dozens of
+# op-by-op dispatches of each eager call.
+_jit_int8 = jax.jit(quantize_int8, static_argnames=("in_ndim", "tile_rows"))
+_jit_nf4 = jax.jit(quantize_nf4, static_argnames=("block_size", "double_quant", "tile_rows"))
+
+
 def check(params: Any, fmt: str, targets: targeting.Targets = r".*kernel", *,
           block_size: int = NF4_BLOCK, double_quant: bool = False, in_ndim: int = 1,
           tile_rows: Optional[int] = None) -> list[str]:
@@ -438,10 +444,10 @@ def quantize(params: Any, fmt: str, targets: targeting.Targets = r".*kernel", *,
   for path in paths:
     leaf = leaves[path]
     if fmt == "int8":
-      out[path] = quantize_int8(leaf, in_ndim=in_ndim, tile_rows=tile_rows)
+      out[path] = _jit_int8(leaf, in_ndim=in_ndim, tile_rows=tile_rows)
     else:
-      out[path] = quantize_nf4(leaf, block_size=block_size, double_quant=double_quant,
-                               tile_rows=tile_rows)
+      out[path] = _jit_nf4(leaf, block_size=block_size, double_quant=double_quant,
+                           tile_rows=tile_rows)
   return tree_lib.replace_by_name(params, out, is_leaf=structured.is_structured, what="quantize")
 
 
