@@ -35,18 +35,62 @@ params_trainable, setup_s, loss, device), so that both can run in one command on
                     against `--peak-tflops` (dense bf16 peak; meaningless on CPU).
 
 Memory plan (`--plan`), for shapes larger than the machine: nothing is allocated. The params, the
-adapter state and the train state are shapes only (`jax.eval_shape`), and the LoRA step
-(`steps.make_train_step`, AdamW, bf16 compute, fp32 adapter and optimizer state) is compiled ahead
-of time on them (`jit(step).lower(...).compile()`); its `memory_analysis()` gives the bytes one
-device holds: arguments (base params, train state, batch), outputs, outputs aliased to the donated
-train state, and temporaries. `total = arguments + outputs - aliased + temporaries`, compared with
-each `--plan-devices` size (GiB). One row per preset x base (bf16, or the projections quantized to
-int8 / NF4 with `lowrank_jax.quant`) x remat policy, on one device (no mesh). The figures are the
-compiling backend's. The arguments are exact on any backend (params, adapter and optimizer state,
-batch); the temporaries are not portable: XLA:CPU's buffer assignment does not show the saving of
-`jax.checkpoint` (a frozen 8-layer chain of 8192 tokens reports 288 MiB of temporaries without
-remat and 296 MiB with it), so on CPU the temporaries of a long sequence hold every layer's
-attention scores and a fit verdict needs a GPU's compile (run this command there).
+adapter state and the train state are shapes only (`jax.eval_shape`). One row per preset x base
+(bf16, or the projections quantized to int8 / NF4 with `lowrank_jax.quant`) x remat policy, for
+the LoRA step (`steps.make_train_step`, r=16 alpha 32 on the seven projections, AdamW, bf16
+compute, fp32 adapter and optimizer state, batch 1 x seq 2048, one device, no mesh):
+
+  state     arguments + outputs - outputs aliased to the donated train state, from the ahead-of-
+            time compiled step's `memory_analysis()`: base params, adapter, optimizer state and
+            batch; exact on any backend.
+  act       the analytic activation estimate (`activation_estimate`), for the unrolled layers:
+            `layers * saved(remat) + saved("none") + 2 * head`. `saved(p)` is what autodiff keeps
+            from one decoder layer's forward for its backward under remat policy p, read off the
+            traced `jax.vjp` (`residual_bytes`: shapes only, the same on every backend): the layer
+            input under "nothing_saveable"; under "none" also the projections' inputs and
+            outputs, the norms' float32 values and, per head, (seq, seq) arrays of attention
+            scores and probabilities (two float32, one bf16) and of the mask (bool), 11 bytes per
+            entry (`jax.nn.dot_product_attention`'s XLA implementation, the default on GPU
+            too). The second term is the working set of one layer's backward (its residuals
+            recomputed, or as many gradient temporaries), `head` the residuals of the final norm,
+            lm head and float32 cross-entropy (twice: with the logits' gradient).
+  estimate  state + act.
+  XLA       the compiled step's total (arguments + outputs - aliased + temporaries), compiled with
+            `scan_layers` (`--plan-loop`: the unrolled loop), less one copy of the stacked layer
+            params that the scan makes and the loop does not. Compiling the loop would not do:
+            XLA:CPU's buffer assignment of the unrolled layers ignores `jax.checkpoint` (a frozen
+            8-layer chain of 8192 tokens reports 288 MiB of temporaries without remat and 296 MiB
+            with it), while the scan's residuals are its stacked outputs, so its temporaries show
+            the policy (the `small` preset at seq 2048: 1.66 GiB without remat, 0.60 GiB with
+            nothing_saveable). XLA:CPU keeps the stacked params more than once (7B bf16 with
+            remat: 34.1 GiB of temporaries, 12.2 GiB per copy), so this figure is an upper bound
+            for a bf16 base.
+  planned   max(estimate, XLA). A row fits a device of G GiB when planned <= 0.9 G
+            (`--plan-usable`: the rest for the runtime, library workspaces and fragmentation).
+
+Measured (2026-12-02, this 2-core shared CPU, XLA:CPU of jax 0.10.2; 253 s CPU, 26 min wall
+under load), GiB:
+
+  preset          base  remat              state    act  estimate    XLA  planned  80 GB  24 GB
+  tinyllama_1_1b  bf16  none                2.19  37.97     40.16  38.99    40.16  yes    no
+  tinyllama_1_1b  bf16  nothing_saveable    2.19   2.37      4.56   6.93     6.93  yes    yes
+  tinyllama_1_1b  int8  none                1.29  37.97     39.26  35.86    39.26  yes    no
+  tinyllama_1_1b  int8  nothing_saveable    1.29   2.37      3.66   4.21     4.21  yes    yes
+  tinyllama_1_1b  nf4   none                0.89  37.97     38.87  35.72    38.87  yes    no
+  tinyllama_1_1b  nf4   nothing_saveable    0.89   2.37      3.27   3.84     3.84  yes    yes
+  llama2_7b       bf16  none               13.00  63.31     76.30  89.42    89.42  no     no
+  llama2_7b       bf16  nothing_saveable   13.00   3.09     16.09  34.93    34.93  yes    no
+  llama2_7b       int8  none                6.97  63.31     70.28  70.74    70.74  yes    no
+  llama2_7b       int8  nothing_saveable    6.97   3.09     10.06  11.15    11.15  yes    yes
+  llama2_7b       nf4   none                4.33  63.31     67.63  68.14    68.14  yes    no
+  llama2_7b       nf4   nothing_saveable    4.33   3.09      7.42   8.91     8.91  yes    yes
+
+("80 GB" / "24 GB": the verdict for 80 and 24 GiB devices.) So by these numbers Llama-2-7B LoRA
+at seq 2048 fits one 80 GB device with remat (and not without it on a bf16 base), and with an NF4
+base and remat one 24 GB device (8.9 GiB planned). Without remat a layer keeps 1.9 GiB at 7B
+(1.6 GiB at 1.1B), mostly attention scores. These are plans, not measurements on a GPU: its
+fusion can keep less than XLA:CPU's buffer assignment, and the formula leaves out what it does
+not trace (XLA's own scratch, cuDNN workspaces), which the 10% margin is for.
 
     python -m experiments.bench_llm --plan                          # 1.1B and 7B at seq 2048
     python -m experiments.bench_llm --plan --plan-train 30          # + a short NF4 vs bf16 run
