@@ -35,18 +35,62 @@ params_trainable, setup_s, loss, device), so that both can run in one command on
                     against `--peak-tflops` (dense bf16 peak; meaningless on CPU).
 
 Memory plan (`--plan`), for shapes larger than the machine: nothing is allocated. The params, the
-adapter state and the train state are shapes only (`jax.eval_shape`), and the LoRA step
-(`steps.make_train_step`, AdamW, bf16 compute, fp32 adapter and optimizer state) is compiled ahead
-of time on them (`jit(step).lower(...).compile()`); its `memory_analysis()` gives the bytes one
-device holds: arguments (base params, train state, batch), outputs, outputs aliased to the donated
-train state, and temporaries. `total = arguments + outputs - aliased + temporaries`, compared with
-each `--plan-devices` size (GiB). One row per preset x base (bf16, or the projections quantized to
-int8 / NF4 with `lowrank_jax.quant`) x remat policy, on one device (no mesh). The figures are the
-compiling backend's. The arguments are exact on any backend (params, adapter and optimizer state,
-batch); the temporaries are not portable: XLA:CPU's buffer assignment does not show the saving of
-`jax.checkpoint` (a frozen 8-layer chain of 8192 tokens reports 288 MiB of temporaries without
-remat and 296 MiB with it), so on CPU the temporaries of a long sequence hold every layer's
-attention scores and a fit verdict needs a GPU's compile (run this command there).
+adapter state and the train state are shapes only (`jax.eval_shape`). One row per preset x base
+(bf16, or the projections quantized to int8 / NF4 with `lowrank_jax.quant`) x remat policy, for
+the LoRA step (`steps.make_train_step`, r=16 alpha 32 on the seven projections, AdamW, bf16
+compute, fp32 adapter and optimizer state, batch 1 x seq 2048, one device, no mesh):
+
+  state     arguments + outputs - outputs aliased to the donated train state, from the ahead-of-
+            time compiled step's `memory_analysis()`: base params, adapter, optimizer state and
+            batch; exact on any backend.
+  act       the analytic activation estimate (`activation_estimate`), for the unrolled layers:
+            `layers * saved(remat) + saved("none") + 2 * head`. `saved(p)` is what autodiff keeps
+            from one decoder layer's forward for its backward under remat policy p, read off the
+            traced `jax.vjp` (`residual_bytes`: shapes only, the same on every backend): the layer
+            input under "nothing_saveable"; under "none" also the projections' inputs and
+            outputs, the norms' float32 values and, per head, (seq, seq) arrays of attention
+            scores and probabilities (two float32, one bf16) and of the mask (bool), 11 bytes per
+            entry (`jax.nn.dot_product_attention`'s XLA implementation, the default on GPU
+            too). The second term is the working set of one layer's backward (its residuals
+            recomputed, or as many gradient temporaries), `head` the residuals of the final norm,
+            lm head and float32 cross-entropy (twice: with the logits' gradient).
+  estimate  state + act.
+  XLA       the compiled step's total (arguments + outputs - aliased + temporaries), compiled with
+            `scan_layers` (`--plan-loop`: the unrolled loop), less one copy of the stacked layer
+            params that the scan makes and the loop does not. Compiling the loop would not do:
+            XLA:CPU's buffer assignment of the unrolled layers ignores `jax.checkpoint` (a frozen
+            8-layer chain of 8192 tokens reports 288 MiB of temporaries without remat and 296 MiB
+            with it), while the scan's residuals are its stacked outputs, so its temporaries show
+            the policy (the `small` preset at seq 2048: 1.66 GiB without remat, 0.60 GiB with
+            nothing_saveable). XLA:CPU keeps the stacked params more than once (7B bf16 with
+            remat: 34.1 GiB of temporaries, 12.2 GiB per copy), so this figure is an upper bound
+            for a bf16 base.
+  planned   max(estimate, XLA). A row fits a device of G GiB when planned <= 0.9 G
+            (`--plan-usable`: the rest for the runtime, library workspaces and fragmentation).
+
+Measured (2026-12-02, this 2-core shared CPU, XLA:CPU of jax 0.10.2; 253 s CPU, 26 min wall
+under load), GiB:
+
+  preset          base  remat              state    act  estimate    XLA  planned  80 GB  24 GB
+  tinyllama_1_1b  bf16  none                2.19  37.97     40.16  38.99    40.16  yes    no
+  tinyllama_1_1b  bf16  nothing_saveable    2.19   2.37      4.56   6.93     6.93  yes    yes
+  tinyllama_1_1b  int8  none                1.29  37.97     39.26  35.86    39.26  yes    no
+  tinyllama_1_1b  int8  nothing_saveable    1.29   2.37      3.66   4.21     4.21  yes    yes
+  tinyllama_1_1b  nf4   none                0.89  37.97     38.87  35.72    38.87  yes    no
+  tinyllama_1_1b  nf4   nothing_saveable    0.89   2.37      3.27   3.84     3.84  yes    yes
+  llama2_7b       bf16  none               13.00  63.31     76.30  89.42    89.42  no     no
+  llama2_7b       bf16  nothing_saveable   13.00   3.09     16.09  34.93    34.93  yes    no
+  llama2_7b       int8  none                6.97  63.31     70.28  70.74    70.74  yes    no
+  llama2_7b       int8  nothing_saveable    6.97   3.09     10.06  11.15    11.15  yes    yes
+  llama2_7b       nf4   none                4.33  63.31     67.63  68.14    68.14  yes    no
+  llama2_7b       nf4   nothing_saveable    4.33   3.09      7.42   8.91     8.91  yes    yes
+
+("80 GB" / "24 GB": the verdict for 80 and 24 GiB devices.) So by these numbers Llama-2-7B LoRA
+at seq 2048 fits one 80 GB device with remat (and not without it on a bf16 base), and with an NF4
+base and remat one 24 GB device (8.9 GiB planned). Without remat a layer keeps 1.9 GiB at 7B
+(1.6 GiB at 1.1B), mostly attention scores. These are plans, not measurements on a GPU: its
+fusion can keep less than XLA:CPU's buffer assignment, and the formula leaves out what it does
+not trace (XLA's own scratch, cuDNN workspaces), which the 10% margin is for.
 
     python -m experiments.bench_llm --plan                          # 1.1B and 7B at seq 2048
     python -m experiments.bench_llm --plan --plan-train 30          # + a short NF4 vs bf16 run
@@ -65,6 +109,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+from jax.extend import core as jax_core
 import numpy as np
 import optax
 
@@ -75,6 +120,7 @@ from lowrank_jax import quant
 from lowrank_jax import registry
 from lowrank_jax import steps
 from lowrank_jax import tasks
+from lowrank_jax.models import _layers
 from lowrank_jax.models import llama
 
 TARGETS = r"layers/layer_\d+/(attention|mlp)/\w+_proj/kernel"
@@ -173,6 +219,93 @@ def build_mode(name, params, cfg, rank, optimizer, batch, total_steps):
 PLAN_PRESETS = ("tinyllama_1_1b", "llama2_7b")
 PLAN_BASES = ("bf16", "int8", "nf4")
 PLAN_REMATS = ("none", "nothing_saveable")
+# The share of a device's memory a step may plan for: the rest is left to the runtime (CUDA
+# context, cuDNN / cuBLAS workspaces, allocator fragmentation).
+PLAN_USABLE = 0.9
+
+
+def _nbytes(aval) -> int:
+  return int(np.prod(aval.shape)) * np.dtype(aval.dtype).itemsize
+
+
+def residual_bytes(fn, primals: tuple, consts: tuple, tracked: int) -> tuple[int, int]:
+  """What reverse-mode autodiff of `fn(*primals, *consts)` (with respect to `primals`) keeps from
+  the forward for the backward, read off the traced `jax.vjp` (shapes only, nothing runs):
+  (bytes of the buffers the forward creates and keeps, bytes of `primals[tracked]` if it is
+  kept itself). Arguments that are kept cost nothing extra (they exist anyway), except the
+  tracked one, a layer input that the caller counts per layer."""
+  def residuals(p, c):
+    _, f_vjp = jax.vjp(lambda *q: fn(*q, *c), *p)
+    return jax.tree.leaves(f_vjp)
+  jaxpr = jax.make_jaxpr(residuals)(primals, consts).jaxpr
+  n_before = len(jax.tree.leaves(primals[:tracked]))
+  n_tracked = len(jax.tree.leaves(primals[tracked]))
+  index = {v: i for i, v in enumerate(jaxpr.invars)}
+  consts_in = set(jaxpr.constvars)
+  created = kept_input = 0
+  seen = set()
+  for v in jaxpr.outvars:
+    if isinstance(v, jax_core.Literal) or v in seen or v in consts_in:
+      continue
+    seen.add(v)
+    if v in index:
+      if n_before <= index[v] < n_before + n_tracked:
+        kept_input += _nbytes(v.aval)
+    else:
+      created += _nbytes(v.aval)
+  return created, kept_input
+
+
+def activation_estimate(cfg: llama.LlamaConfig, base: str, rank: int, batch: int,
+                        seq: int) -> dict:
+  """Analytic activation memory of the (unrolled) LoRA step, from the residuals autodiff keeps.
+
+  With `saved(p)` the bytes one decoder layer keeps for the backward under remat policy `p`
+  (`residual_bytes` of the layer: LoRA on its projections over a `base` base, `cfg`'s compute
+  dtype, differentiated with respect to the factors and the layer input; the input counts when
+  it is kept) and `head` those of the final norm, the lm head and the float32 cross-entropy:
+
+    activations = layers * saved(remat) + saved("none") + 2 * head
+
+  `layers * saved(remat)`: every layer's residuals, alive together when the backward starts;
+  `saved("none")`: the working set of one layer's backward (with remat, its residuals
+  recomputed; without, as many gradient temporaries); `2 * head`: the logits' residuals and
+  their gradient. Attention is `jax.nn.dot_product_attention`'s XLA implementation (the default
+  on every backend here), whose residuals hold the (batch, heads, seq, seq) scores.
+
+  Returns:
+    {"saved_layer_bytes", "work_layer_bytes", "head_bytes", "activations_bytes"}.
+  """
+  one = dataclasses.replace(cfg, num_layers=1)
+  params = lora_base(one, base)
+  adapter = lj.lora(rank=rank, alpha=2.0 * rank, targets=TARGETS)
+  base_p, state = jax.eval_shape(lambda p: adapter.init(jax.random.key(0), p), params)
+  dtype = jnp.dtype(cfg.compute_dtype or jnp.float32)
+  x = jax.ShapeDtypeStruct((batch, seq, cfg.hidden_size), dtype)
+  positions = jax.ShapeDtypeStruct((batch, seq), jnp.int32)
+  mask = jax.ShapeDtypeStruct((batch, 1, seq, seq), jnp.bool_)
+
+  def layer(remat):
+    fn = llama.decoder_layer
+    if remat != "none":
+      fn = jax.checkpoint(fn, policy=llama.REMAT_POLICIES[remat], static_argnums=(4, 7, 8))
+
+    def run(trainable, h, base_p, state, positions, mask):
+      p = llama.cast_to_compute(adapter.apply(base_p, lj.with_trainable(state, trainable)), one)
+      return fn(p["layers"]["layer_0"], h, positions, mask, one, None, 0, 0, True, None)[0]
+    created, kept = residual_bytes(run, (state.trainable, x), (base_p, state, positions, mask), 1)
+    return created + kept
+
+  batch_spec = jax.eval_shape(lambda: random_batch(cfg, batch, seq))
+
+  def head(h, base_p, batch_spec):
+    p = llama.cast_to_compute(base_p, one)
+    logits = llama.lm_logits(p, _layers.rms_norm(p["final_norm"], h, cfg.rms_norm_eps), one)
+    return CAUSAL_LM.loss(logits, batch_spec)[0]
+  head_bytes = sum(residual_bytes(head, (x,), (base_p, batch_spec), 0))
+  saved, work = layer(cfg.remat), layer("none")
+  return {"saved_layer_bytes": saved, "work_layer_bytes": work, "head_bytes": head_bytes,
+          "activations_bytes": cfg.num_layers * saved + work + 2 * head_bytes}
 
 
 def memory_fields(compiled) -> dict:
@@ -211,20 +344,48 @@ def lora_step(cfg: llama.LlamaConfig, params, rank: int, lr: float = 1e-4):
 
 
 def plan_row(preset: str, base: str, remat: str, batch: int, seq: int, rank: int,
-             devices_gib, tile_rows=None) -> dict:
-  """One plan row: the compiled LoRA step's memory at `preset` shapes, nothing allocated."""
+             devices_gib, tile_rows=None, scan: bool = True, usable: float = PLAN_USABLE) -> dict:
+  """One plan row: the compiled LoRA step's memory at `preset` shapes, the analytic activation
+  estimate, and the fit verdict per device size (nothing allocated; see the module docstring)."""
   cfg = dataclasses.replace(llama.LlamaConfig.preset(preset), compute_dtype="bfloat16",
                             remat=remat)
   t0 = time.perf_counter()
-  _, base_params, train_state, step = lora_step(cfg, lora_base(cfg, base, tile_rows=tile_rows),
-                                                rank)
+  compiled_cfg = dataclasses.replace(cfg, scan_layers=scan)
+  _, base_params, train_state, step = lora_step(
+      compiled_cfg, lora_base(cfg, base, tile_rows=tile_rows), rank)
   batch_spec = jax.eval_shape(lambda: random_batch(cfg, batch, seq))
   compiled = step.lower(train_state, base_params, batch_spec).compile()
   mem = memory_fields(compiled)
-  return {"plan": True, "preset": preset, "base": base, "remat": remat, "batch": batch,
-          "seq": seq, "rank": rank, "tile_rows": tile_rows, **mem,
-          **{f"fits_{g:g}gib": mem["total_gib"] <= g for g in devices_gib},
-          "backend": jax.default_backend(), "compile_s": round(time.perf_counter() - t0, 1)}
+  est = activation_estimate(cfg, base, rank, batch, seq)
+  # The unrolled step's estimate: the exact arguments and outputs, the analytic activations.
+  state_bytes = mem["arguments_bytes"] + mem["outputs_bytes"] - mem["aliased_bytes"]
+  estimate = state_bytes + est["activations_bytes"]
+  # The scanned step also holds the layer params stacked (`llama.stack_layers`), which the loop
+  # does not: the compiled figure of the loop is the total less that copy.
+  layers = jax.tree.leaves((base_params["layers"], train_state["adapter"]))
+  stacked = sum(_nbytes(x) for x in layers) if scan else 0
+  compiled_loop = mem["total_bytes"] - stacked
+  planned = max(estimate, compiled_loop)
+  row = {"plan": True, "preset": preset, "base": base, "remat": remat, "batch": batch,
+         "seq": seq, "rank": rank, "tile_rows": tile_rows, "compiled_scan": scan, **mem,
+         "stacked_layers_bytes": stacked, "compiled_loop_bytes": compiled_loop, **est,
+         "estimate_bytes": estimate, "planned_bytes": planned,
+         "planned_gib": round(planned / GIB, 3), "usable": usable}
+  for g in devices_gib:
+    row[f"fits_{g:g}gib"] = planned <= usable * g * GIB
+  row.update(backend=jax.default_backend(), compile_s=round(time.perf_counter() - t0, 1))
+  return row
+
+
+def verdict_line(row: dict, devices_gib) -> str:
+  """The row as one line of the plan table: estimate, compiled figure, verdict per device."""
+  fits = ", ".join(f"fits {g:g} GiB: {'yes' if row[f'fits_{g:g}gib'] else 'no'}"
+                   for g in devices_gib)
+  gib = lambda k: f"{row[k] / GIB:6.2f}"
+  return (f"{row['preset']:<15} {row['base']:<5} {row['remat']:<17} "
+          f"state {gib('arguments_bytes')}  act {gib('activations_bytes')}  "
+          f"estimate {gib('estimate_bytes')} | XLA:{row['backend']} {gib('compiled_loop_bytes')} | "
+          f"planned {gib('planned_bytes')} GiB | {fits}")
 
 
 def train_check(preset: str, base: str, num_steps: int, batch: int, seq: int, rank: int,
@@ -251,11 +412,18 @@ def train_check(preset: str, base: str, num_steps: int, batch: int, seq: int, ra
 
 
 def main_plan(args) -> None:
+  lines = []
   for preset in args.plan_presets:
     for base in args.plan_bases:
       for remat in args.plan_remats:
-        print(json.dumps(plan_row(preset, base, remat, args.batch, args.seq, args.rank,
-                                  args.plan_devices, args.plan_tile_rows)), flush=True)
+        row = plan_row(preset, base, remat, args.batch, args.seq, args.rank, args.plan_devices,
+                       args.plan_tile_rows, scan=not args.plan_loop, usable=args.plan_usable)
+        print(json.dumps(row), flush=True)
+        lines.append(verdict_line(row, args.plan_devices))
+  print(f"# LoRA r={args.rank}, batch {args.batch} x seq {args.seq}, bf16 compute; planned = "
+        f"max(estimate, XLA); a row fits a device when planned <= {args.plan_usable:g} x its "
+        f"memory", flush=True)
+  print("\n".join(lines), flush=True)
   if args.plan_train:
     for base in ("bf16", "nf4"):
       print(json.dumps(train_check(args.plan_train_preset, base, args.plan_train, 4, 64,
@@ -282,6 +450,11 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--plan-bases", default=",".join(PLAN_BASES))
   ap.add_argument("--plan-remats", default=",".join(PLAN_REMATS))
   ap.add_argument("--plan-devices", default="80,24", help="device sizes (GiB) to check against")
+  ap.add_argument("--plan-usable", type=float, default=PLAN_USABLE,
+                  help="share of a device's memory a step may use (the verdict's rule)")
+  ap.add_argument("--plan-loop", action="store_true",
+                  help="compile the unrolled layer loop (default: scan_layers, whose compiled "
+                       "temporaries show the remat policy on every backend)")
   ap.add_argument("--plan-tile-rows", type=int, default=None,
                   help="quantized bases: input rows dequantized at a time (default: all)")
   ap.add_argument("--plan-train", type=int, default=0,

@@ -388,6 +388,38 @@ def _check_leaf(fmt: str, path: str, leaf: Any, in_ndim: int, block_size: int,
                                                  if fmt == "nf4" else ""))
 
 
+# One compiled quantizer per kernel shape (a model's layers share a few), instead of the dozens of
+# op-by-op dispatches of each eager call.
+_jit_int8 = jax.jit(quantize_int8, static_argnames=("in_ndim", "tile_rows"))
+_jit_nf4 = jax.jit(quantize_nf4, static_argnames=("block_size", "double_quant", "tile_rows"))
+
+
+def check(params: Any, fmt: str, targets: targeting.Targets = r".*kernel", *,
+          block_size: int = NF4_BLOCK, double_quant: bool = False, in_ndim: int = 1,
+          tile_rows: Optional[int] = None) -> list[str]:
+  """The paths `quantize` would quantize, after checking every one of them; nothing is computed,
+  so `params` may hold shapes only (`jax.eval_shape`), and a run can refuse a bad setting before
+  it builds anything.
+
+  Arguments as in `quantize`.
+
+  Raises:
+    ValueError: an unknown format, bad options, or a target that the format cannot hold (named).
+  """
+  if fmt not in FORMATS:
+    raise ValueError(f"quantize: fmt={fmt!r}; valid: {list(FORMATS)}")
+  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 \
+      or block_size % 2:
+    raise ValueError(f"quantize: block_size must be an even int >= 2, got {block_size!r}")
+  if fmt == "int8" and double_quant:
+    raise ValueError("quantize: double_quant applies to nf4 only (int8 has one scale per channel)")
+  leaves = dict(targeting.named_leaves(params))
+  paths = targeting.resolve(params, targets)
+  for path in paths:
+    _check_leaf(fmt, path, leaves[path], in_ndim if fmt == "int8" else 1, block_size, tile_rows)
+  return paths
+
+
 def quantize(params: Any, fmt: str, targets: targeting.Targets = r".*kernel", *,
              block_size: int = NF4_BLOCK, double_quant: bool = False, in_ndim: int = 1,
              tile_rows: Optional[int] = None) -> Any:
@@ -405,23 +437,17 @@ def quantize(params: Any, fmt: str, targets: targeting.Targets = r".*kernel", *,
   Raises:
     ValueError: an unknown format, bad options, or a target that the format cannot hold (named).
   """
-  if fmt not in FORMATS:
-    raise ValueError(f"quantize: fmt={fmt!r}; valid: {list(FORMATS)}")
-  if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 2 \
-      or block_size % 2:
-    raise ValueError(f"quantize: block_size must be an even int >= 2, got {block_size!r}")
-  if fmt == "int8" and double_quant:
-    raise ValueError("quantize: double_quant applies to nf4 only (int8 has one scale per channel)")
+  paths = check(params, fmt, targets, block_size=block_size, double_quant=double_quant,
+                in_ndim=in_ndim, tile_rows=tile_rows)    # every target, before any is quantized
   leaves = dict(targeting.named_leaves(params))
   out = {}
-  for path in targeting.resolve(params, targets):
+  for path in paths:
     leaf = leaves[path]
-    _check_leaf(fmt, path, leaf, in_ndim if fmt == "int8" else 1, block_size, tile_rows)
     if fmt == "int8":
-      out[path] = quantize_int8(leaf, in_ndim=in_ndim, tile_rows=tile_rows)
+      out[path] = _jit_int8(leaf, in_ndim=in_ndim, tile_rows=tile_rows)
     else:
-      out[path] = quantize_nf4(leaf, block_size=block_size, double_quant=double_quant,
-                               tile_rows=tile_rows)
+      out[path] = _jit_nf4(leaf, block_size=block_size, double_quant=double_quant,
+                           tile_rows=tile_rows)
   return tree_lib.replace_by_name(params, out, is_leaf=structured.is_structured, what="quantize")
 
 

@@ -29,6 +29,17 @@ Config fields (all numbers that change a result live in the config; see `configs
   coordinator_address, num_processes, process_id, auto} (multi-process runs; see
   `sharding.initialize_distributed`).
 
+Quantized frozen base (QLoRA-style; `lowrank_jax.quant`): model.base_format ("float", the default;
+"int8": per output channel; "nf4": 4-bit blocks), model.quant_targets (regex or list of regexes of
+the kernels to quantize; default: the adapter's `targets`), model.quant_block_size (nf4: input
+rows per absmax block, default 64), model.double_quant (nf4: quantize the absmaxes too),
+model.quant_tile_rows (input rows dequantized at a time inside a product; 0: whole kernels). The
+base is quantized right after it is built, before the adapter's init, so the adapter nests on the
+quantized kernels (`LowRank(base=NF4(...))`) and the run never holds them dense again; the
+fields, and for a randomly initialized decoder every target's shape, are checked by
+`check_config` (a checkpoint's or pretrained model's shapes when it is loaded, before any kernel
+is quantized). Quantized kernels are frozen: `head` must not select them.
+
 Sharding (`lowrank_jax.sharding`): base params get the model's partition rules, adapter factors
 follow their kernels, the optimizer state its trainable leaves, batches are split over data x
 fsdp. In a multi-process run each process reads its own rows of every batch (its shard of the
@@ -68,6 +79,7 @@ from lowrank_jax import base as base_lib
 from lowrank_jax import checkpoint as ckpt_lib
 from lowrank_jax import metrics as metrics_lib
 from lowrank_jax import optim
+from lowrank_jax import quant
 from lowrank_jax import registry
 from lowrank_jax import sharding as sharding_lib
 from lowrank_jax import steps
@@ -438,6 +450,7 @@ def check_config(config: ml_collections.ConfigDict):
   check_ranges(config)
   check_seq_len(config, spec)
   check_mesh(config)
+  check_base_format(config, task.model_kind)
 
 
 def mesh_sizes(config) -> dict:
@@ -536,17 +549,132 @@ def split_head(params, head_regex: str) -> tuple[dict, list[str]]:
 
 
 # =============================================================================================
+# Quantized frozen base (`config.model.base_format`).
+# =============================================================================================
+
+BASE_FORMATS = ("float",) + quant.FORMATS
+QUANT_FIELDS = ("quant_targets", "quant_block_size", "double_quant", "quant_tile_rows")
+
+
+def _is_int(value) -> bool:
+  return isinstance(value, (int, np.integer)) and not isinstance(value, bool)
+
+
+def quant_settings(config) -> Optional[dict]:
+  """The `quant.quantize` arguments of `config.model`'s base format (None: a float base).
+
+  Raises:
+    ValueError: an unknown format, a quantization field with a float base, no targets, or a field
+      of the wrong type or range (each names the field and what is valid).
+  """
+  mcfg = config.model
+  fmt = mcfg.get("base_format", "float")
+  if fmt not in BASE_FORMATS:
+    raise ValueError(f"config.model.base_format={fmt!r}; valid: {list(BASE_FORMATS)}")
+  if fmt == "float":
+    stray = [f for f in QUANT_FIELDS if f in mcfg]
+    if stray:
+      raise ValueError(f"config.model.{stray[0]} is set but config.model.base_format='float' "
+                       f"quantizes nothing; set base_format to one of {list(quant.FORMATS)}")
+    return None
+  targets = mcfg.get("quant_targets", None) or config.adapter.get("targets", None)
+  if not targets:
+    raise ValueError(f"config.model.base_format={fmt!r} needs config.model.quant_targets (a "
+                     f"regex, or a list of them, of the kernels to quantize); the adapter has no "
+                     f"`targets` to default to")
+  if not isinstance(targets, str):
+    targets = list(targets)
+  block_size = mcfg.get("quant_block_size", quant.NF4_BLOCK)
+  double_quant = mcfg.get("double_quant", False)
+  tile_rows = mcfg.get("quant_tile_rows", 0)
+  if fmt != "nf4":
+    for f in ("quant_block_size", "double_quant"):
+      if f in mcfg:
+        raise ValueError(f"config.model.{f} applies to base_format='nf4' only (int8 has one scale "
+                         f"per output channel)")
+  if not _is_int(block_size) or block_size < 2 or block_size % 2:
+    raise ValueError(f"config.model.quant_block_size={block_size!r}; valid: an even int >= 2")
+  if not isinstance(double_quant, bool):
+    raise ValueError(f"config.model.double_quant={double_quant!r}; valid: True or False")
+  if not _is_int(tile_rows) or tile_rows < 0:
+    raise ValueError(f"config.model.quant_tile_rows={tile_rows!r}; valid: 0 (whole kernels) or a "
+                     f"positive divisor of each target's input size")
+  return {"fmt": fmt, "targets": targets, "block_size": int(block_size),
+          "double_quant": double_quant, "tile_rows": int(tile_rows) or None}
+
+
+def check_quantizable(config, params) -> Optional[dict]:
+  """`quant_settings(config)` after checking that they fit `params` (arrays or shapes only):
+  every target quantizable by the format, none of them selected by `config.head`.
+
+  Raises:
+    ValueError: as `quant_settings`; a target the format cannot hold (named, with its shape); a
+      quantized kernel that `config.head` would train.
+  """
+  settings = quant_settings(config)
+  if settings is None:
+    return None
+  try:
+    paths = quant.check(params, **settings)
+  except ValueError as e:
+    raise ValueError(f"config.model.base_format={settings['fmt']!r} "
+                     f"(config.model.quant_targets={settings['targets']!r}): {e}") from None
+  head = set(targeting.resolve(params, config.head, what="config.head")) if config.head else set()
+  clash = sorted(head & set(paths))
+  if clash:
+    raise ValueError(f"config.head={config.head!r} selects kernels that config.model.base_format="
+                     f"{settings['fmt']!r} quantizes: {clash[:5]}; quantized kernels are frozen; "
+                     f"exclude them from config.model.quant_targets or from config.head")
+  return settings
+
+
+def quantize_base(config, params):
+  """`params` with the kernels `config.model.quant_targets` selects quantized as
+  `config.model.base_format` says (unchanged for a float base); every target is checked first."""
+  settings = check_quantizable(config, params)
+  if settings is None:
+    return params
+  q = quant.quantize(params, **settings)
+  logging.info("base quantized to %s: %d -> %d bytes", settings["fmt"], tree_bytes(params),
+               tree_bytes(q))
+  return q
+
+
+def tree_bytes(tree) -> int:
+  """Bytes of the arrays of `tree` as stored (quantized weights: their codes and scales)."""
+  return sum(int(np.prod(x.shape)) * np.dtype(x.dtype).itemsize for x in jax.tree.leaves(tree))
+
+
+def check_base_format(config, model_kind: str):
+  """`config.model`'s quantization fields; for a randomly initialized decoder also every target's
+  shape (from `jax.eval_shape` of its init: nothing is allocated). Other models are checked when
+  their params are built, before any kernel is quantized (`quantize_base`).
+
+  Raises:
+    ValueError: see `check_quantizable`.
+  """
+  if quant_settings(config) is None:
+    return
+  if model_kind == "decoder" and not config.model.get("checkpoint", ""):
+    shapes = jax.eval_shape(lambda k: decoder_spec(config.model, k)[0], jax.random.key(0))
+    check_quantizable(config, shapes)
+
+
+# =============================================================================================
 # Adapter (+ calibration stats) and head: `base` is frozen, the head trains fully.
 # =============================================================================================
 
 def init_adapter(config, model: Model, data: Data, key: jax.Array):
-  """(adapter, base, adapter state, head as a nested partial tree of the params).
+  """(adapter, base, adapter state, head as a nested partial tree of the params); with a quantized
+  `config.model.base_format`, `model.params` is replaced by its quantized base first, so the
+  calibration and the adapter's init see the kernels the run trains on.
 
   Raises:
-    ValueError: `config.head` selects params that the adapter also targets.
+    ValueError: `config.head` selects params that the adapter also targets, or quantized ones.
   """
   method = config.adapter.method
   adapter = registry.make_adapter(method, **adapter_kwargs(config))
+  model.params = quantize_base(config, model.params)   # before anything reads the base
   head_flat, head_paths = split_head(model.params, config.head)
   stats = None
   if registry.needs_stats(method):
@@ -673,6 +801,7 @@ def _train_and_evaluate(config: ml_collections.ConfigDict, workdir: str) -> dict
   adapter, base, ad_state, head = init_adapter(config, model, data, k_adapter)
   del k_adapter
   counts = param_counts(config.adapter.method, ad_state, head)
+  counts["base_bytes"] = tree_bytes(base)   # the frozen params as stored (quantized: codes)
   tx = optim.make_optimizer(config.optimizer, config.total_steps)
   init_state = functools.partial(steps.init_train_state, ad_state, tx, head=head, rng=rng_loop)
   # A residual-init method's PEFT export needs the factors its init produced.
@@ -1000,6 +1129,7 @@ def load_trained(config: ml_collections.ConfigDict, adapter_path: str) -> tuple[
     raise ValueError(f"{adapter_path} holds a {meta.get('method')!r} adapter, the config says "
                      f"{config.adapter.method!r}")
   adapter = registry.make_adapter(config.adapter.method, **adapter_kwargs(config))
+  model.params = quantize_base(config, model.params)
   stats = None
   if registry.needs_stats(config.adapter.method):
     source = load_split(dcfg, dcfg.train_split, dcfg.max_train_examples)

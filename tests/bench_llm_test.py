@@ -2,13 +2,17 @@
 by hand; this checks that every listed mode runs or prints why not, with the PEFT baseline's
 fields and self-consistent figures)."""
 import contextlib
+import dataclasses
 import io
 import json
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
 from experiments import bench_llm
+from lowrank_jax.models import llama
 
 # Every field of a row of ../shared/bench/peft_baseline.py but its torch/transformers versions.
 PEFT_FIELDS = {"method", "preset", "batch", "seq", "compile", "ms_per_step", "tokens_per_s", "mfu",
@@ -82,9 +86,12 @@ def test_memory_plan_at_tiny_shapes(fast_compile):
   """The plan's arithmetic and fit flags; the NF4 base's argument bytes are below bf16's by exactly
   what the format stores, and its whole step by at least half of that (its dequantized kernels are
   temporaries of one layer at a time)."""
-  rows = {r["base"]: r for r in _rows(
-      ["--plan", "--plan-presets", "tiny", "--plan-bases", "bf16,nf4", "--plan-remats",
-       "nothing_saveable", "--seq", str(SEQ), "--rank", str(RANK), "--plan-devices", "1e-6,80"])}
+  out = io.StringIO()
+  with contextlib.redirect_stdout(out):
+    bench_llm.main(["--plan", "--plan-presets", "tiny", "--plan-bases", "bf16,nf4",
+                    "--plan-remats", "nothing_saveable", "--seq", str(SEQ), "--rank", str(RANK),
+                    "--plan-devices", "1e-6,80"])
+  rows = {r["base"]: r for r in map(json.loads, out.getvalue().splitlines()[:2])}
   assert set(rows) == {"bf16", "nf4"}
   for r in rows.values():
     assert (r["preset"], r["remat"], r["batch"], r["seq"]) == ("tiny", "nothing_saveable", 1, SEQ)
@@ -93,6 +100,43 @@ def test_memory_plan_at_tiny_shapes(fast_compile):
     assert r["fits_80gib"] and not r["fits_1e-06gib"]
   assert rows["bf16"]["arguments_bytes"] - rows["nf4"]["arguments_bytes"] == NF4_SAVING
   assert rows["bf16"]["total_bytes"] - rows["nf4"]["total_bytes"] >= NF4_SAVING // 2
+  for r in rows.values():   # the verdict's rule, from the row's own parts
+    assert r["compiled_scan"] and r["stacked_layers_bytes"] > 0
+    assert r["compiled_loop_bytes"] == r["total_bytes"] - r["stacked_layers_bytes"]
+    assert r["estimate_bytes"] == (r["arguments_bytes"] + r["outputs_bytes"] - r["aliased_bytes"]
+                                   + r["activations_bytes"])
+    assert r["activations_bytes"] == (LAYERS * r["saved_layer_bytes"] + r["work_layer_bytes"]
+                                      + 2 * r["head_bytes"])
+    assert r["planned_bytes"] == max(r["estimate_bytes"], r["compiled_loop_bytes"])
+  lines = [l for l in out.getvalue().splitlines() if l.startswith("tiny ")]
+  assert len(lines) == 2 and all("fits 1e-06 GiB: no, fits 80 GiB: yes" in l for l in lines)
+
+
+def test_residual_bytes_closed_forms():
+  x = jax.ShapeDtypeStruct((8, 16), jnp.float32)
+  w = jax.ShapeDtypeStruct((16, 32), jnp.float32)
+  sin_of_product = lambda x, w: jnp.sum(jnp.sin(x @ w))
+  # The backward of sin(x @ w) keeps cos(x @ w), one (8, 32) float32 array (and the constant w,
+  # which costs nothing extra); that of x * x keeps x itself.
+  assert bench_llm.residual_bytes(sin_of_product, (x,), (w,), 0) == (8 * 32 * 4, 0)
+  assert bench_llm.residual_bytes(lambda x: jnp.sum(x * x), (x,), (), 0) == (0, 8 * 16 * 4)
+  # Differentiated with respect to w too, the product needs x: kept, and counted when tracked.
+  assert bench_llm.residual_bytes(sin_of_product, (x, w), (), 0) == (8 * 32 * 4, 8 * 16 * 4)
+
+
+def test_activation_estimate_of_a_rematerialized_layer():
+  """Under nothing_saveable a layer keeps its input (bf16) and the bf16 casts of its LoRA factors
+  (rank x (d_in + d_out) per projection); without remat it keeps at least the float32 attention
+  scores of every head."""
+  cfg = dataclasses.replace(llama.LlamaConfig.preset("tiny"), compute_dtype="bfloat16")
+  batch, seq = 2, 16
+  factors = 2 * RANK * sum(i + o for i, o in PROJ_SIZES)
+  est = bench_llm.activation_estimate(dataclasses.replace(cfg, remat="nothing_saveable"), "nf4",
+                                      RANK, batch, seq)
+  assert est["saved_layer_bytes"] == batch * seq * HIDDEN * 2 + factors
+  none = bench_llm.activation_estimate(cfg, "nf4", RANK, batch, seq)
+  assert none["work_layer_bytes"] == est["work_layer_bytes"] == none["saved_layer_bytes"]
+  assert none["saved_layer_bytes"] >= batch * cfg.num_heads * seq * seq * 4
 
 
 def test_lora_on_nf4_trains(fast_compile):

@@ -135,6 +135,44 @@ def _check_precision(cfg: LlamaConfig) -> None:
       raise ValueError(f"LlamaConfig.remat_layers={cfg.remat_layers!r}: valid entries are layer "
                        f"indices 0..{cfg.num_layers - 1}")
     object.__setattr__(cfg, "remat_layers", layers)
+  if cfg.scan_layers:
+    _check_scan(cfg)
+
+
+def _check_scan(cfg: LlamaConfig) -> None:
+  """`scan_layers` needs layers of one structure: refuses the fields that make them differ."""
+  if not isinstance(cfg.scan_layers, bool):
+    raise ValueError(f"LlamaConfig.scan_layers={cfg.scan_layers!r}; valid: True or False")
+  per_layer = [f for f in ("layer_intermediate_sizes", "layer_qk_freqs", "layer_v_head_dims",
+                           "remat_layers") if getattr(cfg, f) is not None]
+  if per_layer:
+    raise ValueError(f"LlamaConfig.scan_layers=True scans identical layers; {per_layer[0]} makes "
+                     f"them differ; unset it or scan_layers")
+  if cfg.ffn != "swiglu":
+    raise ValueError(f"LlamaConfig.scan_layers=True takes ffn='swiglu'; ffn={cfg.ffn!r} shares "
+                     f"routers across layers; unset scan_layers")
+
+
+def stack_layers(layers: Mapping[str, Any], num_layers: int) -> Any:
+  """The trees `layers["layer_0"]` .. `layers[f"layer_{num_layers - 1}"]` stacked along a new
+  leading axis of every array (structured weights stay structured, their arrays stacked)."""
+  trees = [layers[f"layer_{i}"] for i in range(num_layers)]
+  return jax.tree.map(lambda *xs: jnp.stack(xs), *trees)
+
+
+def _scan_layers(layers, x, positions, mask, cfg: LlamaConfig, deterministic: bool, rng):
+  """The decoder layers as one `lax.scan` over their stacked params (`cfg.scan_layers`), each
+  step `cfg.remat`'s checkpoint of `decoder_layer`; the layer index (dropout keys) is the scanned
+  counter, so the result is the unrolled loop's."""
+  def step(h, xs):
+    lp, i = xs
+    h, _, _ = decoder_layer(lp, h, positions, mask, cfg, None, 0, i, deterministic, rng)
+    return h, None
+  if cfg.remat != "none":
+    step = jax.checkpoint(step, policy=REMAT_POLICIES[cfg.remat], prevent_cse=False)
+  stacked = stack_layers(layers, cfg.num_layers)
+  x, _ = jax.lax.scan(step, x, (stacked, jnp.arange(cfg.num_layers, dtype=jnp.int32)))
+  return x
 
 
 def remat_applies(cfg: LlamaConfig, layer: int) -> bool:
@@ -185,6 +223,14 @@ class LlamaConfig:
       layer's input), "dots_saveable" or "dots_with_no_batch_dims_saveable" (also save matmul
       outputs, the latter only those without batch dims: projections, not attention scores).
     remat_layers: the layers `remat` applies to; None: all.
+    scan_layers: run the decoder layers (without a KV cache) as one `jax.lax.scan` instead of a
+      Python loop: the step compiles one layer instead of `num_layers`, and a remat policy's
+      saved residuals are the scan's stacked outputs. The params keep their per-layer layout
+      (`layers/layer_{i}/...`, so checkpoints, Hugging Face I/O, adapter targets and sharding
+      rules are unchanged); each call stacks them along a new leading axis (`stack_layers`), which
+      costs one copy of the layer params (as stored: codes for a quantized base) among the
+      step's temporaries. Needs identical layers: no per-layer sizes, no `remat_layers`, ffn
+      "swiglu". Decoding with a cache runs the loop.
     ffn: "swiglu" (the MLP) or "monet" (`models.monet`: params `moe`, and `router` every
       `monet.groups` layers, replace `mlp`; routing always uses batch statistics, in training and
       in eval alike, so the model stays a pure function of (params, batch)).
@@ -222,6 +268,7 @@ class LlamaConfig:
   compute_dtype: str | None = None
   remat: str = "none"
   remat_layers: tuple[int, ...] | None = None
+  scan_layers: bool = False
   ffn: str = "swiglu"
   monet: monet.MonetConfig | None = None
   layer_intermediate_sizes: tuple[int, ...] | None = None
@@ -532,7 +579,10 @@ def hidden_states(params: dict, input_ids: jax.Array, cfg: LlamaConfig, *,
   new_layers, gates = {}, None
   params = cast_to_compute(params, cfg)
   x = ops.embed(input_ids, params["embed"]["embedding"])
-  for i in range(cfg.num_layers):
+  scan = cfg.scan_layers and cache is None
+  if scan:
+    x = _scan_layers(params["layers"], x, positions, mask, cfg, deterministic, rng)
+  for i in range(0 if scan else cfg.num_layers):
     kv = None if cache is None else cache["layers"][f"layer_{i}"]
     layer = decoder_layer
     if cache is None and remat_applies(cfg, i):
