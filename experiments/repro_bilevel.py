@@ -1,0 +1,489 @@
+r"""Bilevel weight-decay tuning at equal compute: IFT and unrolled hypergradients vs grid and
+random search (digits, float64); see `configs/repro/bilevel.py` for the setup and the unit.
+
+Run: ``python -m experiments.repro_bilevel --config configs/repro/bilevel.py
+--workdir /tmp/repro_bilevel`` (``:runlocal`` for a seconds-long check).
+
+`run(config)` returns the candidate rows, the curves and the summary; `write_outputs` writes
+``bilevel.csv``, ``bilevel_curve.csv``, ``summary.json`` and ``bilevel.png`` to the workdir.
+
+The hypergradient loops are written here from `lowrank_jax.bilevel.ift_hypergradient` and
+`lowrank_jax.bilevel.unrolled_hypergradient` rather than with `tune_hyperparameters`, because the
+comparison needs every intermediate model (its validation and test loss) and the exact compute
+of every outer step, and a search range to project onto.
+"""
+from __future__ import annotations
+
+import csv
+import functools
+import json
+import os
+import time
+
+from absl import app
+from absl import flags
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from ml_collections import config_flags
+
+from experiments import bilevel_digits as digits
+from lowrank_jax import bilevel
+from lowrank_jax.implicit import AdjointConfig
+
+SEARCH = ("grid", "random", "random_pf")
+HYPERGRADIENT = ("ift", "ift_pf", "unrolled", "unrolled_pf")
+
+
+# ----------------------------------------------------------------------------------------------
+# The compute unit.
+# ----------------------------------------------------------------------------------------------
+
+
+def cost_train(config, steps: int) -> float:
+  """Inner training: one full-batch training gradient per (Nesterov) step."""
+  return steps * config.cost.grad
+
+
+def cost_ift(config, iterations: int) -> float:
+  """One IFT outer step: the inner phase, the validation gradient, the gradient at the
+  linearisation point, and ``iterations + 3`` Hessian-vector products (CG's initial and final
+  residuals, its iterations, and the mixed ``d_lam d_w L_T`` product)."""
+  return (cost_train(config, config.phase_steps) + 2 * config.cost.grad
+          + (iterations + 3) * config.cost.hvp)
+
+
+def cost_unrolled(config) -> float:
+  """One unrolled outer step: each of the ``phase_steps`` steps forward (a gradient) and backward
+  (a Hessian-vector-product equivalent, including the `jax.checkpoint` recompute), plus the
+  validation gradient."""
+  return config.phase_steps * (config.cost.grad + config.cost.hvp) + config.cost.grad
+
+
+def search_points(config) -> int:
+  """Grid / random-search points that fit the budget."""
+  return int(config.budget // cost_train(config, config.train_steps))
+
+
+def _check(config):
+  unknown = sorted(set(config.methods) - set(SEARCH + HYPERGRADIENT))
+  if unknown:
+    raise ValueError(f"config.methods: unknown {unknown}; valid: {list(SEARCH + HYPERGRADIENT)}")
+  if not 0 < config.lam_low < config.lam0 < config.lam_high:
+    raise ValueError(f"config: need 0 < lam_low < lam0 < lam_high, got {config.lam_low}, "
+                     f"{config.lam0}, {config.lam_high}")
+  if search_points(config) < 1:
+    raise ValueError(f"config.budget={config.budget} is below one search point "
+                     f"(train_steps={config.train_steps})")
+  first = cost_train(config, config.warmup_steps) + max(cost_ift(config, config.cg_maxiter),
+                                                        cost_unrolled(config))
+  if config.budget < first:
+    raise ValueError(f"config.budget={config.budget} is below the warm-up plus one outer step "
+                     f"({first} units)")
+
+
+# ----------------------------------------------------------------------------------------------
+# The problem and its compiled pieces.
+# ----------------------------------------------------------------------------------------------
+
+
+def load_problem(config, seed: int) -> dict:
+  """The digits split of `seed` (float64) and the inner step size ``1 / L``."""
+  (xt, yt), (xv, yv), (xs, ys) = digits.load_split(seed, config.n_train, config.n_val)
+  aug = np.concatenate([xt, np.ones((len(xt), 1))], axis=1)
+  # Softmax cross-entropy has Hessian <= 0.5 (X~ᵀX~ / n) (kron) I; the decay adds at most lam_high.
+  lipschitz = 0.5 * np.linalg.eigvalsh(aug.T @ aug / len(xt)).max() + config.lam_high
+  f = lambda a: jnp.asarray(a, jnp.float64)
+  return {"train": (f(xt), jnp.asarray(yt)), "val": (f(xv), jnp.asarray(yv)),
+          "test": (f(xs), jnp.asarray(ys)), "eta": 1.0 / lipschitz, "dim": xt.shape[1]}
+
+
+def nesterov_step(state, lam, x, y, eta, momentum):
+  """One Nesterov step on the training loss: one gradient, at the look-ahead point."""
+  p, v = state
+  look = jax.tree.map(lambda a, b: a + momentum * b, p, v)
+  g = jax.grad(digits.inner_loss)(look, lam, x, y)
+  v = jax.tree.map(lambda b, gg: momentum * b - eta * gg, v, g)
+  return jax.tree.map(jnp.add, p, v), v
+
+
+def _lam_of(phi, dim):
+  """Hyperparameters from ``phi = log lam`` (a scalar for a shared decay, or per feature)."""
+  return jnp.broadcast_to(jnp.exp(phi), (dim,))
+
+
+def make_fns(config, dim: int) -> dict:
+  """Compiled inner training, IFT and unrolled outer steps and the evaluation."""
+  mu = config.momentum
+  adjoint = AdjointConfig(method="cg", tol=config.cg_tol, maxiter=config.cg_maxiter,
+                          on_nonconvergence="ignore")
+
+  @functools.partial(jax.jit, static_argnums=5)
+  def train(state, lam, x, y, eta, steps):
+    body = lambda s, _: (nesterov_step(s, lam, x, y, eta, mu), None)
+    return jax.lax.scan(body, state, None, length=steps)[0]
+
+  @jax.jit
+  def ift_step(params, phi, u0, train_data, val_data):
+    lam, vjp = jax.vjp(lambda z: _lam_of(z, dim), phi)
+    g, info = bilevel.ift_hypergradient(digits.inner_loss, digits.outer_loss, params, lam,
+                                        inner_args=train_data, outer_args=val_data,
+                                        config=adjoint, u0=u0)
+    return vjp(g)[0], info
+
+  @jax.jit
+  def unrolled_step(state, phi, train_data, eta, val_data):
+    step = lambda s, z, x, y, e: nesterov_step(s, _lam_of(z, dim), x, y, e, mu)
+    outer = lambda s, z, x, y: digits.outer_loss(s[0], z, x, y)
+    _, g, new_state = bilevel.unrolled_hypergradient(
+        step, outer, state, phi, config.phase_steps, inner_args=(*train_data, eta),
+        outer_args=val_data)
+    return g, new_state
+
+  outer_tx = optax.adam(config.outer_lr)
+  lo, hi = np.log(config.lam_low), np.log(config.lam_high)
+
+  @jax.jit
+  def outer_update(phi, ostate, g):
+    upd, ostate = outer_tx.update(g, ostate, phi)
+    return jnp.clip(optax.apply_updates(phi, upd), lo, hi), ostate
+
+  @jax.jit
+  def evaluate(params, val_data, test_data):
+    out = []
+    for x, y in (val_data, test_data):
+      logits = x @ params["w"] + params["b"]
+      out += [jnp.mean(optax.softmax_cross_entropy_with_integer_labels(logits, y)),
+              jnp.mean(jnp.argmax(logits, -1) == y)]
+    return jnp.stack(out)
+
+  return {"train": train, "ift_step": ift_step, "unrolled_step": unrolled_step,
+          "outer_update": outer_update, "outer_init": outer_tx.init, "evaluate": evaluate}
+
+
+def _zeros(dim):
+  p = {"w": jnp.zeros((dim, 10), jnp.float64), "b": jnp.zeros((10,), jnp.float64)}
+  return p, jax.tree.map(jnp.zeros_like, p)
+
+
+def _row(method, seed, index, units, ev, lam, **extra):
+  lam = np.asarray(lam, np.float64)
+  return dict(method=method, seed=seed, index=index, units=float(units),
+              val_loss=float(ev[0]), val_acc=float(ev[1]), test_loss=float(ev[2]),
+              test_acc=float(ev[3]), lam_gmean=float(np.exp(np.mean(np.log(lam)))),
+              lam_min=float(lam.min()), lam_max=float(lam.max()), **extra)
+
+
+# ----------------------------------------------------------------------------------------------
+# The methods. Each returns its candidate rows (cumulative units) and the hyperparameters of the
+# last candidate.
+# ----------------------------------------------------------------------------------------------
+
+
+def search_lams(config, method: str, seed: int, dim: int) -> np.ndarray:
+  """The (points, dim) decays tried by grid / random search."""
+  n = search_points(config)
+  lo, hi = np.log10(config.lam_low), np.log10(config.lam_high)
+  if method == "grid":
+    return np.repeat(np.logspace(lo, hi, n)[:, None], dim, axis=1)
+  rng = np.random.default_rng([seed, SEARCH.index(method)])
+  shape = (n, 1) if method == "random" else (n, dim)
+  return np.broadcast_to(10.0 ** rng.uniform(lo, hi, shape), (n, dim)).copy()
+
+
+def run_search(config, fns, problem, method: str, seed: int) -> list[dict]:
+  """Grid or random search: every point trained from zero for ``train_steps``."""
+  rows, units = [], 0.0
+  for i, lam in enumerate(search_lams(config, method, seed, problem["dim"])):
+    state = fns["train"](_zeros(problem["dim"]), jnp.asarray(lam), *problem["train"],
+                         problem["eta"], config.train_steps)
+    units += cost_train(config, config.train_steps)
+    ev = np.asarray(fns["evaluate"](state[0], problem["val"], problem["test"]))
+    rows.append(_row(method, seed, i, units, ev, lam))
+  return rows
+
+
+def run_hypergradient(config, fns, problem, method: str, seed: int) -> tuple[list[dict], jax.Array]:
+  """IFT or unrolled tuning from ``lam0`` until the next outer step could exceed the budget.
+
+  Returns the candidate rows (the model after each inner phase, at the hyperparameters it was
+  trained with) and the hyperparameters of the last candidate."""
+  dim = problem["dim"]
+  phi = jnp.full(() if method in ("ift", "unrolled") else (dim,), np.log(config.lam0))
+  ostate = fns["outer_init"](phi)
+  state = fns["train"](_zeros(dim), _lam_of(phi, dim), *problem["train"], problem["eta"],
+                       config.warmup_steps)
+  units = cost_train(config, config.warmup_steps)
+  rows = [_row(method, seed, 0, units, fns["evaluate"](state[0], problem["val"],
+                                                       problem["test"]), _lam_of(phi, dim))]
+  ift = method.startswith("ift")
+  worst = cost_ift(config, config.cg_maxiter) if ift else cost_unrolled(config)
+  u = jax.tree.map(jnp.zeros_like, state[0])
+  lam = _lam_of(phi, dim)
+  while units + worst <= config.budget:
+    extra = {}
+    if ift:
+      state = fns["train"](state, _lam_of(phi, dim), *problem["train"], problem["eta"],
+                           config.phase_steps)
+      g, info = fns["ift_step"](state[0], phi, u, problem["train"], problem["val"])
+      u = info.u
+      units += cost_ift(config, int(info.iterations))
+      extra = dict(adjoint_iterations=int(info.iterations),
+                   adjoint_residual=float(info.residual),
+                   inner_grad_norm=float(info.inner_grad_norm))
+    else:
+      g, state = fns["unrolled_step"](state, phi, problem["train"], problem["eta"],
+                                      problem["val"])
+      units += cost_unrolled(config)
+    ev = fns["evaluate"](state[0], problem["val"], problem["test"])
+    lam = _lam_of(phi, dim)
+    rows.append(_row(method, seed, len(rows), units, ev, lam, **extra))
+    phi, ostate = fns["outer_update"](phi, ostate, g)
+  return rows, lam
+
+
+def retrain_at(config, fns, problem, lam) -> dict:
+  """Trains from zero for ``train_steps`` at ``lam`` (as a search point would be; outside the
+  budget): separates the quality of the hyperparameters from the warm-started training."""
+  state = fns["train"](_zeros(problem["dim"]), lam, *problem["train"], problem["eta"],
+                       config.train_steps)
+  ev = np.asarray(fns["evaluate"](state[0], problem["val"], problem["test"]))
+  return {"val_loss": float(ev[0]), "val_acc": float(ev[1]), "test_loss": float(ev[2]),
+          "test_acc": float(ev[3])}
+
+
+# ----------------------------------------------------------------------------------------------
+# Timing of the units and the summary.
+# ----------------------------------------------------------------------------------------------
+
+
+def _best_time(fn, *args, repeats=3):
+  jax.block_until_ready(fn(*args))        # compile
+  best = np.inf
+  for _ in range(repeats):
+    t = time.perf_counter()
+    jax.block_until_ready(fn(*args))
+    best = min(best, time.perf_counter() - t)
+  return best
+
+
+def measure_unit_ratios(config, problem) -> dict:
+  """Wall time of a Hessian-vector product (as CG uses it: `jax.linearize` of the gradient) and
+  of one differentiated unrolled step, each relative to one inner step, over scans of
+  ``timing_steps`` (best of 3, after compiling). Shows how far the unit weights are from this
+  machine's costs."""
+  dim, n, mu = problem["dim"], config.timing_steps, config.momentum
+  x, y = problem["train"]
+  lam = jnp.full((dim,), config.lam0)
+  state = _zeros(dim)
+  eta = problem["eta"]
+
+  @jax.jit
+  def steps(s):
+    return jax.lax.scan(lambda c, _: (nesterov_step(c, lam, x, y, eta, mu), None), s, None,
+                        length=n)[0]
+
+  @jax.jit
+  def hvps(p):
+    _, hvp = jax.linearize(lambda q: jax.grad(digits.inner_loss)(q, lam, x, y), p)
+    return jax.lax.scan(lambda v, _: (hvp(v), None), p, None, length=n)[0]
+
+  @jax.jit
+  def unrolled(s):
+    step = lambda c, z: nesterov_step(c, jnp.broadcast_to(jnp.exp(z), (dim,)), x, y, eta, mu)
+    outer = lambda c, z: digits.outer_loss(c[0], z, *problem["val"])
+    return bilevel.unrolled_hypergradient(step, outer, s, jnp.log(config.lam0), n)[1]
+
+  p1 = jax.tree.map(lambda a: a + 0.01, state[0])
+  t_step = _best_time(steps, state)
+  return {"hvp_over_step": _best_time(hvps, p1) / t_step,
+          "unrolled_step_over_step": _best_time(unrolled, state) / t_step,
+          "seconds_per_step": t_step / n}
+
+
+def _stats(values) -> dict:
+  v = np.asarray(values, np.float64)
+  return {"mean": float(v.mean()), "std": float(v.std()), "min": float(v.min()),
+          "max": float(v.max()), "per_seed": v.tolist()}
+
+
+def best_so_far(rows, grid) -> np.ndarray:
+  """Best validation loss among the candidates whose cumulative units are <= each grid value
+  (NaN before the first candidate)."""
+  units = np.array([r["units"] for r in rows])
+  vals = np.minimum.accumulate(np.array([r["val_loss"] for r in rows]))
+  idx = np.searchsorted(units, grid, side="right") - 1
+  return np.where(idx >= 0, vals[np.maximum(idx, 0)], np.nan)
+
+
+def curves(config, rows) -> list[dict]:
+  """Best validation loss against compute per method: mean, min and max over seeds."""
+  grid = np.linspace(0.0, config.budget, config.curve_points)
+  out = []
+  for method in config.methods:
+    per_seed = np.stack([best_so_far([r for r in rows if r["method"] == method
+                                      and r["seed"] == s], grid) for s in config.seeds])
+    with np.errstate(all="ignore"):
+      for j, u in enumerate(grid):
+        col = per_seed[:, j]
+        ok = ~np.isnan(col)
+        out.append(dict(method=method, units=float(u), seeds=int(ok.sum()),
+                        mean=float(col[ok].mean()) if ok.all() else np.nan,
+                        min=float(col[ok].min()) if ok.any() else np.nan,
+                        max=float(col[ok].max()) if ok.any() else np.nan))
+  return out
+
+
+def summarize(config, rows, retrain) -> dict:
+  """Per method over seeds: the selected candidate (lowest validation loss) and its test figures,
+  the units spent, the best validation loss at 1/4 and 1/2 of the budget, and (hypergradient
+  methods) the last hyperparameters retrained from zero for ``train_steps`` (outside the
+  budget)."""
+  summary = {"methods": {}, "budget": config.budget, "search_points": search_points(config)}
+  for method in config.methods:
+    sel, spent, quarter, half, count = [], [], [], [], []
+    for s in config.seeds:
+      mine = [r for r in rows if r["method"] == method and r["seed"] == s]
+      sel.append(min(mine, key=lambda r: r["val_loss"]))
+      spent.append(mine[-1]["units"])
+      count.append(len(mine))
+      q, h = best_so_far(mine, np.array([config.budget / 4, config.budget / 2]))
+      quarter.append(q)
+      half.append(h)
+    m = {"units_spent": _stats(spent), "candidates": _stats(count),
+         "best_val_loss_at_quarter_budget": _stats(quarter),
+         "best_val_loss_at_half_budget": _stats(half)}
+    for key in ("val_loss", "val_acc", "test_loss", "test_acc", "lam_gmean"):
+      m[f"selected_{key}"] = _stats([r[key] for r in sel])
+    if method in HYPERGRADIENT:
+      last = [[r for r in rows if r["method"] == method and r["seed"] == s][-1]
+              for s in config.seeds]
+      m["last_lam_gmean"] = _stats([r["lam_gmean"] for r in last])
+      for key in ("val_loss", "test_loss", "test_acc"):
+        m[f"retrained_{key}"] = _stats([retrain[(method, s)][key] for s in config.seeds])
+    if method.startswith("ift"):
+      mine = [r for r in rows if r["method"] == method and "adjoint_iterations" in r]
+      m["adjoint_iterations"] = _stats([r["adjoint_iterations"] for r in mine])
+      m["max_adjoint_residual"] = float(max(r["adjoint_residual"] for r in mine))
+      m["median_inner_grad_norm"] = float(np.median([r["inner_grad_norm"] for r in mine]))
+    summary["methods"][method] = m
+  return summary
+
+
+def run(config) -> dict:
+  """Every method on every seed. Returns {"rows", "curve", "summary"}."""
+  _check(config)
+  t0, c0 = time.time(), time.process_time()
+  rows, retrain = [], {}
+  with jax.enable_x64(True):
+    ratios = None
+    for seed in config.seeds:
+      problem = load_problem(config, seed)
+      fns = make_fns(config, problem["dim"])
+      if ratios is None:
+        ratios = measure_unit_ratios(config, problem)
+      for method in config.methods:
+        if method in SEARCH:
+          rows += run_search(config, fns, problem, method, seed)
+          continue
+        mine, lam = run_hypergradient(config, fns, problem, method, seed)
+        rows += mine
+        retrain[(method, seed)] = retrain_at(config, fns, problem, lam)
+  summary = summarize(config, rows, retrain)
+  summary["measured_unit_ratios"] = ratios
+  summary["seconds"] = {"wall": time.time() - t0, "cpu": time.process_time() - c0}
+  return {"rows": rows, "curve": curves(config, rows), "summary": summary}
+
+
+# ----------------------------------------------------------------------------------------------
+# Outputs.
+# ----------------------------------------------------------------------------------------------
+
+FIELDS = ("method", "seed", "index", "units", "val_loss", "val_acc", "test_loss", "test_acc",
+          "lam_gmean", "lam_min", "lam_max", "adjoint_iterations", "adjoint_residual",
+          "inner_grad_norm")
+CURVE_FIELDS = ("method", "units", "seeds", "mean", "min", "max")
+
+
+def write_outputs(workdir: str, config, result: dict) -> list[str]:
+  """Writes the two CSVs, the summary JSON and the PNG; returns their paths."""
+  os.makedirs(workdir, exist_ok=True)
+  paths = []
+  for name, fields, rows in (("bilevel.csv", FIELDS, result["rows"]),
+                             ("bilevel_curve.csv", CURVE_FIELDS, result["curve"])):
+    paths.append(os.path.join(workdir, name))
+    with open(paths[-1], "w", newline="") as f:
+      w = csv.DictWriter(f, fieldnames=fields, restval="")
+      w.writeheader()
+      w.writerows(result["rows"] if name == "bilevel.csv" else rows)
+  paths.append(os.path.join(workdir, "summary.json"))
+  with open(paths[-1], "w") as f:
+    json.dump({"config": config.to_dict(), "summary": result["summary"]}, f, indent=1)
+  paths.append(os.path.join(workdir, "bilevel.png"))
+  plot(config, result, paths[-1])
+  return paths
+
+
+LABELS = {"grid": "grid (shared)", "random": "random (shared)", "random_pf": "random (per-feature)",
+          "ift": "IFT (shared)", "ift_pf": "IFT (per-feature)", "unrolled": "unrolled (shared)",
+          "unrolled_pf": "unrolled (per-feature)"}
+
+
+def plot(config, result, path: str) -> None:
+  """Left: best validation loss found against compute (mean over seeds, band min-max). Middle and
+  right: test loss and accuracy of each method's selected model (dots: seeds)."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 3, figsize=(16, 4.4), gridspec_kw={"width_ratios": [1.6, 1, 1]})
+  ax = axes[0]
+  for method in config.methods:
+    pts = [c for c in result["curve"] if c["method"] == method]
+    u = np.array([c["units"] for c in pts])
+    style = "--" if method.endswith("_pf") else "-"
+    line, = ax.plot(u, [c["mean"] for c in pts], style, label=LABELS[method])
+    ax.fill_between(u, [c["min"] for c in pts], [c["max"] for c in pts], alpha=0.15,
+                    color=line.get_color())
+  ax.set(xlabel="compute spent (training-gradient units)", ylabel="best validation loss found",
+         title=f"digits, {len(config.seeds)} splits (band: min-max)")
+  ax.set_yscale("log")
+  ax.legend(fontsize=8)
+  summary = result["summary"]["methods"]
+  for ax, key, label in ((axes[1], "selected_test_loss", "test loss"),
+                         (axes[2], "selected_test_acc", "test accuracy")):
+    for i, method in enumerate(config.methods):
+      st = summary[method][key]
+      ax.bar(i, st["mean"], color=f"C{i}", alpha=0.5)
+      ax.plot([i] * len(st["per_seed"]), st["per_seed"], "k.")
+    ax.set_xticks(range(len(config.methods)))
+    ax.set_xticklabels([LABELS[m] for m in config.methods], rotation=40, ha="right", fontsize=8)
+    vals = [v for m in config.methods for v in summary[m][key]["per_seed"]]
+    pad = 0.1 * (max(vals) - min(vals) + 1e-9)
+    ax.set_ylim(min(vals) - 3 * pad, max(vals) + pad)
+    ax.set(title=f"{label} of the model with the best validation loss")
+  fig.suptitle(f"weight decay tuned at equal compute ({config.budget} units: "
+               f"{result['summary']['search_points']} search points of {config.train_steps} "
+               "steps)")
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
+def main(argv):
+  del argv
+  config = flags.FLAGS.config
+  result = run(config)
+  for path in write_outputs(flags.FLAGS.workdir, config, result):
+    print("wrote", path)
+  print(json.dumps(result["summary"], indent=1))
+
+
+if __name__ == "__main__":
+  # Flags are defined here, not at import, so that `run` can be imported next to other modules
+  # that define `--config`.
+  config_flags.DEFINE_config_file("config", None, "configs/repro/bilevel.py[:arg]",
+                                  lock_config=True)
+  flags.DEFINE_string("workdir", None, "Output directory (CSVs, JSON, PNG).")
+  flags.mark_flags_as_required(["config", "workdir"])
+  app.run(main)
