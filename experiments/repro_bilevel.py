@@ -181,12 +181,29 @@ def _row(method, seed, index, units, ev, lam, **extra):
 # ----------------------------------------------------------------------------------------------
 
 
+def coarse_to_fine(n: int) -> np.ndarray:
+  """A visiting order of ``n`` grid points that halves the gaps as it goes (bit-reversed
+  indices, i.e. van der Corput), so a grid search is anytime: an ascending sweep would find an
+  optimum at the low end first and one at the high end last.
+
+  >>> coarse_to_fine(8).tolist()
+  [0, 4, 2, 6, 1, 5, 3, 7]
+  """
+  def radical_inverse(i):
+    x, f = 0.0, 0.5
+    while i:
+      x, i, f = x + f * (i & 1), i >> 1, f / 2
+    return x
+  return np.argsort([radical_inverse(i) for i in range(n)], kind="stable")
+
+
 def search_lams(config, method: str, seed: int, dim: int) -> np.ndarray:
   """The (points, dim) decays tried by grid / random search."""
   n = search_points(config)
   lo, hi = np.log10(config.lam_low), np.log10(config.lam_high)
   if method == "grid":
-    return np.repeat(np.logspace(lo, hi, n)[:, None], dim, axis=1)
+    grid = np.logspace(lo, hi, n)[coarse_to_fine(n)]
+    return np.repeat(grid[:, None], dim, axis=1)
   rng = np.random.default_rng([seed, SEARCH.index(method)])
   shape = (n, 1) if method == "random" else (n, dim)
   return np.broadcast_to(10.0 ** rng.uniform(lo, hi, shape), (n, dim)).copy()
@@ -371,7 +388,7 @@ def summarize(config, rows, retrain) -> dict:
   return summary
 
 
-def run(config) -> dict:
+def run_digits(config) -> dict:
   """Every method on every seed. Returns {"rows", "curve", "summary"}."""
   _check(config)
   t0, c0 = time.time(), time.process_time()
@@ -397,6 +414,187 @@ def run(config) -> dict:
 
 
 # ----------------------------------------------------------------------------------------------
+# LoRA on MiniLM: weight decay and LoRA scaling, IFT vs grid and random search (float32).
+# ----------------------------------------------------------------------------------------------
+
+
+def load_lora_problem(lc) -> dict:
+  """Cached inputs of the adapted kernel (`experiments.bilevel_lora`), the LoRA factors' and the
+  head's initial values, and the frozen layer norm."""
+  from experiments import bilevel_lora  # pylint: disable=g-import-not-at-top
+  import lowrank_jax as lj  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.models import minilm  # pylint: disable=g-import-not-at-top
+  params, cfg = minilm.load_pretrained()
+  tok = minilm.load_tokenizer(lc.seq_len)
+  splits = bilevel_lora.load_examples(lc.n_train, lc.n_val, lc.n_test, lc.seed)
+  feats = {}
+  for name, (texts, y) in zip(("train", "val", "test"), splits):
+    feats[name] = bilevel_lora.frozen_features(params, cfg, minilm.tokenize(tok, texts)) + (
+        jnp.asarray(y),)
+  last = params["encoder"][f"layer_{cfg.num_layers - 1}"]["mlp"]
+  sub = {"encoder": {"layer_5": {"mlp": {"output": {"kernel": last["output"]["kernel"]}}}}}
+  _, state = lj.lora(lc.rank, 1.0, bilevel_lora.TARGET).init(jax.random.key(lc.seed), sub)
+  f = state.trainable["encoder"]["layer_5"]["mlp"]["output"]["kernel"]
+  head = minilm.add_classifier_head(jax.random.key(lc.seed + 1), params, 41)["head"]
+  return {"feats": feats, "w0": {"a": f.a, "b": f.b, "head": head}, "norm": last["norm"],
+          "eps": cfg.layer_norm_eps}
+
+
+def make_lora_fns(lc, problem) -> dict:
+  """The cached-feature model ``head(mean_pool(LN(out + s (h A) B)))`` with hyperparameters
+  ``hp = (weight decay, LoRA scale s)``; compiled Adam training, IFT step (Neumann adjoint) and
+  evaluation."""
+  from lowrank_jax.models import _layers as L  # pylint: disable=g-import-not-at-top
+  from lowrank_jax.models import minilm  # pylint: disable=g-import-not-at-top
+  norm, eps = problem["norm"], problem["eps"]
+
+  def logits(w, hp, h, out, mask):
+    branch = hp[1] * jnp.einsum("btr,ro->bto", jnp.einsum("bti,ir->btr", h, w["a"]), w["b"])
+    return L.dense(w["head"], minilm.mean_pool(L.layer_norm(norm, out + branch, eps), mask))
+
+  def ce(w, hp, h, out, mask, y):
+    return jnp.mean(optax.softmax_cross_entropy_with_integer_labels(
+        logits(w, hp, h, out, mask), y))
+
+  def inner_loss(w, hp, *data):
+    reg = jnp.sum(w["a"] ** 2) + jnp.sum(w["b"] ** 2) + jnp.sum(w["head"]["kernel"] ** 2)
+    return ce(w, hp, *data) + 0.5 * hp[0] * reg
+
+  tx = optax.adam(lc.inner_lr)
+
+  @functools.partial(jax.jit, static_argnums=3)
+  def train(state, hp, data, steps):
+    def body(st, _):
+      g = jax.grad(inner_loss)(st[0], hp, *data)
+      upd, opt = tx.update(g, st[1], st[0])
+      return (optax.apply_updates(st[0], upd), opt), None
+    return jax.lax.scan(body, state, None, length=steps)[0]
+
+  @functools.partial(jax.jit, static_argnames="adjoint")
+  def ift_step(w, phi, u0, train_data, val_data, adjoint):
+    hp, vjp = jax.vjp(jnp.exp, phi)
+    g, info = bilevel.ift_hypergradient(inner_loss, ce, w, hp, inner_args=train_data,
+                                        outer_args=val_data, config=adjoint, u0=u0)
+    return vjp(g)[0], info
+
+  @jax.jit
+  def hvp(w, hp, v, train_data):
+    return jax.jvp(lambda q: jax.grad(inner_loss)(q, hp, *train_data), (w,), (v,))[1]
+
+  @jax.jit
+  def evaluate(w, hp, val_data, test_data):
+    out = []
+    for h, o, mask, y in (val_data, test_data):
+      z = logits(w, hp, h, o, mask)
+      out += [jnp.mean(optax.softmax_cross_entropy_with_integer_labels(z, y)),
+              jnp.mean(jnp.argmax(z, -1) == y)]
+    return jnp.stack(out)
+
+  return {"train": train, "ift_step": ift_step, "hvp": hvp, "evaluate": evaluate,
+          "init": lambda: (problem["w0"], tx.init(problem["w0"]))}
+
+
+def lora_search_points(lc) -> np.ndarray:
+  """The (points, 2) hyperparameters of the LoRA grid (the outer product of ``grid_decays`` and
+  ``grid_scales``)."""
+  return np.array([(d, s) for d in lc.grid_decays for s in lc.grid_scales], np.float64)
+
+
+def lora_budget(lc) -> float:
+  """The LoRA budget: the grid's cost (every method gets it)."""
+  return len(lora_search_points(lc)) * lc.train_steps * lc.cost_grad
+
+
+def _lora_row(method, index, units, ev, hp, **extra):
+  return dict(method=method, index=index, units=float(units), val_loss=float(ev[0]),
+              val_acc=float(ev[1]), test_loss=float(ev[2]), test_acc=float(ev[3]),
+              weight_decay=float(hp[0]), scale=float(hp[1]), **extra)
+
+
+def run_lora(lc) -> dict:
+  """Grid, random search and IFT tuning of (weight decay, LoRA scale) at the grid's compute."""
+  t0, c0 = time.time(), time.process_time()
+  problem = load_lora_problem(lc)
+  fns = make_lora_fns(lc, problem)
+  feats = problem["feats"]
+  budget = lora_budget(lc)
+  lo = np.log([lc.decay_range[0], lc.scale_range[0]])
+  hi = np.log([lc.decay_range[1], lc.scale_range[1]])
+  rows = []
+  rng = np.random.default_rng(lc.seed)
+  draws = np.exp(rng.uniform(lo, hi, (len(lora_search_points(lc)), 2)))
+  for method, points in (("grid", lora_search_points(lc)), ("random", draws)):
+    units = 0.0
+    for i, hp in enumerate(points):
+      hp = jnp.asarray(hp, jnp.float32)
+      state = fns["train"](fns["init"](), hp, feats["train"], lc.train_steps)
+      units += lc.train_steps * lc.cost_grad
+      rows.append(_lora_row(method, i, units, fns["evaluate"](state[0], hp, feats["val"],
+                                                              feats["test"]), hp))
+  # IFT: warm-up, the Neumann step size from a power iteration (counted), then outer steps.
+  phi = jnp.log(jnp.asarray([lc.decay0, lc.scale0], jnp.float32))
+  hp = jnp.exp(phi)
+  state = fns["train"](fns["init"](), hp, feats["train"], lc.warmup_steps)
+  units = lc.warmup_steps * lc.cost_grad
+  rows.append(_lora_row("ift", 0, units, fns["evaluate"](state[0], hp, feats["val"],
+                                                         feats["test"]), hp))
+  v = jax.tree.map(lambda x: jax.random.normal(jax.random.key(lc.seed + 2), x.shape, x.dtype),
+                   state[0])
+  for _ in range(lc.power_iterations):
+    hv = fns["hvp"](state[0], hp, v, feats["train"])
+    lmax = float(optax.tree_utils.tree_norm(hv)) / float(optax.tree_utils.tree_norm(v))
+    v = hv
+  units += lc.power_iterations * lc.cost_hvp
+  adjoint = AdjointConfig(method="neumann", neumann_alpha=0.5 / lmax, tol=0.0,
+                          maxiter=lc.neumann_terms, on_nonconvergence="ignore")
+  step_cost = (lc.phase_steps + 2) * lc.cost_grad + (lc.neumann_terms + 3) * lc.cost_hvp
+  outer_tx = optax.adam(lc.outer_lr)
+  ostate = outer_tx.init(phi)
+  u = jax.tree.map(jnp.zeros_like, state[0])
+  while units + step_cost <= budget:
+    state = fns["train"](state, hp, feats["train"], lc.phase_steps)
+    g, info = fns["ift_step"](state[0], phi, u, feats["train"], feats["val"], adjoint=adjoint)
+    u = info.u
+    units += (lc.phase_steps + 2) * lc.cost_grad + (int(info.iterations) + 3) * lc.cost_hvp
+    rows.append(_lora_row("ift", len([r for r in rows if r["method"] == "ift"]), units,
+                          fns["evaluate"](state[0], hp, feats["val"], feats["test"]), hp,
+                          adjoint_residual=float(info.residual),
+                          inner_grad_norm=float(info.inner_grad_norm)))
+    upd, ostate = outer_tx.update(g, ostate, phi)
+    phi = jnp.clip(optax.apply_updates(phi, upd), lo, hi)
+    hp = jnp.exp(phi)
+  summary = {"budget": budget, "hessian_lmax": lmax, "methods": {}}
+  for method in ("grid", "random", "ift"):
+    mine = [r for r in rows if r["method"] == method]
+    best = min(mine, key=lambda r: r["val_loss"])
+    summary["methods"][method] = {
+        "units_spent": mine[-1]["units"], "candidates": len(mine),
+        "best_val_loss_at_half_budget": float(best_so_far(mine, np.array([budget / 2]))[0]),
+        **{f"selected_{k}": best[k] for k in ("val_loss", "val_acc", "test_loss", "test_acc",
+                                               "weight_decay", "scale")}}
+  ift_rows = [r for r in rows if r["method"] == "ift"][1:]
+  summary["methods"]["ift"]["last_hyperparameters"] = [ift_rows[-1]["weight_decay"],
+                                                       ift_rows[-1]["scale"]]
+  summary["methods"]["ift"]["max_adjoint_residual"] = max(r["adjoint_residual"]
+                                                          for r in ift_rows)
+  summary["seconds"] = {"wall": time.time() - t0, "cpu": time.process_time() - c0}
+  return {"rows": rows, "summary": summary}
+
+
+def run(config) -> dict:
+  """The parts of ``config.parts``: ``{"digits": run_digits(...), "lora": run_lora(...)}``."""
+  unknown = sorted(set(config.parts) - {"digits", "lora"})
+  if unknown:
+    raise ValueError(f"config.parts: unknown {unknown}; valid: ['digits', 'lora']")
+  out = {}
+  if "digits" in config.parts:
+    out["digits"] = run_digits(config)
+  if "lora" in config.parts:
+    out["lora"] = run_lora(config.lora)
+  return out
+
+
+# ----------------------------------------------------------------------------------------------
 # Outputs.
 # ----------------------------------------------------------------------------------------------
 
@@ -406,22 +604,38 @@ FIELDS = ("method", "seed", "index", "units", "val_loss", "val_acc", "test_loss"
 CURVE_FIELDS = ("method", "units", "seeds", "mean", "min", "max")
 
 
+LORA_FIELDS = ("method", "index", "units", "val_loss", "val_acc", "test_loss", "test_acc",
+               "weight_decay", "scale", "adjoint_residual", "inner_grad_norm")
+
+
+def _write_csv(path, fields, rows):
+  with open(path, "w", newline="") as f:
+    w = csv.DictWriter(f, fieldnames=fields, restval="")
+    w.writeheader()
+    w.writerows(rows)
+
+
 def write_outputs(workdir: str, config, result: dict) -> list[str]:
-  """Writes the two CSVs, the summary JSON and the PNG; returns their paths."""
+  """Writes each part's CSVs and PNG, and one summary JSON; returns their paths."""
   os.makedirs(workdir, exist_ok=True)
   paths = []
-  for name, fields, rows in (("bilevel.csv", FIELDS, result["rows"]),
-                             ("bilevel_curve.csv", CURVE_FIELDS, result["curve"])):
-    paths.append(os.path.join(workdir, name))
-    with open(paths[-1], "w", newline="") as f:
-      w = csv.DictWriter(f, fieldnames=fields, restval="")
-      w.writeheader()
-      w.writerows(result["rows"] if name == "bilevel.csv" else rows)
+  if "digits" in result:
+    d = result["digits"]
+    for name, fields, rows in (("bilevel.csv", FIELDS, d["rows"]),
+                               ("bilevel_curve.csv", CURVE_FIELDS, d["curve"])):
+      paths.append(os.path.join(workdir, name))
+      _write_csv(paths[-1], fields, rows)
+    paths.append(os.path.join(workdir, "bilevel.png"))
+    plot(config, d, paths[-1])
+  if "lora" in result:
+    paths.append(os.path.join(workdir, "bilevel_lora.csv"))
+    _write_csv(paths[-1], LORA_FIELDS, result["lora"]["rows"])
+    paths.append(os.path.join(workdir, "bilevel_lora.png"))
+    plot_lora(config.lora, result["lora"], paths[-1])
   paths.append(os.path.join(workdir, "summary.json"))
   with open(paths[-1], "w") as f:
-    json.dump({"config": config.to_dict(), "summary": result["summary"]}, f, indent=1)
-  paths.append(os.path.join(workdir, "bilevel.png"))
-  plot(config, result, paths[-1])
+    json.dump({"config": config.to_dict(),
+               "summary": {k: v["summary"] for k, v in result.items()}}, f, indent=1)
   return paths
 
 
@@ -470,13 +684,45 @@ def plot(config, result, path: str) -> None:
   plt.close(fig)
 
 
+def plot_lora(lc, result, path: str) -> None:
+  """Left: best validation loss found against compute. Right: the hyperparameters each method
+  tried (grid, random draws, the IFT path), coloured by validation loss."""
+  import matplotlib  # pylint: disable=g-import-not-at-top
+  matplotlib.use("Agg")
+  import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
+  fig, axes = plt.subplots(1, 2, figsize=(12, 4.4))
+  rows = result["rows"]
+  grid = np.linspace(0.0, result["summary"]["budget"], 101)
+  vals = [r["val_loss"] for r in rows]
+  for method, marker in (("grid", "s"), ("random", "o"), ("ift", ".")):
+    mine = [r for r in rows if r["method"] == method]
+    axes[0].plot(grid, best_so_far(mine, grid), label=method)
+    sc = axes[1].scatter([r["weight_decay"] for r in mine], [r["scale"] for r in mine],
+                         c=[r["val_loss"] for r in mine], marker=marker, label=method,
+                         vmin=min(vals), vmax=np.percentile(vals, 90), cmap="viridis")
+  path_ift = [r for r in rows if r["method"] == "ift"]
+  axes[1].plot([r["weight_decay"] for r in path_ift], [r["scale"] for r in path_ift], "k-",
+               lw=0.5)
+  fig.colorbar(sc, ax=axes[1], label="validation loss")
+  axes[0].set(xlabel="compute spent (training-gradient units)",
+              ylabel="best validation loss found",
+              title=f"LoRA r{lc.rank} on MiniLM, WordNet supersenses (seed {lc.seed})")
+  axes[0].legend()
+  axes[1].set(xscale="log", yscale="log", xlabel="weight decay", ylabel="LoRA scale s",
+              title="hyperparameters tried")
+  axes[1].legend(fontsize=8)
+  fig.tight_layout()
+  fig.savefig(path, dpi=110)
+  plt.close(fig)
+
+
 def main(argv):
   del argv
   config = flags.FLAGS.config
   result = run(config)
   for path in write_outputs(flags.FLAGS.workdir, config, result):
     print("wrote", path)
-  print(json.dumps(result["summary"], indent=1))
+  print(json.dumps({k: v["summary"] for k, v in result.items()}, indent=1))
 
 
 if __name__ == "__main__":

@@ -65,27 +65,53 @@ from configs import common
 
 def get_config(arg=None):
   """The reproduction's settings; `runlocal` shrinks it to seconds."""
-  arg = common.parse_arg(arg, runlocal=False, seeds=3, budget=8000)
+  arg = common.parse_arg(arg, runlocal=False, seeds=3, budget=32000, parts=("digits", "lora"))
   c = ml_collections.ConfigDict()
+  c.parts = arg.parts
   c.seeds = tuple(range(arg.seeds))
   c.n_train = 300
   c.n_val = 300
   c.lam_low, c.lam_high = 1e-6, 1e-1      # the search range of every method
   c.momentum = 0.9
   c.budget = arg.budget                    # compute units per method and seed
-  c.train_steps = 500                      # inner steps per grid / random-search point
+  c.train_steps = 2000                     # inner steps per grid / random-search point
   c.methods = ("grid", "random", "random_pf", "ift", "ift_pf", "unrolled", "unrolled_pf")
   c.lam0 = 1e-3                            # start of the hypergradient methods
-  c.warmup_steps = 200                     # inner steps at lam0 before the first outer step
+  c.warmup_steps = 500                     # inner steps at lam0 before the first outer step
   c.phase_steps = 20                       # inner steps per outer step (= unrolled truncation)
   c.outer_lr = 0.1                         # Adam on log lam
-  c.cg_tol = 1e-4
-  c.cg_maxiter = 40
+  c.cg_tol = 1e-3
+  c.cg_maxiter = 20
   c.cost = ml_collections.ConfigDict({"grad": 1.0, "hvp": 2.0})
   c.timing_steps = 200                     # length of the scans that time the units
   c.curve_points = 201
+  c.lora = _lora_config()
   if arg.runlocal:
+    c.parts = ("digits",)
     c.seeds = (0,)
     c.budget, c.train_steps, c.warmup_steps, c.phase_steps = 300, 100, 40, 10
     c.cg_maxiter, c.timing_steps, c.curve_points = 10, 10, 21
   return c.lock()
+
+
+def _lora_config():
+  """LoRA r8 on MiniLM's last MLP output kernel + a head, on cached features (as
+  `experiments.bilevel_lora`); hyperparameters (weight decay, LoRA scale s)."""
+  lc = ml_collections.ConfigDict()
+  lc.seed = 0
+  lc.n_train, lc.n_val, lc.n_test, lc.seq_len = 192, 192, 384, 16
+  lc.rank = 8
+  lc.inner_lr = 3e-3                       # full-batch Adam, one training gradient per step
+  lc.train_steps = 200                     # per grid / random point
+  lc.grid_decays = (1e-3, 1e-2, 1e-1)
+  lc.grid_scales = (0.5, 2.0, 8.0)         # s = alpha / r; lowrank_jax's default alpha = 2 r
+  lc.decay_range = (1e-4, 1.0)             # random search and the IFT's projection
+  lc.scale_range = (0.25, 16.0)
+  lc.decay0, lc.scale0 = 1e-3, 2.0         # IFT start
+  lc.warmup_steps = 200
+  lc.phase_steps = 20
+  lc.neumann_terms = 10                    # Lorraine et al.'s truncated Neumann series
+  lc.power_iterations = 20                 # lambda_max(H) for the Neumann step 1 / (2 lambda_max)
+  lc.outer_lr = 0.1
+  lc.cost_grad, lc.cost_hvp = 1.0, 2.0
+  return lc
