@@ -511,8 +511,23 @@ def _lora_row(method, index, units, ev, hp, **extra):
               weight_decay=float(hp[0]), scale=float(hp[1]), **extra)
 
 
+def _lora_step_cost(lc, iterations: int) -> float:
+  """One IFT outer step of the LoRA run (as `cost_ift`, with the Neumann adjoint)."""
+  return (lc.phase_steps + 2) * lc.cost_grad + (iterations + 3) * lc.cost_hvp
+
+
+def _check_lora(lc):
+  first = ((lc.warmup_steps + 0.0) * lc.cost_grad + lc.power_iterations * lc.cost_hvp
+           + _lora_step_cost(lc, lc.neumann_terms))
+  if lora_budget(lc) < first:
+    raise ValueError(f"config.lora: the budget ({lora_budget(lc)} units = grid points x "
+                     f"train_steps) is below the IFT's warm-up, power iteration and one outer "
+                     f"step ({first} units)")
+
+
 def run_lora(lc) -> dict:
   """Grid, random search and IFT tuning of (weight decay, LoRA scale) at the grid's compute."""
+  _check_lora(lc)
   t0, c0 = time.time(), time.process_time()
   problem = load_lora_problem(lc)
   fns = make_lora_fns(lc, problem)
@@ -547,7 +562,7 @@ def run_lora(lc) -> dict:
   units += lc.power_iterations * lc.cost_hvp
   adjoint = AdjointConfig(method="neumann", neumann_alpha=0.5 / lmax, tol=0.0,
                           maxiter=lc.neumann_terms, on_nonconvergence="ignore")
-  step_cost = (lc.phase_steps + 2) * lc.cost_grad + (lc.neumann_terms + 3) * lc.cost_hvp
+  step_cost = _lora_step_cost(lc, lc.neumann_terms)
   outer_tx = optax.adam(lc.outer_lr)
   ostate = outer_tx.init(phi)
   u = jax.tree.map(jnp.zeros_like, state[0])
@@ -555,7 +570,7 @@ def run_lora(lc) -> dict:
     state = fns["train"](state, hp, feats["train"], lc.phase_steps)
     g, info = fns["ift_step"](state[0], phi, u, feats["train"], feats["val"], adjoint=adjoint)
     u = info.u
-    units += (lc.phase_steps + 2) * lc.cost_grad + (int(info.iterations) + 3) * lc.cost_hvp
+    units += _lora_step_cost(lc, int(info.iterations))
     rows.append(_lora_row("ift", len([r for r in rows if r["method"] == "ift"]), units,
                           fns["evaluate"](state[0], hp, feats["val"], feats["test"]), hp,
                           adjoint_residual=float(info.residual),
