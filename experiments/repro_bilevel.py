@@ -288,8 +288,8 @@ def _best_time(fn, *args, repeats=3):
 def measure_unit_ratios(config, problem) -> dict:
   """Wall time of a Hessian-vector product (as CG uses it: `jax.linearize` of the gradient) and
   of one differentiated unrolled step, each relative to one inner step, over scans of
-  ``timing_steps`` (best of 3, after compiling). Shows how far the unit weights are from this
-  machine's costs."""
+  ``timing_steps`` (best of 3, after compiling; ``timing_steps = 0`` skips it). Shows how far
+  the unit weights are from this machine's costs."""
   dim, n, mu = problem["dim"], config.timing_steps, config.momentum
   x, y = problem["train"]
   lam = jnp.full((dim,), config.lam0)
@@ -334,35 +334,58 @@ def best_so_far(rows, grid) -> np.ndarray:
   return np.where(idx >= 0, vals[np.maximum(idx, 0)], np.nan)
 
 
+def _grid_best(config, rows) -> dict:
+  """Per seed, the best validation loss of the full grid search (NaN without a grid)."""
+  return {s: min((r["val_loss"] for r in rows if r["method"] == "grid" and r["seed"] == s),
+                 default=np.nan) for s in config.seeds}
+
+
 def curves(config, rows) -> list[dict]:
-  """Best validation loss against compute per method: mean, min and max over seeds."""
+  """Best validation loss against compute per method: mean, min and max over seeds, and the
+  same for its difference to the full grid's best on the same split (``diff_*``; the splits
+  differ more from each other than the methods do)."""
   grid = np.linspace(0.0, config.budget, config.curve_points)
+  ref = _grid_best(config, rows)
   out = []
   for method in config.methods:
     per_seed = np.stack([best_so_far([r for r in rows if r["method"] == method
                                       and r["seed"] == s], grid) for s in config.seeds])
+    diff = per_seed - np.array([ref[s] for s in config.seeds])[:, None]
     with np.errstate(all="ignore"):
       for j, u in enumerate(grid):
-        col = per_seed[:, j]
-        ok = ~np.isnan(col)
-        out.append(dict(method=method, units=float(u), seeds=int(ok.sum()),
-                        mean=float(col[ok].mean()) if ok.all() else np.nan,
-                        min=float(col[ok].min()) if ok.any() else np.nan,
-                        max=float(col[ok].max()) if ok.any() else np.nan))
+        row = dict(method=method, units=float(u), seeds=int((~np.isnan(per_seed[:, j])).sum()))
+        for prefix, values in (("", per_seed[:, j]), ("diff_", diff[:, j])):
+          ok = ~np.isnan(values)
+          row.update({f"{prefix}mean": float(values.mean()) if ok.all() else np.nan,
+                      f"{prefix}min": float(values[ok].min()) if ok.any() else np.nan,
+                      f"{prefix}max": float(values[ok].max()) if ok.any() else np.nan})
+        out.append(row)
   return out
+
+
+def units_to_match(rows, target: float) -> float:
+  """Compute spent when the best validation loss found first reaches ``target`` (NaN: never)."""
+  for r, best in zip(rows, np.minimum.accumulate([r["val_loss"] for r in rows])):
+    if best <= target:
+      return r["units"]
+  return np.nan
 
 
 def summarize(config, rows, retrain) -> dict:
   """Per method over seeds: the selected candidate (lowest validation loss) and its test figures,
-  the units spent, the best validation loss at 1/4 and 1/2 of the budget, and (hypergradient
+  also as differences to the grid's selection on the same split; the units spent, the units at
+  which the method first matches the full grid's best validation loss, the best validation loss
+  at 1/4 and 1/2 of the budget, and (hypergradient
   methods) the last hyperparameters retrained from zero for ``train_steps`` (outside the
   budget)."""
   summary = {"methods": {}, "budget": config.budget, "search_points": search_points(config)}
+  ref = _grid_best(config, rows)
   for method in config.methods:
-    sel, spent, quarter, half, count = [], [], [], [], []
+    sel, spent, quarter, half, count, match = [], [], [], [], [], []
     for s in config.seeds:
       mine = [r for r in rows if r["method"] == method and r["seed"] == s]
       sel.append(min(mine, key=lambda r: r["val_loss"]))
+      match.append(units_to_match(mine, ref[s]))
       spent.append(mine[-1]["units"])
       count.append(len(mine))
       q, h = best_so_far(mine, np.array([config.budget / 4, config.budget / 2]))
@@ -373,6 +396,14 @@ def summarize(config, rows, retrain) -> dict:
          "best_val_loss_at_half_budget": _stats(half)}
     for key in ("val_loss", "val_acc", "test_loss", "test_acc", "lam_gmean"):
       m[f"selected_{key}"] = _stats([r[key] for r in sel])
+    if "grid" in config.methods:
+      grid_sel = [min((r for r in rows if r["method"] == "grid" and r["seed"] == s),
+                      key=lambda r: r["val_loss"]) for s in config.seeds]
+      m["units_to_match_grid_best"] = {"per_seed": [float(u) for u in match],
+                                       "matched": int(np.sum(~np.isnan(match)))}
+      for key in ("val_loss", "test_loss", "test_acc"):
+        m[f"selected_{key}_minus_grid"] = _stats([a[key] - b[key]
+                                                  for a, b in zip(sel, grid_sel)])
     if method in HYPERGRADIENT:
       last = [[r for r in rows if r["method"] == method and r["seed"] == s][-1]
               for s in config.seeds]
@@ -398,7 +429,7 @@ def run_digits(config) -> dict:
     for seed in config.seeds:
       problem = load_problem(config, seed)
       fns = make_fns(config, problem["dim"])
-      if ratios is None:
+      if ratios is None and config.timing_steps > 0:
         ratios = measure_unit_ratios(config, problem)
       for method in config.methods:
         if method in SEARCH:
@@ -616,7 +647,8 @@ def run(config) -> dict:
 FIELDS = ("method", "seed", "index", "units", "val_loss", "val_acc", "test_loss", "test_acc",
           "lam_gmean", "lam_min", "lam_max", "adjoint_iterations", "adjoint_residual",
           "inner_grad_norm")
-CURVE_FIELDS = ("method", "units", "seeds", "mean", "min", "max")
+CURVE_FIELDS = ("method", "units", "seeds", "mean", "min", "max", "diff_mean", "diff_min",
+                "diff_max")
 
 
 LORA_FIELDS = ("method", "index", "units", "val_loss", "val_acc", "test_loss", "test_acc",
@@ -671,12 +703,15 @@ def plot(config, result, path: str) -> None:
     pts = [c for c in result["curve"] if c["method"] == method]
     u = np.array([c["units"] for c in pts])
     style = "--" if method.endswith("_pf") else "-"
-    line, = ax.plot(u, [c["mean"] for c in pts], style, label=LABELS[method])
-    ax.fill_between(u, [c["min"] for c in pts], [c["max"] for c in pts], alpha=0.15,
+    line, = ax.plot(u, [c["diff_mean"] for c in pts], style, label=LABELS[method])
+    ax.fill_between(u, [c["diff_min"] for c in pts], [c["diff_max"] for c in pts], alpha=0.12,
                     color=line.get_color())
-  ax.set(xlabel="compute spent (training-gradient units)", ylabel="best validation loss found",
-         title=f"digits, {len(config.seeds)} splits (band: min-max)")
-  ax.set_yscale("log")
+  ax.axhline(0.0, color="k", lw=0.5)
+  ax.set_yscale("symlog", linthresh=1e-3)
+  ax.set(xlabel="compute spent (training-gradient units)",
+         ylabel="best val. loss found − full grid's best (same split)",
+         title=f"best validation loss vs compute, {len(config.seeds)} splits (band: min-max)")
+  ax.title.set_fontsize(10)
   ax.legend(fontsize=8)
   summary = result["summary"]["methods"]
   for ax, key, label in ((axes[1], "selected_test_loss", "test loss"),
@@ -690,7 +725,7 @@ def plot(config, result, path: str) -> None:
     vals = [v for m in config.methods for v in summary[m][key]["per_seed"]]
     pad = 0.1 * (max(vals) - min(vals) + 1e-9)
     ax.set_ylim(min(vals) - 3 * pad, max(vals) + pad)
-    ax.set(title=f"{label} of the model with the best validation loss")
+    ax.set(title=f"{label} of the selected model")
   fig.suptitle(f"weight decay tuned at equal compute ({config.budget} units: "
                f"{result['summary']['search_points']} search points of {config.train_steps} "
                "steps)")

@@ -83,7 +83,7 @@ def get_config(arg=None):
   c.cg_tol = 1e-3
   c.cg_maxiter = 20
   c.cost = ml_collections.ConfigDict({"grad": 1.0, "hvp": 2.0})
-  c.timing_steps = 200                     # length of the scans that time the units
+  c.timing_steps = 200                     # scans that time the units (0: skip)
   c.curve_points = 201
   c.lora = _lora_config()
   if arg.runlocal:
