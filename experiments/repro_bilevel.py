@@ -1,8 +1,10 @@
-r"""Bilevel weight-decay tuning at equal compute: IFT and unrolled hypergradients vs grid and
-random search (digits, float64); see `configs/repro/bilevel.py` for the setup and the unit.
+r"""Bilevel hyperparameter tuning at equal compute: IFT and unrolled hypergradients vs grid and
+random search (weight decay on digits, float64; weight decay and LoRA scale of a LoRA run on
+MiniLM, float32); see `configs/repro/bilevel.py` for the setup and the compute unit.
 
 Run: ``python -m experiments.repro_bilevel --config configs/repro/bilevel.py
---workdir /tmp/repro_bilevel`` (``:runlocal`` for a seconds-long check).
+--workdir /tmp/repro_bilevel`` (both parts; the figures below come from ``:parts=digits`` and
+``:parts=lora`` run separately; ``:runlocal`` for a seconds-long digits check).
 
 `run(config)` returns, per part of ``config.parts``, the candidate rows (every model a method
 produced, with the compute spent so far and its validation and test loss / accuracy), the curves
