@@ -1,19 +1,23 @@
-"""Bilevel weight-decay tuning: hypergradients (IFT, truncated unrolling) vs grid and random search.
+"""Bilevel hyperparameter tuning: hypergradients (IFT, truncated unrolling) vs grid and random
+search at equal compute (weight decay on digits; weight decay and LoRA scale on MiniLM).
 
 Papers: Lorraine, Vicol & Duvenaud, "Optimizing Millions of Hyperparameters by Implicit
 Differentiation", AISTATS 2020 (IFT hypergradients); Maclaurin et al. 2015 / Franceschi et al.
 2017 / Shaban et al. 2019 (differentiating, possibly truncated, unrolled training). Library:
 `lowrank_jax.bilevel` (`ift_hypergradient`, `unrolled_hypergradient`).
 
-Command (float64, CPU):
+Command (CPU; digits in float64, LoRA in float32; the figures below come from ``:parts=digits``
+and ``:parts=lora`` run separately):
 
     python -m experiments.repro_bilevel --config configs/repro/bilevel.py \\
         --workdir /tmp/repro_bilevel
 
-`:runlocal` runs a seconds-long version (small budget, one seed) whose numbers mean nothing.
-Writes `bilevel.csv` (one row per candidate model of every method and seed), `bilevel_curve.csv`
-(best validation loss found against compute, mean / min / max over seeds), `summary.json` and
-`bilevel.png` to the workdir.
+`:runlocal` runs a seconds-long digits-only version (small budget, one seed) whose numbers mean
+nothing. Writes `bilevel.csv` (one row per candidate model of every method and seed),
+`bilevel_curve.csv` (best validation loss found against compute, mean / min / max over seeds,
+and the same relative to the grid's best on each split), `bilevel.png`, `bilevel_lora.csv`,
+`bilevel_lora.png` and `summary.json` to the workdir. The LoRA part's setup is in
+`_lora_config` and in `experiments.repro_bilevel.run_lora`.
 
 Setup: sklearn digits, 300 training / 300 validation / 1197 test images per seed (the seed
 permutes the data, so seeds are different splits; it also seeds random search). Inner problem:
