@@ -23,7 +23,9 @@ per-feature: random 0.2846 / 0.2873 / 0.1843, IFT 0.2187 / 0.1708 / 0.1023 (test
 ratios: HVP 1.16, unrolled step 3.44 inner steps (charged 2 and 3). ``:parts=lora`` (seed 0; 3 min
 7 s CPU, 21 min 30 s wall): best validation loss / test loss / test accuracy of the selected model:
 grid 1.9885 / 2.1642 / 0.451, random 2.0463 / 2.2492 / 0.419, IFT 1.9925 / 2.0935 / 0.461 (reached
-at 1,152 of 1,800 units; Neumann adjoint relative residual 0.16 to 0.69).
+at 1,152 of 1,800 units; Neumann adjoint relative residual 0.16 to 0.69). ``lora_seed=1`` (2 min
+56 s CPU, 15 min 8 s wall): grid 1.9385 / 1.9711 / 0.503, random 1.9857 / 2.0512 / 0.477, IFT
+1.9028 / 1.9710 / 0.505 (at 1,392 units; residual 0.28 to 0.78).
 
 The hypergradient loops are written here from `lowrank_jax.bilevel.ift_hypergradient` and
 `lowrank_jax.bilevel.unrolled_hypergradient` rather than with `tune_hyperparameters`, because the
