@@ -302,7 +302,7 @@ def main(argv=None):
                       "min_ms": round(1e3 * min(times[name]), 1),
                       "cpu_ms_per_step": round(1e3 * med_cpu[name], 1),
                       "cpu_ratio_to_full_ft": round(med_cpu[name] / med_cpu["full_ft"], 3),
-                      "gflop": round(flops / 1e9, 2),
+                      "gflop": round(flops / 1e9, 4),
                       "gflops_wall": round(flops / med[name] / 1e9, 1),
                       "pct_of_peak_wall": round(100 * flops / med[name] / peak, 1),
                       "pct_of_peak_cpu": round(100 * flops / med_cpu[name] / peak_cpu, 1),
