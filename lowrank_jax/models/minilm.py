@@ -89,6 +89,12 @@ class MiniLMConfig:
   tables after the lookup), so fp32 params, gradients and optimizer state can train with bf16
   matmuls. Layer norms and softmax statistics still run in float32; `classify` returns float32
   logits. None computes in the params' dtypes.
+
+  `materialize_cotangents` puts `_layers.materialized_cotangent` (the identity, with a custom
+  VJP) on the residual stream after every block, so the backward forms each block's cotangent
+  once (the LoRA step on CPU is faster with it, the values are the same). Its custom VJP blocks
+  forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) through the encoder; set it False for those
+  (reverse mode and forward-over-reverse work either way).
   """
   vocab_size: int = 30522
   hidden_size: int = 384
@@ -105,6 +111,7 @@ class MiniLMConfig:
   layer_qk_head_dims: tuple[int, ...] | None = None
   layer_v_head_dims: tuple[int, ...] | None = None
   compute_dtype: str | None = None
+  materialize_cotangents: bool = True
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -248,16 +255,17 @@ def encode(params: dict, cfg: MiniLMConfig, input_ids: jax.Array,
   x = L.layer_norm(e["norm"], x, cfg.layer_norm_eps)
   x = L.dropout(x, cfg.dropout_rate, L.fold(rng, 0), deterministic)
   mask = L.key_padding_mask(attention_mask)
-  # Each block's output goes through `materialized_cotangent` (the identity): the backward then
-  # forms the residual stream's cotangent once per block instead of inside every consumer fusion.
+  # Each block's output goes through `materialized_cotangent` (the identity; see MiniLMConfig):
+  # the backward forms the residual stream's cotangent once per block instead of inside every
+  # consumer fusion.
   for i in range(cfg.num_layers):
     lp = params["encoder"][f"layer_{i}"]
     if cfg.compute_dtype is not None:
       lp = L.cast_floats(lp, cfg.compute_dtype)
     x = attention_block(lp["attention"], x, mask, cfg, L.fold(rng, i + 1, 0), deterministic)
-    x = L.materialized_cotangent(x)
+    x = L.materialized_cotangent(x) if cfg.materialize_cotangents else x
     x = mlp_block(lp["mlp"], x, cfg, L.fold(rng, i + 1, 1), deterministic)
-    x = L.materialized_cotangent(x)
+    x = L.materialized_cotangent(x) if cfg.materialize_cotangents else x
   return x
 
 
