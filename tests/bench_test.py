@@ -48,7 +48,7 @@ def test_round_robin_feeds_paired_ratios():
 def test_bench():
   rows = _rows(bench.main, _SMOKE + ["--only", "lora_all_factored,head_only"])
   assert rows[0]["model"] == "random init (tiny preset)"
-  modes = {r["mode"]: r for r in rows[1:]}
+  modes = {r["mode"]: r for r in rows if "mode" in r}
   assert set(modes) == {"full_ft", "lora_all_factored", "head_only"}
   assert modes["full_ft"]["paired_ratio"] == 1.0
   for r in modes.values():
@@ -57,6 +57,38 @@ def test_bench():
     assert lo <= r["paired_ratio"] <= hi
   assert (modes["lora_all_factored"]["trainable_params"]
           < modes["full_ft"]["trainable_params"])
+  gemms = [r for r in rows if "gemm" in r]
+  assert [g["gemm"] for g in gemms] == ["gemm_16x64@64x128", "gemm_16x128@128x64",
+                                        "gemm_16x64@64x64"]
+  peak = next(r for r in rows if "peak_gflops_wall" in r)
+  assert peak["peak_gflops_wall"] == max(g["gflops_wall"] for g in gemms)
+  for r in modes.values():
+    assert r["gflop"] > 0 and r["pct_of_peak_wall"] > 0 and r["pct_of_peak_cpu"] > 0
+
+
+def test_step_flops_formula():
+  """The FLOP formula against counts taken another way: kernel and adapter parameter counts."""
+  import jax
+  import lowrank_jax as lj
+  params, cfg, _ = bench.build_model(preset="tiny")
+  b, t, r = 2, 8, 4
+  n = b * t
+  named, _ = lj.tree.flatten_with_names(params["encoder"])
+  f = 2 * n * sum(x.size for k, x in named if k.endswith("kernel"))       # 2 flops per MAC
+  att = cfg.num_layers * 2 * (2 * b * t * t * cfg.hidden_size)            # q·kᵀ and p·v
+  hd = 2 * b * cfg.hidden_size * 41
+  fwd = f + att + hd
+  assert bench.step_flops(params, cfg, b, t, "forward") == fwd
+  assert bench.step_flops(params, cfg, b, t, "full") == 3 * fwd
+  assert bench.step_flops(params, cfg, b, t, "head") == fwd + 2 * hd
+  _, st = lj.lora(r, targets=bench.ALL_LINEAR).init(jax.random.key(0), params)
+  # per layer r·(d_in + d_out): q, k, v, o 4·(64 + 64), MLP 2·(64 + 128); 2 layers
+  assert lj.count_params(st) == 2 * r * (4 * 128 + 2 * 192)
+  ad = 2 * n * lj.count_params(st)       # every A and B entry is one MAC per token
+  assert bench.step_flops(params, cfg, b, t, "factored", bench.ALL_LINEAR, r) == (
+      fwd + ad + f + 2 * att + 2 * hd + 2 * ad)
+  with pytest.raises(ValueError, match="kind="):
+    bench.step_flops(params, cfg, b, t, "sideways")
 
 
 def test_bench_seed():

@@ -12,6 +12,7 @@ import jax
 import jax.numpy as jnp
 
 from lowrank_jax import ops
+from lowrank_jax import quant
 from lowrank_jax.structured import dropout, no_dropout
 
 Params = dict[str, Any]
@@ -108,6 +109,57 @@ def attention(q: jax.Array, k: jax.Array, v: jax.Array, mask: jax.Array | None =
     logits = jnp.where(mask, logits, jnp.finfo(jnp.float32).min)
   probs = dropout(jax.nn.softmax(logits, axis=-1), dropout_rate, rng, deterministic)
   return jnp.einsum("bhts,bshd->bthd", probs.astype(v.dtype), v)
+
+
+COMPUTE_DTYPES = ("float32", "bfloat16", "float16")
+
+
+def cast_floats(params: Any, dtype) -> Any:
+  """`params` with every float array (the leaves of structured weights included) in `dtype`;
+  quantized weights dequantize to it. Inside a step the casts of trainable params are
+  differentiated, so their gradients and optimizer state keep the params' own dtype."""
+  dtype = jnp.dtype(dtype)
+
+  def cast(x):
+    if quant.is_quantized(x):
+      return x.astype(dtype)
+    if isinstance(x, jax.Array) and jnp.issubdtype(x.dtype, jnp.floating):
+      return x.astype(dtype)
+    return x
+  return jax.tree.map(cast, params, is_leaf=quant.is_quantized)
+
+
+def _materialized_fwd(x):
+  return x, None
+
+
+def _materialized_bwd(_, g):
+  # The column sum over every axis but the features is a reduction over the major (token) axes;
+  # XLA:CPU never fuses its operand into it, so `g` is written to memory once and every consumer
+  # reads it. The select keeps `g` bit for bit (a NaN in a column, already a failed step, fills
+  # that column); unlike a plain identity or an optimization barrier, XLA cannot drop it.
+  colsum = jnp.sum(g.astype(jnp.float32), axis=tuple(range(g.ndim - 1)))
+  return (jnp.where(jnp.isnan(colsum), jnp.asarray(jnp.nan, g.dtype), g),)
+
+
+@jax.custom_vjp
+def materialized_cotangent(x: jax.Array) -> jax.Array:
+  """The identity, whose backward writes the cotangent of `x` to memory once.
+
+  Put on the residual stream between blocks. Why: XLA:CPU drops optimization barriers and fuses a
+  cheap element-wise producer into every consumer that can take it. When nothing reduces the
+  residual stream's cotangent over tokens (LoRA: frozen biases and norms; full fine-tuning has the
+  bias and norm gradients), each block's cotangent (norm backward plus residual adds) stays an
+  unmaterialized expression that every later consumer fusion recomputes from the matmul outputs of
+  all blocks above it: work that grows with depth squared (MiniLM, LoRA on all linear layers:
+  fusions of ~480 element-wise ops). A token-axis reduction of the cotangent is not fusible on
+  CPU, so with it the cotangent is computed once per block. The returned cotangent equals the
+  incoming one exactly for finite values; the forward is `x` itself.
+  """
+  return x
+
+
+materialized_cotangent.defvjp(_materialized_fwd, _materialized_bwd)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:

@@ -83,6 +83,18 @@ class MiniLMConfig:
   query/key head sizes, `layer_v_head_dims` the value head sizes (the output projection's input
   is `num_heads` times it). Attention logits keep the original 1/sqrt(hidden_size / num_heads)
   scale.
+
+  `compute_dtype` (None, "float32", "bfloat16", "float16") is the dtype of activations and
+  products: the params keep their own dtype and the encoder's are cast at use (the embedding
+  tables after the lookup), so fp32 params, gradients and optimizer state can train with bf16
+  matmuls. Layer norms and softmax statistics still run in float32; `classify` returns float32
+  logits. None computes in the params' dtypes.
+
+  `materialize_cotangents` puts `_layers.materialized_cotangent` (the identity, with a custom
+  VJP) on the residual stream after every block, so the backward forms each block's cotangent
+  once (the LoRA step on CPU is faster with it, the values are the same). Its custom VJP blocks
+  forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) through the encoder; set it False for those
+  (reverse mode and forward-over-reverse work either way).
   """
   vocab_size: int = 30522
   hidden_size: int = 384
@@ -98,6 +110,8 @@ class MiniLMConfig:
   layer_intermediate_sizes: tuple[int, ...] | None = None
   layer_qk_head_dims: tuple[int, ...] | None = None
   layer_v_head_dims: tuple[int, ...] | None = None
+  compute_dtype: str | None = None
+  materialize_cotangents: bool = True
 
   def __post_init__(self):
     for f in ("vocab_size", "hidden_size", "num_layers", "num_heads", "intermediate_size",
@@ -107,6 +121,8 @@ class MiniLMConfig:
     if self.hidden_size % self.num_heads:
       raise ValueError(f"MiniLMConfig.hidden_size={self.hidden_size} is not divisible by "
                        f"num_heads={self.num_heads}")
+    if self.compute_dtype is not None:
+      L.check_choice("MiniLMConfig.compute_dtype", self.compute_dtype, L.COMPUTE_DTYPES)
     for f in ("dropout_rate", "attention_dropout_rate"):   # arrays: per-example rates (STN)
       if isinstance(getattr(self, f), (int, float)) and not 0.0 <= getattr(self, f) < 1.0:
         raise ValueError(f"MiniLMConfig.{f} must be in [0, 1), got {getattr(self, f)}")
@@ -234,13 +250,22 @@ def encode(params: dict, cfg: MiniLMConfig, input_ids: jax.Array,
   x = (ops.embed(input_ids, e["word_embeddings"]["embedding"])
        + ops.embed(jnp.arange(t), e["position_embeddings"]["embedding"])[None]
        + ops.embed(token_type_ids, e["token_type_embeddings"]["embedding"]))
+  if cfg.compute_dtype is not None:
+    x = x.astype(cfg.compute_dtype)
   x = L.layer_norm(e["norm"], x, cfg.layer_norm_eps)
   x = L.dropout(x, cfg.dropout_rate, L.fold(rng, 0), deterministic)
   mask = L.key_padding_mask(attention_mask)
+  # Each block's output goes through `materialized_cotangent` (the identity; see MiniLMConfig):
+  # the backward forms the residual stream's cotangent once per block instead of inside every
+  # consumer fusion.
   for i in range(cfg.num_layers):
     lp = params["encoder"][f"layer_{i}"]
+    if cfg.compute_dtype is not None:
+      lp = L.cast_floats(lp, cfg.compute_dtype)
     x = attention_block(lp["attention"], x, mask, cfg, L.fold(rng, i + 1, 0), deterministic)
+    x = L.materialized_cotangent(x) if cfg.materialize_cotangents else x
     x = mlp_block(lp["mlp"], x, cfg, L.fold(rng, i + 1, 1), deterministic)
+    x = L.materialized_cotangent(x) if cfg.materialize_cotangents else x
   return x
 
 
@@ -291,7 +316,10 @@ def classify(params: dict, cfg: MiniLMConfig, batch: Mapping[str, jax.Array], *,
              batch.get("token_type_ids"), deterministic=deterministic, rng=L.fold(rng, 0))
   pooled = mean_pool(s, batch["attention_mask"])
   pooled = L.dropout(pooled, cfg.dropout_rate, L.fold(rng, 1), deterministic)
-  return L.dense(params["head"], pooled)
+  if cfg.compute_dtype is None:
+    return L.dense(params["head"], pooled)
+  logits = L.dense(L.cast_floats(params["head"], cfg.compute_dtype), pooled)
+  return logits.astype(jnp.float32)
 
 
 def dummy_batch(cfg: MiniLMConfig, seq_len: int = 8) -> dict[str, jax.ShapeDtypeStruct]:

@@ -62,3 +62,38 @@ def test_attention_dropout_with_one_rate_per_example():
   keep = np.asarray(jax.random.bernoulli(rng, 1.0 - r4, (B, H, T, T)))
   np.testing.assert_allclose(out, _reference(q, k, v, mask, keep, r4), atol=1e-5)
   np.testing.assert_allclose(out[0], _reference(q, k, v, mask)[0], atol=1e-5)
+
+
+def test_materialized_cotangent_is_the_identity_both_ways():
+  x = jax.random.normal(jax.random.key(0), (2, 3, 4))
+  g = jax.random.normal(jax.random.key(1), (2, 3, 4))
+  for dtype in (jnp.float32, jnp.bfloat16):
+    y, vjp = jax.vjp(L.materialized_cotangent, x.astype(dtype))
+    np.testing.assert_array_equal(np.asarray(y, np.float32), np.asarray(x.astype(dtype), np.float32))
+    (dx,) = vjp(g.astype(dtype))
+    assert dx.dtype == dtype
+    np.testing.assert_array_equal(np.asarray(dx, np.float32), np.asarray(g.astype(dtype), np.float32))
+  # Inside a gradient: d/dx sum(w * f(x)) = w, with f the identity.
+  w = jnp.arange(24.0).reshape(2, 3, 4)
+  grad = jax.jit(jax.grad(lambda x: jnp.sum(w * L.materialized_cotangent(jnp.sin(x)))))(x)
+  np.testing.assert_allclose(grad, np.asarray(w) * np.cos(np.asarray(x)), rtol=1e-6)
+
+
+def test_materialized_cotangent_nan_fills_its_column():
+  g = np.ones((2, 3, 4), np.float32)
+  g[1, 2, 1] = np.nan
+  g[0, 0, 3] = np.inf   # an inf alone is passed through as it is
+  _, vjp = jax.vjp(L.materialized_cotangent, jnp.zeros((2, 3, 4)))
+  (dx,) = vjp(jnp.asarray(g))
+  assert np.isnan(np.asarray(dx)[..., 1]).all()
+  np.testing.assert_array_equal(np.asarray(dx)[..., [0, 2]], 1.0)
+  assert np.asarray(dx)[0, 0, 3] == np.inf
+
+
+def test_cast_floats_keeps_ints_and_structure():
+  from lowrank_jax import structured
+  tree = {"k": structured.LowRank(jnp.ones((3, 2)), jnp.ones((3, 1)), jnp.ones((1, 2)), 0.5),
+          "ids": jnp.arange(3), "b": jnp.zeros((2,))}
+  out = L.cast_floats(tree, "bfloat16")
+  assert out["k"].base.dtype == out["k"].a.dtype == out["b"].dtype == jnp.bfloat16
+  assert out["ids"].dtype == jnp.int32 and out["k"].scale == 0.5
