@@ -146,15 +146,11 @@ def run(config) -> dict:
   fit = lambda adapter, params, classify, lr, head=None: train_params(
       adapter, params, classify, train, lr, config.steps, config.batch_size, config.seed, head)
   rows = []
-  summary = {"baseline_accuracy": {}, "num_params": sizes,
-             "d_int90": {p: {} for p in config.projections}}
   for width in config.widths:
     params, classify, _ = build_model(config.model, width, config.seed)
     final = fit(lj.identity(), params, classify, config.baseline_lr, head=params)
     baseline = accuracy(classify, final, test, config.eval_batch)
-    summary["baseline_accuracy"][width] = baseline
     for projection in config.projections:
-      d_int90 = None
       for d in config.dims:
         adapter = lj.intrinsic_dimension(d, projection)
         acc = accuracy(classify, fit(adapter, params, classify, config.subspace_lr), test,
@@ -162,10 +158,32 @@ def run(config) -> dict:
         rows.append({"projection": projection, "width": width, "num_params": sizes[width],
                      "d": d, "accuracy": acc, "baseline_accuracy": baseline})
         print(f"{projection} w={width} d={d}: {acc:.4f} (baseline {baseline:.4f})", flush=True)
-        if d_int90 is None and acc >= config.threshold * baseline:
-          d_int90 = d
-      summary["d_int90"][projection][width] = d_int90
-  return {"rows": rows, "summary": summary}
+  return {"rows": rows, "summary": summarize(rows, config.threshold)}
+
+
+def summarize(rows: list[dict], threshold: float) -> dict:
+  """Baseline accuracy and D per width, and d_int90 per projection and width: the smallest d whose
+  accuracy reaches `threshold` times the baseline's (None when no d of the grid does)."""
+  summary = {"baseline_accuracy": {}, "num_params": {}, "d_int90": {}}
+  for r in sorted(rows, key=lambda r: (r["width"], r["d"])):
+    summary["baseline_accuracy"][r["width"]] = r["baseline_accuracy"]
+    summary["num_params"][r["width"]] = r["num_params"]
+    per_width = summary["d_int90"].setdefault(r["projection"], {})
+    per_width.setdefault(r["width"], None)
+    if per_width[r["width"]] is None and r["accuracy"] >= threshold * r["baseline_accuracy"]:
+      per_width[r["width"]] = r["d"]
+  return summary
+
+
+def read_rows(workdirs: list[str]) -> list[dict]:
+  """The rows of the `intrinsic_dim.csv` files in `workdirs` (runs split by width, combined)."""
+  types = {"projection": str, "width": int, "num_params": int, "d": int, "accuracy": float,
+           "baseline_accuracy": float}
+  rows = []
+  for workdir in workdirs:
+    with open(os.path.join(workdir, "intrinsic_dim.csv"), newline="") as f:
+      rows += [{k: types[k](v) for k, v in r.items()} for r in csv.DictReader(f)]
+  return rows
 
 
 def write_outputs(workdir: str, config, result: dict) -> list[str]:
@@ -208,7 +226,11 @@ def write_outputs(workdir: str, config, result: dict) -> list[str]:
 def main(argv):
   del argv
   config = flags.FLAGS.config
-  result = run(config)
+  if flags.FLAGS.merge:
+    rows = read_rows(flags.FLAGS.merge)
+    result = {"rows": rows, "summary": summarize(rows, config.threshold)}
+  else:
+    result = run(config)
   for path in write_outputs(flags.FLAGS.workdir, config, result):
     print("wrote", path)
   print(json.dumps(result["summary"], indent=1))
@@ -220,5 +242,8 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "configs/repro/intrinsic_dim.py[:arg]",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (CSV, JSON, PNG).")
+  flags.DEFINE_list("merge", None, "Workdirs of earlier runs (e.g. one per width) whose CSV rows "
+                    "to combine into the outputs instead of training; the config names the "
+                    "widths and projections to plot.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
