@@ -139,8 +139,12 @@ def check_config(config) -> dict:
   return sizes
 
 
-def run(config) -> dict:
-  """Baseline and subspace accuracies per width and projection. Returns {"rows", "summary"}."""
+def run(config, on_row: Callable[[dict], None] | None = None) -> dict:
+  """Baseline and subspace accuracies per width and projection. Returns {"rows", "summary"}.
+
+  `on_row(row)` is called as each row is measured (main appends it to ``rows.csv``, so a run
+  stopped early keeps what it measured).
+  """
   sizes = check_config(config)
   train, test = load_data(config)
   fit = lambda adapter, params, classify, lr, head=None: train_params(
@@ -158,6 +162,8 @@ def run(config) -> dict:
         rows.append({"projection": projection, "width": width, "num_params": sizes[width],
                      "d": d, "accuracy": acc, "baseline_accuracy": baseline})
         print(f"{projection} w={width} d={d}: {acc:.4f} (baseline {baseline:.4f})", flush=True)
+        if on_row is not None:
+          on_row(rows[-1])
   return {"rows": rows, "summary": summarize(rows, config.threshold)}
 
 
@@ -176,12 +182,16 @@ def summarize(rows: list[dict], threshold: float) -> dict:
 
 
 def read_rows(workdirs: list[str]) -> list[dict]:
-  """The rows of the `intrinsic_dim.csv` files in `workdirs` (runs split by width, combined)."""
+  """The rows of the runs in `workdirs` (e.g. one per width): each one's ``intrinsic_dim.csv``,
+  or, for a run stopped before the end, its row-by-row ``rows.csv``."""
   types = {"projection": str, "width": int, "num_params": int, "d": int, "accuracy": float,
            "baseline_accuracy": float}
   rows = []
   for workdir in workdirs:
-    with open(os.path.join(workdir, "intrinsic_dim.csv"), newline="") as f:
+    path = os.path.join(workdir, "intrinsic_dim.csv")
+    if not os.path.exists(path):
+      path = os.path.join(workdir, "rows.csv")
+    with open(path, newline="") as f:
       rows += [{k: types[k](v) for k, v in r.items()} for r in csv.DictReader(f)]
   return rows
 
@@ -230,7 +240,20 @@ def main(argv):
     rows = read_rows(flags.FLAGS.merge)
     result = {"rows": rows, "summary": summarize(rows, config.threshold)}
   else:
-    result = run(config)
+    os.makedirs(flags.FLAGS.workdir, exist_ok=True)
+    partial = os.path.join(flags.FLAGS.workdir, "rows.csv")
+    if os.path.exists(partial):
+      os.remove(partial)
+
+    def on_row(row):
+      new = not os.path.exists(partial)
+      with open(partial, "a", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(row))
+        if new:
+          w.writeheader()
+        w.writerow(row)
+
+    result = run(config, on_row)
   for path in write_outputs(flags.FLAGS.workdir, config, result):
     print("wrote", path)
   print(json.dumps(result["summary"], indent=1))
