@@ -221,6 +221,8 @@ def write_outputs(workdir: str, config, result: dict) -> list[str]:
     baseline = result["summary"]["baseline_accuracy"][width]
     ax.axhline(baseline, color="k", lw=1, label="baseline")
     ax.axhline(config.threshold * baseline, color="k", ls=":", lw=1, label="90% of baseline")
+    ax.set_xticks(config.dims, [str(d) for d in config.dims], minor=False)
+    ax.set_xticks([], minor=True)
     ax.set(xlabel="subspace dimension d",
            title=f"{build_model(config.model, width, config.seed)[2]}, "
                  f"D = {result['summary']['num_params'][width]:,}")
