@@ -43,9 +43,9 @@ d_int90 = 200 for all three widths while D grows 7.5 times (at d = 100 every wid
 below its 90% line: 0.838, 0.886, 0.874 against 0.884, 0.887, 0.889). Reproduced at the grid's
 resolution (a factor 2 in d).
 
-Measured, MLP on digits, the three projections (2026-12-02, seed 0, the second command with
-`,widths=32`: the run was stopped after width 32 to leave the CPU to the CNN; 1 min 58 s of CPU
-time, 23 min wall under load ~30): accuracy at d = 50 / 100 / 200 / 400 / 800 is
+Measured, MLP on digits, the three projections (2026-12-02, seed 0, the second command, stopped
+after width 32 to leave the CPU to the CNN, so its width-32 rows, which `,widths=32` computes
+alone; 1 min 58 s of CPU time, 23 min wall under load ~30): accuracy at d = 50 / 100 / 200 / 400 / 800 is
 0.694 / 0.850 / 0.930 / 0.952 / 0.972 (Fastfood), 0.652 / 0.856 / 0.938 / 0.964 / 0.966 (dense),
 0.760 / 0.860 / 0.944 / 0.966 / 0.966 (sparse) against the 90% line 0.884 (baseline 0.982):
 d_int90 = 200 for all three. (This Fastfood rerun differs from the earlier one by up to 0.012 at a
