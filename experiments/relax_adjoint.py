@@ -20,12 +20,17 @@ learners only see the count of the arm they chose. Printed, in total adjoint ite
 * the grid point nearest ``1 / lambda_max(H_0)``, the textbook choice made once at the start;
 * ``cg``: conjugate gradients to the same tolerance, for reference.
 
-With ``--online`` the learner also runs inside the tuning loop, as the ``neumann_alpha_grid``
-option of `AdjointConfig` (`online`).
+With ``--online`` the learners also run inside the tuning loop, as the ``neumann_alpha_grid``
+(Tsallis-INF) and ``neumann_alpha_context`` (SquareCB on log lam) options of `AdjointConfig`
+(`start_online`), against CG and the default step, all at the same tolerance; ``--workers``
+threads run them alongside the offline part. ``--out_dir`` writes ``relax_adjoint.csv``,
+``relax_adjoint_summary.json`` and ``relax_adjoint.png``; ``--config configs/repro/relax.py``
+takes the reproduction's flags.
 """
 from __future__ import annotations
 
 import argparse
+import concurrent.futures
 import csv
 import json
 import os
@@ -104,15 +109,15 @@ def make_step(data, alphas, tol, maxiter, inner_steps):
   return solve_inner, measure
 
 
-def online(data, alphas, init_lam, args):
+def start_online(data, alphas, init_lam, args, pool):
   """The learners inside the tuning loop: `bilevel.tune_hyperparameters` with
   ``AdjointConfig.neumann_alpha_grid`` (Tsallis-INF over the grid) and with
   ``neumann_alpha_context="log_hyperparams"`` (SquareCB on log lam), each over
   ``--online_seeds`` seeds, against CG (the library's default adjoint solver) and the default
   Neumann step ``alpha = 1`` (given as a grid of two equal steps, so that it too is re-solved by
   CG when it fails). Every solve therefore meets the tolerance: equal hypergradient accuracy.
-  Prints the total adjoint iterations, the largest adjoint residual and the final lam of each;
-  returns ``{name: (outer_steps,) adjoint iterations}`` (seeds averaged)."""
+  The runs are submitted to the thread pool `pool`; returns ``{name: [futures]}`` for
+  `report_online`."""
   x, y, xv, yv = data
   solve_inner, _ = make_step(data, alphas[:1], args.tol, args.maxiter, args.inner_steps)
   base = AdjointConfig(tol=args.tol, maxiter=args.maxiter, on_nonconvergence="ignore")
@@ -126,18 +131,26 @@ def online(data, alphas, init_lam, args):
       "contextual-online": [neumann.replace(learner_seed=s, **context)
                             for s in range(args.online_seeds)],
   }
+  tune = lambda cfg: bilevel.tune_hyperparameters(
+      inner_loss, lambda w, _, xv_, yv_: cross_entropy(w, xv_, yv_), jnp.zeros((65, 10)),
+      jnp.log(init_lam), outer_optimizer=optax.adam(args.outer_lr),
+      outer_steps=args.outer_steps, inner_solver=lambda w, ll, *_: solve_inner(w, ll),
+      inner_args=(x, y), outer_args=(xv, yv), config=cfg)
+  return {name: [pool.submit(tune, cfg) for cfg in cfgs] for name, cfgs in groups.items()}
+
+
+def report_online(futures, args):
+  """Prints the total adjoint iterations, the largest adjoint residual and the final lam of each
+  online configuration; returns ``{name: (outer_steps,) adjoint iterations}`` (seeds
+  averaged)."""
   print(f"tune_hyperparameters, {args.outer_steps} outer steps, adjoint tol {args.tol} (a failed "
         "Neumann solve is re-solved by CG; its iterations count); learners: mean over "
         f"{args.online_seeds} seeds")
   print("config".ljust(20) + "adjoint iterations".rjust(20) + "max residual".rjust(14)
         + "final lam".rjust(12) + "   per seed")
   curves = {}
-  for name, cfgs in groups.items():
-    runs = [bilevel.tune_hyperparameters(
-        inner_loss, lambda w, _, xv_, yv_: cross_entropy(w, xv_, yv_), jnp.zeros((65, 10)),
-        jnp.log(init_lam), outer_optimizer=optax.adam(args.outer_lr),
-        outer_steps=args.outer_steps, inner_solver=lambda w, ll, *_: solve_inner(w, ll),
-        inner_args=(x, y), outer_args=(xv, yv), config=cfg) for cfg in cfgs]
+  for name, group in futures.items():
+    runs = [f.result() for f in group]
     counts = np.array([r.history["adjoint_iterations"] for r in runs], float)
     curves[name] = counts.mean(0)
     per_seed = " ".join(f"{int(c)}" for c in counts.sum(1)) if len(runs) > 1 else ""
@@ -199,6 +212,8 @@ def main(argv=None):
   ap.add_argument("--context_range", type=float, nargs=2, default=(-7.0, 2.5),
                   help="range of the contextual learner's context log(lam)")
   ap.add_argument("--out_dir", default="", help="if set, write CSV, summary JSON and PNG there")
+  ap.add_argument("--workers", type=int, default=1,
+                  help="threads running the online tuning runs, alongside the offline part")
   args = common.parse_flags_with_config(ap, "adjoint", argv)
   jax.config.update("jax_enable_x64", True)
 
@@ -211,6 +226,8 @@ def main(argv=None):
   multiples = np.geomspace(0.5, 8.0, args.grid)
   alphas = tuple(float(m / lmax0) for m in multiples)
   solve_inner, measure = make_step(data, alphas, args.tol, args.maxiter, args.inner_steps)
+  pool = concurrent.futures.ThreadPoolExecutor(max_workers=args.workers)
+  futures = start_online(data, alphas, args.init_lam, args, pool) if args.online else {}
 
   opt = optax.adam(args.outer_lr)
   opt_state = opt.init(log_lam)
@@ -255,7 +272,8 @@ def main(argv=None):
   print("t".rjust(5) + "".join(k.rjust(13) for k in curves))
   for t in sorted({10, 20, 40, len(arms)} & set(range(1, len(arms) + 1))):
     print(f"{t:5d}" + "".join(f"{np.sum(c[:t]):13.1f}" for c in curves.values()))
-  online_curves = online(data, alphas, args.init_lam, args) if args.online else {}
+  online_curves = report_online(futures, args) if args.online else {}
+  pool.shutdown()
   if args.out_dir:
     summary = {
         "outer_steps": args.outer_steps, "tol": args.tol, "maxiter": args.maxiter,

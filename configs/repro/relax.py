@@ -50,7 +50,7 @@ def get_config(arg=None):
   # context is log(lam) in [-7, 2.5].
   c.adjoint = ml_collections.ConfigDict(dict(
       outer_steps=50, outer_lr=0.1, init_lam=1.0, inner_steps=100, tol=1e-6, maxiter=1000,
-      grid=10, seeds=5, online=True, online_seeds=3, context_range=(-7.0, 2.5)))
+      grid=10, seeds=5, online=True, online_seeds=3, context_range=(-7.0, 2.5), workers=4))
   if arg.runlocal:
     c.sor.systems, c.sor.seeds, c.sor.m = 40, 2, 6
     c.adjoint.outer_steps, c.adjoint.inner_steps, c.adjoint.grid = 6, 20, 4
