@@ -18,6 +18,19 @@ arm they chose. Printed, cumulative over the first t systems:
 * ``young``: Young's formula ``omega*(c) = 2 / (1 + sqrt(1 - rho^2))``, ``rho = 4 cos(pi h) /
   (4 + c)``, off the grid (the analytic instance-optimal policy);
 * ``gauss_seidel``: omega = 1.
+
+Measured (2026-12-02, shared 2-core CPU under load ~40, jax 0.10.2;
+``--config configs/repro/relax.py``: 1000 systems, m = 10, 12 omegas in [1, 1.95], 5 seeds;
+37 s of CPU time, 11 min 26 s wall)::
+
+       t   tsallis  squarecb  best_fixed  instance    young  gauss_seidel
+     100    5360.4    4102.0      2801.0    2113.0   2059.0        4439.0
+     200    9604.0    6659.6      5555.0    4260.0   4130.0        8733.0
+    1000   40329.0   26501.8     27242.0   21294.0  20691.0       43435.0
+
+  best fixed omega 1.345; regret / T of tsallis against the best fixed omega for horizon T:
+  38.5 / 25.6 / 20.2 / 13.1 at T = 10 / 100 / 200 / 1000; squarecb against the instance-optimal
+  grid point: 42.8 / 19.9 / 12.0 / 5.2.
 """
 from __future__ import annotations
 
