@@ -31,6 +31,10 @@ Measured (2026-12-02, shared 2-core CPU under load ~40; docs/results.md, "Learni
 2. SquareCB on the shift: 26,502 sweeps, below the best fixed omega for every horizon T >= 755,
    24% above the instance-optimal grid policy (21,294; Young's omega(c): 20,691); its regret / T
    against instance-optimal falls 42.8 -> 5.2. Reproduced.
+3. Neumann step of the digits IFT adjoints, 50 systems (3 min 37 s CPU, 27 min wall): offline
+   Tsallis-INF 19,595 / SquareCB 14,009 iterations vs best fixed 8,874, default alpha = 1 9,176,
+   CG 709; online at equal accuracy: Tsallis-INF 16,103, contextual 12,967, default 9,192, CG
+   709. Not reproduced at 50 rounds: the learners pay more than the default step.
 
 Args (after `:`): runlocal (bool).
 
