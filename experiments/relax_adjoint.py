@@ -47,7 +47,7 @@ steps of `tune_hyperparameters`, every solve to relative residual 1e-6 (largest 
 1.00e-6 in every row; final lam 0.0216 in every row)::
 
   cg                     709
-  default alpha=1       9192   (2 of 50 steps re-solved by CG)
+  default alpha=1       9192   (alpha = 1 failed on 2 of the 50 systems offline)
   tsallis-online       16103   (seeds 20623 / 14416 / 13269)
   contextual-online    12967   (seeds 12410 / 14560 / 11931)
 
