@@ -24,7 +24,15 @@ Claims (paper, Table 1 and Section 4): (1) the STN's tuned model beats random an
 an equal budget; (2) the *schedule* the STN found matters: a model retrained with the schedule
 beats one retrained with the best fixed values (the final values, or the best search point).
 
-Measured: see docs/results.md, section "Self-Tuning Networks (MacKay et al., ICLR 2019)".
+Measured (docs/results.md, "Self-Tuning Networks (MacKay et al., ICLR 2019)"), test accuracy:
+
+* 500 steps (this file's defaults; the figures in `experiments.stn_fashion`'s docstring, 7 min
+  wall on the 2-core CPU): STN 0.8206 vs random 0.7148 / grid 0.7184; retrained with the STN
+  schedule 0.8338 vs the STN's final values fixed 0.8446 vs the best search values fixed 0.8358.
+  Claim (1) reproduced, claim (2) not.
+* ``:runlocal`` (60 steps, run 2026-12-02: 1 min 45 s CPU, 18 min wall under load ~38): STN 0.732
+  vs random 0.436 / grid 0.482; schedule 0.742 vs final values fixed 0.760 vs best search fixed
+  0.698. Same verdicts.
 
 Args (after `:`): runlocal (bool).
 
