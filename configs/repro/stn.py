@@ -26,8 +26,9 @@ beats one retrained with the best fixed values (the final values, or the best se
 
 Measured (docs/results.md, "Self-Tuning Networks (MacKay et al., ICLR 2019)"), test accuracy:
 
-* 500 steps (this file's defaults; the figures in `experiments.stn_fashion`'s docstring, 7 min
-  wall on the 2-core CPU): STN 0.8206 vs random 0.7148 / grid 0.7184; retrained with the STN
+* 500 steps (this file's defaults; run 2026-12-02 with the command above: 10 min 39 s CPU,
+  1 h 19 min wall under load ~25-45, figures identical to `experiments.stn_fashion`'s
+  docstring): STN 0.8206 vs random 0.7148 / grid 0.7184; retrained with the STN
   schedule 0.8338 vs the STN's final values fixed 0.8446 vs the best search values fixed 0.8358.
   Claim (1) reproduced, claim (2) not.
 * ``:runlocal`` (60 steps, run 2026-12-02: 1 min 45 s CPU, 18 min wall under load ~38): STN 0.732
