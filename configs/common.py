@@ -143,3 +143,42 @@ def base_config() -> ml_collections.ConfigDict:
   c.distributed = ml_collections.ConfigDict({"coordinator_address": "", "num_processes": 0,
                                              "process_id": -1, "auto": False})
   return c
+
+
+def parse_flags_with_config(parser, section: Optional[str] = None, argv=None):
+  """Parses an argparse experiment's flags, with defaults from a ``--config path[:arg]`` file.
+
+  For experiments that take flags rather than a config (e.g. `experiments.relax_sor`): the file's
+  ``get_config(arg)`` (or its ``section`` sub-dict, when one file serves several experiments)
+  holds flag values by their argparse names; flags given on the command line win. A key that is
+  not a flag of `parser` raises ValueError naming it and the valid ones.
+
+  Args:
+    parser: the experiment's `argparse.ArgumentParser`; a ``--config`` flag is added to it.
+    section: the config's sub-dict for this experiment, or None for the whole config.
+    argv: the arguments (default: ``sys.argv[1:]``).
+
+  Returns:
+    The parsed `argparse.Namespace`; ``config`` holds the spec given, or ``""``.
+  """
+  import importlib.util  # pylint: disable=g-import-not-at-top
+
+  parser.add_argument("--config", default="",
+                      help="configs/repro/*.py[:arg] whose values are this experiment's defaults")
+  known, _ = parser.parse_known_args(argv)
+  if known.config:
+    path, sep, arg = known.config.partition(":")
+    spec = importlib.util.spec_from_file_location("_flag_config", path)
+    if spec is None:
+      raise ValueError(f"--config={known.config!r}: {path} is not a Python file")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    values = module.get_config(*([arg] if sep else []))
+    values = (values[section] if section else values).to_dict()
+    flags = {a.dest for a in parser._actions}  # pylint: disable=protected-access
+    unknown = sorted(set(values) - flags)
+    if unknown:
+      raise ValueError(f"--config={known.config!r}: {unknown} are not flags of this experiment; "
+                       f"valid: {sorted(flags - {'help', 'config'})}")
+    parser.set_defaults(**{k: list(v) if isinstance(v, tuple) else v for k, v in values.items()})
+  return parser.parse_args(argv)

@@ -2,7 +2,8 @@
 random and grid search at equal training steps.
 
 Run: ``python -m experiments.stn_fashion --workdir /tmp/stn_fashion`` (CPU, minutes; the smaller
-``--train 2000 --warmup 20 --cycles 20`` runs in seconds).
+``--train 2000 --warmup 20 --cycles 20`` runs in seconds); ``--config configs/repro/stn.py`` takes
+the reproduction's flags from that file.
 
 Data: Fashion-MNIST from the Debian package; the first ``--train`` training images train, the
 next ``--val`` validate (the hyper phase's loss), the first ``--test`` test images test. Pixels are
@@ -55,6 +56,7 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 
+from configs import common
 from experiments import stn_digits
 from lowrank_jax import ops
 from lowrank_jax import stn
@@ -226,7 +228,7 @@ def run_stn(args, data, batches):
       schedule), np.array(history)
 
 
-def main():
+def main(argv=None):
   ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
   ap.add_argument("--workdir", required=True)
   ap.add_argument("--train", type=int, default=10_000)
@@ -241,7 +243,7 @@ def main():
   ap.add_argument("--trials", type=int, default=9, help="random-search configurations")
   ap.add_argument("--init", type=float, nargs=6, default=(0.2, 0.2, 0.2, 1.0, 4.0, 1e-4),
                   help="initial dropout_0 dropout_1 dropout_2 shift cutout weight_decay")
-  args = ap.parse_args()
+  args = common.parse_flags_with_config(ap, None, argv)   # --config configs/repro/stn.py
   os.makedirs(args.workdir, exist_ok=True)
   data = load(args.train, args.val, args.test)
   train, val, test = data

@@ -315,9 +315,37 @@ def unconstrain(constraints, lam):
 # ----------------------------------------------------------------------------------------------
 
 
+_CONTEXT_DEGREE = 2   # Chebyshev degree of the contextual learner's per-arm regressions
+_tsallis_sample = jax.jit(relax.tsallis_inf_sample)
+_tsallis_update = jax.jit(relax.tsallis_inf_update)
+_square_cb_sample = jax.jit(relax.square_cb_sample)
+_square_cb_update = jax.jit(relax.square_cb_update)
+
+
+def _log_hyperparams(lam: PyTree) -> jax.Array:
+  """Mean of ``log |x|`` over every entry of the hyperparameter pytree (the
+  ``"log_hyperparams"`` context; zeros count as the smallest positive float)."""
+  flat = jnp.concatenate([jnp.ravel(jnp.asarray(x, float)) for x in jax.tree.leaves(lam)])
+  return jnp.mean(jnp.log(jnp.maximum(jnp.abs(flat), jnp.finfo(flat.dtype).tiny)))
+
+
+def _context_value(config: AdjointConfig, lam: PyTree) -> float:
+  """The scalar context of the current outer step (see ``AdjointConfig.neumann_alpha_context``)."""
+  fn = config.neumann_alpha_context
+  value = _log_hyperparams(lam) if fn == "log_hyperparams" else jnp.asarray(fn(lam))
+  if value.shape not in ((), (1,)):
+    raise ValueError(f"AdjointConfig.neumann_alpha_context must return a scalar, got shape "
+                     f"{value.shape}")
+  value = float(value.reshape(()))
+  if not np.isfinite(value):
+    raise ValueError(f"AdjointConfig.neumann_alpha_context returned {value} at lam={lam!r}")
+  return value
+
+
 class _NeumannStepLearner:
   """Learns the Neumann step size of a sequence of adjoint solves online (`AdjointConfig`'s
-  ``neumann_alpha_grid``): Tsallis-INF over the grid, cost = iterations / maxiter.
+  ``neumann_alpha_grid``), cost = iterations / maxiter: Tsallis-INF over the grid, or with
+  ``neumann_alpha_context`` SquareCB on Chebyshev features of a scalar context of ``lam``.
 
   A step size that misses the tolerance (it diverges, or converges too slowly) costs 1, and the
   system is solved again by CG from the same warm start, so every outer step gets a hypergradient
@@ -326,23 +354,43 @@ class _NeumannStepLearner:
 
   def __init__(self, config: AdjointConfig):
     self.config, self.grid = config, config.neumann_alpha_grid
-    self.bandit = relax.tsallis_inf_init(len(self.grid))
+    self.contextual = config.neumann_alpha_context is not None
+    # Float64 when enabled: Tsallis-INF's importance-weighted sums grow like rounds / p_min.
+    self.dtype = jnp.result_type(float)
+    if self.contextual:
+      self.state = relax.square_cb_init(len(self.grid), _CONTEXT_DEGREE, dtype=self.dtype)
+    else:
+      self.state = relax.tsallis_inf_init(len(self.grid), self.dtype)
     self.key = jax.random.key(config.learner_seed)
 
-  def solve(self, ift_step: Callable[[AdjointConfig], tuple]) -> tuple[tuple, int, float]:
-    """Plays one step size: ``(ift_step's output, total iterations, the step size played)``."""
+  def solve(self, ift_step: Callable[[AdjointConfig], tuple],
+            lam: PyTree) -> tuple[tuple, int, float, float | None]:
+    """Plays one step size: ``(ift_step's output, total iterations, the step size played,
+    the context or None)``."""
     self.key, key = jax.random.split(self.key)
-    arm, probabilities = relax.tsallis_inf_sample(self.bandit, key)
+    context = features = None
+    if self.contextual:
+      context = _context_value(self.config, lam)
+      low, high = self.config.neumann_alpha_context_range
+      features = relax.chebyshev_features(jnp.asarray(context, self.dtype), float(low),
+                                          float(high), _CONTEXT_DEGREE).astype(self.dtype)
+      arm, probabilities = _square_cb_sample(self.state, features, key)
+    else:
+      arm, probabilities = _tsallis_sample(self.state, key)
     alpha = float(self.grid[int(arm)])
-    played = self.config.replace(neumann_alpha=alpha, neumann_alpha_grid=None)
+    played = self.config.replace(neumann_alpha=alpha, neumann_alpha_grid=None,
+                                 neumann_alpha_context=None, neumann_alpha_context_range=None)
     out = ift_step(played)
     iterations = int(out[1].iterations)
     cost = min(iterations / self.config.maxiter, 1.0) if bool(out[1].converged) else 1.0
-    self.bandit = relax.tsallis_inf_update(self.bandit, arm, cost, probabilities)
+    if self.contextual:
+      self.state = _square_cb_update(self.state, features, arm, cost)
+    else:
+      self.state = _tsallis_update(self.state, arm, cost, probabilities)
     if not bool(out[1].converged):
       out = ift_step(played.replace(method="cg"))
       iterations += int(out[1].iterations)
-    return out, iterations, alpha
+    return out, iterations, alpha, context
 
 
 class TuneResult(NamedTuple):
@@ -355,7 +403,8 @@ class TuneResult(NamedTuple):
     history: dict of per-outer-step lists: ``outer_loss`` (at the inner solution before the
       step), ``hypergrad_norm`` (w.r.t. phi), ``adjoint_residual``, ``adjoint_iterations``,
       ``inner_grad_norm``, ``hyperparams``; with ``config.neumann_alpha_grid``, also
-      ``adjoint_alpha`` (the step size played).
+      ``adjoint_alpha`` (the step size played), and with ``config.neumann_alpha_context`` also
+      ``adjoint_context`` (the context it was played for).
     final_outer_loss: ``L_V`` at the returned params and hyperparameters.
   """
   hyperparams: PyTree
@@ -485,8 +534,12 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
                              "adjoint_iterations", "inner_grad_norm", "hyperparams")}
   step_size_learner = (_NeumannStepLearner(config) if config.neumann_alpha_grid is not None
                        else None)
+  if step_size_learner is not None and step_size_learner.contextual:
+    _context_value(config, hyperparams)     # a bad context function fails before any work
   if step_size_learner is not None:
     history["adjoint_alpha"] = []
+    if step_size_learner.contextual:
+      history["adjoint_context"] = []
   for t in range(outer_steps):
     if reset_inner_optimizer:
       state = (state[0], tx.init(state[0]))
@@ -502,9 +555,12 @@ def tune_hyperparameters(inner_loss: Callable, outer_loss: Callable, params: PyT
         g_phi, info, val = ift_step(state[0], phi, u0, inner_args, outer_args, cfg=config)
         iterations = int(info.iterations)
       else:
-        (g_phi, info, val), iterations, alpha = step_size_learner.solve(
-            lambda cfg: ift_step(state[0], phi, u0, inner_args, outer_args, cfg=cfg))
+        (g_phi, info, val), iterations, alpha, context = step_size_learner.solve(
+            lambda cfg: ift_step(state[0], phi, u0, inner_args, outer_args, cfg=cfg),
+            constrain(constraints, phi))
         history["adjoint_alpha"].append(alpha)
+        if context is not None:
+          history["adjoint_context"].append(context)
       u = info.u
       history["adjoint_residual"].append(float(info.residual))
       history["adjoint_iterations"].append(iterations)

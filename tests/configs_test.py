@@ -134,3 +134,29 @@ def test_sweep_expands(name):
   for p in points:
     c = sweep_lib.point_config(module, p)
     assert isinstance(c, ml_collections.ConfigDict)
+
+
+def test_parse_flags_with_config_gives_defaults_that_flags_override(tmp_path):
+  import argparse  # pylint: disable=g-import-not-at-top
+  path = tmp_path / "flags.py"
+  path.write_text("import ml_collections\n"
+                  "def get_config(arg=None):\n"
+                  "  n = 7 if arg == 'small' else 70\n"
+                  "  return ml_collections.ConfigDict({'part': {'steps': n, 'grid': (1.0, 2.0)}})\n")
+
+  def parser():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--steps", type=int, default=1)
+    ap.add_argument("--grid", type=float, nargs=2, default=(0.0, 0.0))
+    return ap
+
+  args = common.parse_flags_with_config(parser(), "part", ["--config", f"{path}:small"])
+  assert (args.steps, args.grid) == (7, [1.0, 2.0])
+  args = common.parse_flags_with_config(parser(), "part", ["--config", str(path), "--steps", "3"])
+  assert args.steps == 3
+  assert common.parse_flags_with_config(parser(), "part", []).steps == 1
+  narrow = argparse.ArgumentParser()
+  narrow.add_argument("--steps", type=int)
+  with pytest.raises(ValueError, match=r"\['grid'\] are not flags of this experiment; "
+                                       r"valid: \['steps'\]"):
+    common.parse_flags_with_config(narrow, "part", ["--config", str(path)])

@@ -6,13 +6,15 @@ Everything here is either a frozen, hashable dataclass (safe to close over or to
 from __future__ import annotations
 
 import dataclasses
-from typing import NamedTuple
+import math
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 
 METHODS = ("cg", "gmres", "normal_cg", "neumann", "dense")
 POLICIES = ("ignore", "warn", "raise", "nan")
+CONTEXTS = ("log_hyperparams",)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,12 +45,28 @@ class AdjointConfig:
     neumann_alpha: step size of the Neumann series; needs ``0 < alpha < 2 / lambda_max``.
     neumann_alpha_grid: candidate Neumann step sizes, learned online across a *sequence* of
       adjoint solves (Khodak et al.'s Learning to Relax): `lowrank_jax.bilevel.tune_hyperparameters`
-      plays one ``alpha`` of the grid per outer step with the Tsallis-INF bandit, pays that
+      plays one ``alpha`` of the grid per outer step with the Tsallis-INF bandit (or the
+      contextual SquareCB learner, see ``neumann_alpha_context``), pays that
       solve's iteration count divided by ``maxiter`` (a diverging or stalled ``alpha`` costs 1),
       and shifts its probabilities to the cheapest step size; the tolerance is the same for every
       arm, so the hypergradient accuracy is too. Needs ``method="neumann"``; a single solve
       (`linear_solve`, `ift_hypergradient`) refuses it, as there is nothing to learn from one.
-    learner_seed: seed of the bandit's arm draws when ``neumann_alpha_grid`` is set.
+    neumann_alpha_context: makes the step-size learner *contextual*: ``None`` (the default) plays
+      Tsallis-INF, which competes with the best single grid point over the whole sequence; set,
+      the learner plays SquareCB (`lowrank_jax.implicit.relax.square_cb_sample`: inverse-gap
+      weighting over per-arm ridge regressions on degree-2 Chebyshev features of a scalar
+      context), which competes with the best grid point *for each context*. Use it when the best
+      step size drifts with the hyperparameters, as the best Neumann step ``~ 2 / (lambda_min +
+      lambda_max)`` of a weight-decay Hessian ``H_0 + lam I`` does with ``lam`` (the analogue of
+      Learning to Relax's diagonal shift ``A + c I``). The context is computed before each solve
+      from the current (constrained) hyperparameters ``lam``: ``"log_hyperparams"`` is the mean of
+      ``log |x|`` over all entries of ``lam``; or pass a callable ``lam -> scalar`` (hashable,
+      traceable by `jnp`). Needs ``neumann_alpha_grid`` and ``neumann_alpha_context_range``.
+    neumann_alpha_context_range: ``(low, high)``: the context range mapped onto the Chebyshev
+      interval [-1, 1]; contexts outside are clipped to it (the learner then treats them as the
+      end points). For ``"log_hyperparams"``, the log of the hyperparameters' range (e.g. the
+      bounds of an `interval` constraint).
+    learner_seed: seed of the learner's arm draws when ``neumann_alpha_grid`` is set.
     restart: Krylov dimension per GMRES cycle.
     warm_start: if True, the iterative solve starts from the right-hand side instead of zero
       (exact when the operator is the identity; the natural start for fixed points of
@@ -89,6 +107,8 @@ class AdjointConfig:
   forward_atol: float = 0.0
   on_nonconvergence: str = "warn"
   neumann_alpha_grid: tuple[float, ...] | None = None
+  neumann_alpha_context: str | Callable | None = None
+  neumann_alpha_context_range: tuple[float, float] | None = None
   learner_seed: int = 0
 
   def __post_init__(self):
@@ -119,6 +139,7 @@ class AdjointConfig:
       if self.method != "neumann":
         raise ValueError(f"AdjointConfig.neumann_alpha_grid is learned for method='neumann'; "
                          f"got method={self.method!r}")
+    self._check_context()
     if not isinstance(self.learner_seed, int):
       raise ValueError(f"AdjointConfig.learner_seed must be an int, got {self.learner_seed!r}")
     if self.forward_tol is not None and not self.forward_tol >= 0:
@@ -126,6 +147,28 @@ class AdjointConfig:
           f"AdjointConfig.forward_tol must be >= 0 or None, got {self.forward_tol!r}")
     if not self.forward_atol >= 0:
       raise ValueError(f"AdjointConfig.forward_atol must be >= 0, got {self.forward_atol!r}")
+
+  def _check_context(self):
+    context, bounds = self.neumann_alpha_context, self.neumann_alpha_context_range
+    if context is not None:
+      if not (context in CONTEXTS or callable(context)):
+        raise ValueError(f"AdjointConfig.neumann_alpha_context={context!r}; valid: None "
+                         f"(no context), one of {CONTEXTS}, or a callable lam -> scalar")
+      if self.neumann_alpha_grid is None:
+        raise ValueError("AdjointConfig.neumann_alpha_context chooses among the step sizes of "
+                         "neumann_alpha_grid; set neumann_alpha_grid too")
+      if bounds is None:
+        raise ValueError("AdjointConfig.neumann_alpha_context needs neumann_alpha_context_range="
+                         "(low, high), the context range of its Chebyshev features")
+    elif bounds is not None:
+      raise ValueError("AdjointConfig.neumann_alpha_context_range is only used with "
+                       "neumann_alpha_context; set both or neither")
+    if bounds is not None and (
+        not isinstance(bounds, tuple) or len(bounds) != 2
+        or not all(isinstance(b, (int, float)) and math.isfinite(b) for b in bounds)
+        or not bounds[0] < bounds[1]):
+      raise ValueError(f"AdjointConfig.neumann_alpha_context_range must be a tuple (low, high) "
+                       f"of finite numbers with low < high, got {bounds!r}")
 
   def replace(self, **changes) -> "AdjointConfig":
     """Returns a copy with some fields changed (validated again)."""

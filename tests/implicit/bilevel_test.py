@@ -199,3 +199,105 @@ def test_neumann_step_size_grid_is_checked():
     bilevel.ift_hypergradient(inner_loss, outer_loss, jnp.zeros(3), 0.1,
                               inner_args=(jnp.ones((4, 3)), jnp.ones(4)),
                               outer_args=(jnp.ones((4, 3)), jnp.ones(4)), config=cfg)
+
+
+def _richardson_counts(h, g, u0, alphas, tol, maxiter):
+  """Float64 numpy re-derivation of the Neumann (Richardson) sweep counts ``u <- u + a (g - H u)``
+  from ``u0`` for every step size at once: the first k with ``|g - H u_k| <= tol |g|``, or
+  ``maxiter`` when that never happens (divergence included)."""
+  alphas = np.asarray(alphas)[:, None]
+  u = np.tile(u0, (len(alphas), 1))
+  counts = np.full(len(alphas), maxiter)
+  done = np.zeros(len(alphas), bool)
+  thresh = tol * np.linalg.norm(g)
+  with np.errstate(over="ignore", invalid="ignore"):
+    for k in range(maxiter + 1):
+      r = g[None] - u @ h.T
+      hit = ~done & (np.linalg.norm(r, axis=1) <= thresh)
+      counts[hit], done = k, done | hit
+      if done.all():
+        break
+      u = u + alphas * r
+  return counts
+
+
+def test_contextual_neumann_step_learner_beats_the_best_fixed_step_on_a_drifting_sequence():
+  # The outer loss pulls log(lam) up at a steady pace (Adam on -log lam dominates), so the
+  # adjoint systems (X^T X / n + lam I) u = g drift from lam = 0.01 to about 10 and the best
+  # Neumann step ~ 2 / (lambda_min + lambda_max) falls tenfold: no single step size is good
+  # throughout, and the largest ones diverge late in the sequence.
+  x, y, xv, yv = ridge_data(seed=2, n=40, d=12)
+  steps, lam0, lam1, tol, maxiter = 120, 1e-2, 1e1, 1e-8, 1000
+  grid = tuple(float(a) for a in np.geomspace(0.06, 0.9, 6))
+  scalar_inner = lambda w, lam, x_, y_: (0.5 * jnp.mean((x_ @ w - y_) ** 2)
+                                         + 0.5 * lam * jnp.sum(w ** 2))
+  drifting_outer = lambda w, lam, xv_, yv_: 0.5 * jnp.mean((xv_ @ w - yv_) ** 2) - jnp.log(lam)
+  solver = jax.jit(lambda w, lam, x_, y_: _exact(lam, x_, y_))
+  config = AdjointConfig(method="neumann", tol=tol, maxiter=maxiter, on_nonconvergence="ignore",
+                         neumann_alpha_grid=grid, neumann_alpha_context="log_hyperparams",
+                         neumann_alpha_context_range=(float(np.log(lam0)), float(np.log(lam1))))
+  res = bilevel.tune_hyperparameters(
+      scalar_inner, drifting_outer, jnp.zeros(12), jnp.asarray(lam0),
+      outer_optimizer=optax.adam(np.log(lam1 / lam0) / steps), outer_steps=steps,
+      inner_solver=solver, constraints=bilevel.positive(), inner_args=(x, y),
+      outer_args=(xv, yv), config=config)
+  hist = res.history
+  lams = np.array([lam0] + [float(h) for h in hist["hyperparams"][:-1]])
+  assert lams[-1] > 300 * lams[0]                                # the sequence did drift
+  np.testing.assert_allclose(hist["adjoint_context"], np.log(lams), rtol=1e-12)
+  assert max(hist["adjoint_residual"]) <= tol                  # same accuracy as CG
+
+  # Brute force: every step size on every system of the sequence, from the previous exact adjoint.
+  xn, yn, xvn, yvn = (np.asarray(a) for a in (x, y, xv, yv))
+  table, u_prev = [], np.zeros(12)
+  for lam in lams:
+    h = xn.T @ xn / 40 + lam * np.eye(12)
+    w = np.linalg.solve(h, xn.T @ yn / 40)
+    g = xvn.T @ (xvn @ w - yvn) / len(yvn)
+    table.append(_richardson_counts(h, g, u_prev, grid, tol, maxiter))
+    u_prev = np.linalg.solve(h, g)
+  table = np.array(table)
+  arms = np.array([grid.index(a) for a in hist["adjoint_alpha"]])
+  paid = table[np.arange(steps), arms]
+  # The library's iteration counts agree with the re-derivation where the played step converged.
+  ok = paid < maxiter
+  np.testing.assert_allclose(np.array(hist["adjoint_iterations"])[ok], paid[ok], atol=2)
+  best_fixed, instance = table.sum(0).min(), table.min(1).sum()
+  assert paid.sum() < 0.85 * best_fixed, (paid.sum(), table.sum(0), instance)
+  # It follows the context: smaller steps once lam is large.
+  alphas = np.array(hist["adjoint_alpha"])
+  early, late = alphas[:steps // 3].mean(), alphas[-steps // 3:].mean()
+  assert late < 0.75 * early, (early, late)
+
+
+def test_contextual_neumann_step_learner_fields_are_checked():
+  grid = (0.1, 0.2)
+  neumann = lambda **kw: AdjointConfig(method="neumann", **kw)
+  with pytest.raises(ValueError, match="neumann_alpha_context='log_lam'; valid: None"):
+    neumann(neumann_alpha_grid=grid, neumann_alpha_context="log_lam",
+            neumann_alpha_context_range=(0.0, 1.0))
+  with pytest.raises(ValueError, match="set neumann_alpha_grid too"):
+    neumann(neumann_alpha_context="log_hyperparams", neumann_alpha_context_range=(0.0, 1.0))
+  with pytest.raises(ValueError, match=r"needs neumann_alpha_context_range=\(low, high\)"):
+    neumann(neumann_alpha_grid=grid, neumann_alpha_context="log_hyperparams")
+  with pytest.raises(ValueError, match="only used with neumann_alpha_context"):
+    neumann(neumann_alpha_grid=grid, neumann_alpha_context_range=(0.0, 1.0))
+  for bad in ((1.0, 0.0), (0.0, float("inf")), [0.0, 1.0], (0.0,)):
+    with pytest.raises(ValueError, match="finite numbers with low < high"):
+      neumann(neumann_alpha_grid=grid, neumann_alpha_context="log_hyperparams",
+              neumann_alpha_context_range=bad)
+  # A callable context must return a scalar; the error names the field before any solve.
+  x, y, xv, yv = ridge_data(seed=2, n=40, d=12)
+  cfg = neumann(neumann_alpha_grid=grid, neumann_alpha_context=lambda lam: lam,
+                neumann_alpha_context_range=(0.0, 1.0), on_nonconvergence="ignore")
+  with pytest.raises(ValueError, match="neumann_alpha_context must return a scalar"):
+    bilevel.tune_hyperparameters(
+        inner_loss, outer_loss, jnp.zeros(12), jnp.full((12,), 0.3),
+        outer_optimizer=optax.adam(0.1), outer_steps=1,
+        inner_solver=jax.jit(lambda w, lam, x_, y_: _exact(lam, x_, y_)),
+        inner_args=(x, y), outer_args=(xv, yv), config=cfg)
+  with pytest.raises(ValueError, match="learned across a sequence of solves"):
+    bilevel.ift_hypergradient(inner_loss, outer_loss, jnp.zeros(3), 0.1,
+                              inner_args=(jnp.ones((4, 3)), jnp.ones(4)),
+                              outer_args=(jnp.ones((4, 3)), jnp.ones(4)),
+                              config=cfg.replace(neumann_alpha_context="log_hyperparams"))
