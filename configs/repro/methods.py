@@ -1,0 +1,138 @@
+r"""Method comparison on real data: every registered adapter, full fine-tuning and the frozen
+baseline on pretrained all-MiniLM-L6-v2 fine-tuned on WordNet supersenses (41 classes).
+
+Command (CPU, float32)::
+
+    python -m experiments.repro_methods --config configs/repro/methods.py \\
+        --workdir /tmp/repro_methods
+
+`:runlocal` runs a seconds-long version (LoRA and the baseline, one seed, a few steps, tiny eval)
+whose numbers mean nothing. The run writes `methods.csv` incrementally (one row per method,
+size and seed; rows already there are skipped, so an interrupted run resumes), then
+`summary.json` (per method and size: parameters, accuracy mean and std over seeds, median step
+time, and each paper's claim with its verdict) and `methods.png` (accuracy against trainable
+parameters, log x, mean and min-max over seeds) to the workdir.
+
+Scale (chosen to fit ~60 core-minutes on a shared 2-core CPU): the quickstart task
+(`configs/quickstart.py`: attention query and value kernels adapted, mean-pooled head trained,
+AdamW, cosine schedule with 10 warmup steps, gradient clipping 1.0) with `steps` = 100 steps of
+batch 32 x 32 tokens on the full train split, evaluated on the first 500 validation glosses.
+Each method runs at two values of its size knob (`ranks` = 2 and 8: LoRA-family rank, LoLDU
+pivots, SORSA triplets, NOLA basis counts 16·r, intrinsic dimension 64·r, FLoRA core rank,
+IncreLoRA / AdaLoRA average target rank); KronA (balanced factors) and DiffuseKronA (a1 = 64,
+a2 = 8) have no rank knob and are the two sizes of the Kronecker family; the frozen baseline
+("none") and full fine-tuning have one size each. Seeds 0, 1, 2 change the head and adapter init
+and the data order. The learning rates are per method (`lr`): the quickstart's 2e-3 for the
+LoRA-like methods; the seed adapters' tests' values for the methods whose trainable parameters
+are few scalars (LoLDU's diagonal, NOLA's coefficients, the intrinsic subspace); full
+fine-tuning trains the encoder at 1e-4 and its head at the head rate. Nothing was tuned on this
+task.
+
+Not run: methods that need their own training loop (`lowrank_jax.stn`, self-tuning networks,
+which trains hyperparameters online; it is not an `Adapter` in the registry).
+
+Claims: each method's headline claim (from its paper's abstract) is written beside its row with
+a criterion measured at this scale (`CLAIMS`); "comparable" means within `comparable_pts`
+accuracy points of the reference's mean over seeds.
+
+Measured: see `docs/results.md` ("Method comparison on WordNet supersenses").
+
+Args (after `:`): runlocal (bool), steps (int), seeds (int: how many, from 0).
+
+>>> from configs.repro import methods
+>>> methods.get_config("runlocal").methods
+('none', 'lora')
+"""
+import ml_collections
+
+from configs import common
+from configs import quickstart
+from lowrank_jax import registry
+
+# Methods that need a special training loop and are not `Adapter` factories of the registry.
+EXCLUDED = {"stn": "self-tuning networks train hyperparameters online in their own loop"}
+# Methods whose config ignores the rank knob: one point each.
+NO_RANK = ("none", "krona", "diffusekrona")
+FULL_FT = "full_ft"   # every parameter trained as the head (no adapter)
+
+# Per-method adapter learning rates (see the module docstring); the rest use `default_lr`.
+LR = {"loldu": 5e-2, "nola": 2e-2, "intrinsic": 5e-2}
+
+# method -> (paper claim, criterion kind, reference method, threshold). Kinds, evaluated per size
+# (a rank-less reference is taken as is; a ranked one at the same rank; "lora@2" fixes the rank):
+#   "comparable_fewer": params < params(ref) / threshold and acc >= acc(ref) - comparable_pts
+#   "beats": acc > acc(ref)
+#   "comparable": acc >= acc(ref) - comparable_pts
+#   "fraction": acc >= threshold * acc(ref)
+CLAIMS = {
+    "lora": ("LoRA: on par with full fine-tuning while training a tiny fraction of the weights",
+             "comparable_fewer", FULL_FT, 100.0),
+    "pissa": ("PiSSA: principal-singular-vector init converges faster and beats LoRA at equal "
+              "parameters", "beats", "lora", 0.0),
+    "loldu": ("LoLDU: up to 2600x fewer trainable parameters than regular PEFT at comparable "
+              "accuracy", "comparable_fewer", "lora", 100.0),
+    "krona": ("KronA family (DiffuseKronA paper): fewer parameters than LoRA at comparable or "
+              "better quality", "comparable_fewer", "lora@2", 1.0),
+    "diffusekrona": ("DiffuseKronA: 35% fewer parameters than LoRA at comparable or better "
+                     "quality", "comparable_fewer", "lora@2", 1.0),
+    "nola": ("NOLA: as good as or better than models with equivalent parameter counts; halves "
+             "LoRA rank 1's parameters without losing accuracy", "comparable_fewer", "lora@2",
+             2.0),
+    "sorsa": ("SORSA: converges faster than PiSSA and LoRA and outperforms both", "beats",
+              "pissa", 0.0),
+    "flora": ("FLoRA: a low-rank core space matches or beats LoRA at similar parameter counts",
+              "comparable", "lora", 0.0),
+    "intrinsic": ("Intrinsic dimension: a random subspace of d << D parameters reaches 90% of "
+                  "full training's performance", "fraction", FULL_FT, 0.9),
+    "corda": ("CorDA (instruction-previewed): better than LoRA and PiSSA, surpassing full "
+              "fine-tuning", "beats", "lora", 0.0),
+    "increlora": ("IncreLoRA: higher parameter efficiency than LoRA, most in low-resource "
+                  "settings", "beats", "lora", 0.0),
+    "adalora": ("AdaLoRA: adaptive rank budget beats LoRA at an equal budget, most at small "
+                "budgets", "beats", "lora", 0.0),
+}
+
+
+def methods_to_run() -> tuple:
+  """Every available registered method (baseline first), then full fine-tuning."""
+  names = [m for m in registry.list_methods(available_only=True) if m not in EXCLUDED]
+  names.sort(key=lambda m: (m != "none", m))
+  return tuple(names) + (FULL_FT,)
+
+
+def get_config(arg=None):
+  """The reproduction's settings; `runlocal` shrinks it to seconds."""
+  a = common.parse_arg(arg, runlocal=False, steps=100, seeds=3)
+  c = ml_collections.ConfigDict()
+  c.methods = methods_to_run()
+  c.ranks = (2, 8)
+  c.seeds = tuple(range(a.seeds))
+  c.steps = a.steps
+  c.batch_size = 32
+  c.seq_len = 32
+  c.eval_batch_size = 250
+  c.max_eval_examples = 500
+  c.max_train_examples = 0
+  c.targets = quickstart.TARGETS
+  c.head = r"head/.*"
+  c.default_lr = 2e-3
+  c.lr = dict(LR)
+  c.head_lr = 2e-2          # the quickstart's head rate (best of 3 for the frozen baseline)
+  c.full_ft_lr = 1e-4       # the encoder's rate under full fine-tuning
+  c.warmup_steps = 10
+  c.grad_clip = 1.0
+  c.calib_batches = 8
+  c.comparable_pts = 1.0    # "comparable accuracy": within this many points (of 100)
+  c.timing_skip = 2         # first steps left out of the median step time (compilation)
+  if a.runlocal:
+    c.methods = ("none", "lora")
+    c.ranks = (2,)
+    c.seeds = (0,)
+    c.steps = 4
+    c.warmup_steps = 1
+    c.eval_batch_size = 50
+    c.max_eval_examples = 50
+    c.max_train_examples = 256
+    c.calib_batches = 1
+    c.timing_skip = 1
+  return c.lock()
