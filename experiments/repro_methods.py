@@ -41,6 +41,11 @@ from lowrank_jax import train
 from lowrank_jax import tree as tree_lib
 
 CSV_NAME, SUMMARY_NAME, PNG_NAME = "methods.csv", "summary.json", "methods.png"
+FAILURES_NAME = "failures.json"
+# What a failing point raises (bad arguments, missing data, a non-finite loss); it is recorded in
+# `failures.json` and the run goes on.
+POINT_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError,
+                np.linalg.LinAlgError)
 COLUMNS = ("method", "size", "seed", "accuracy", "eval_loss", "trainable_params",
            "adapter_params", "head_params", "step_ms", "step_cpu_ms", "train_s", "lr")
 FULL_FT = methods_cfg.FULL_FT
@@ -292,12 +297,19 @@ def run(config, workdir: str, log=print) -> dict:
   os.makedirs(workdir, exist_ok=True)
   csv_path = os.path.join(workdir, CSV_NAME)
   done = {(r["method"], r["size"], r["seed"]) for r in read_rows(csv_path)}
-  cache = {}
+  cache, failures = {}, []
   for method, size, seed in points(config):
     if (method, size, seed) in done:
       continue
     t0 = time.perf_counter()
-    row = run_point(config, method, size, seed, cache)
+    try:
+      row = run_point(config, method, size, seed, cache)
+    except POINT_ERRORS as e:   # one failing method must not stop the others; reported at the end
+      failures.append({"method": method, "size": size, "seed": seed, "error": repr(e)[:500]})
+      log(f"FAILED {method} size {size} seed {seed}: {e!r}")
+      with open(os.path.join(workdir, FAILURES_NAME), "w") as f:
+        json.dump(failures, f, indent=1)
+      continue
     append_row(csv_path, row)
     log(f"{method} size {size} seed {seed}: acc {row['accuracy']:.4f}, params "
         f"{row['trainable_params']:,}, step {row['step_ms']:.0f} ms (cpu {row['step_cpu_ms']:.0f}"
