@@ -61,6 +61,8 @@ def sizes_of(config, method: str) -> tuple:
 def run_config(config, method: str, size: int, seed: int) -> ml_collections.ConfigDict:
   """The trainer config of one point: the quickstart task at this reproduction's scale."""
   c = quickstart.get_config(f"seed={seed},steps={config.steps}")
+  c.model.name = config.model
+  c.model.pretrained = config.pretrained
   c.dataset.max_eval_examples = config.max_eval_examples
   c.dataset.max_train_examples = config.max_train_examples
   c.dataset.seq_len = config.seq_len
