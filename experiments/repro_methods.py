@@ -329,14 +329,36 @@ def write_outputs(config, workdir: str) -> dict:
   return summary
 
 
+def size_label(method: str, size: int) -> str:
+  """How a point's size reads in the table: "r8", or the method's fixed shape."""
+  fixed = {"none": "head only", FULL_FT: "all weights", "krona": "balanced factors",
+           "diffusekrona": "a1=64, a2=8"}
+  return fixed.get(method, f"r{size}")
+
+
+def markdown_table(summary: dict) -> str:
+  """The results table (method | size | params | acc | step ms | claim | verdict), rows by
+  trainable parameters; a claim is written on its method's first row only."""
+  lines = ["| method | size | trainable params | accuracy mean ± std (seeds) | step ms (CPU ms) "
+           "| paper claim | our figure: verdict |", "|---|---|---:|---|---:|---|---|"]
+  seen = set()
+  for p in summary["points"]:
+    c = p["claim"] or {}
+    claim = "" if p["method"] in seen else c.get("claim", "")
+    seen.add(p["method"])
+    result = f"{c['figure']}: {c['verdict']}" if "figure" in c else c.get("verdict", "")
+    lines.append(f"| {p['method']} | {size_label(p['method'], p['size'])} | "
+                 f"{p['trainable_params']:,} | {p['acc_mean']:.4f} ± {p['acc_std']:.4f} "
+                 f"({p['seeds']}) | {p['step_ms']:.0f} ({p['step_cpu_ms']:.0f}) | {claim} | "
+                 f"{result} |")
+  return "\n".join(lines)
+
+
 def main(argv):
   del argv
   summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
-  for p in summary["points"]:
-    c = p["claim"] or {}
-    print(f"{p['method']:>12} {p['size']:>2} params {p['trainable_params']:>10,} acc "
-          f"{p['acc_mean']:.4f} ± {p['acc_std']:.4f} (n={p['seeds']}) step {p['step_ms']:.0f} ms"
-          f"  {c.get('figure', '')} {c.get('verdict', '')}")
+  print(markdown_table(summary))
+  print(f"{summary['runs']} of {summary['expected_runs']} runs in {flags.FLAGS.workdir}")
 
 
 if __name__ == "__main__":

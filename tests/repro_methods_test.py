@@ -90,3 +90,7 @@ def test_verdicts_on_hand_made_rows():
   # A claim whose reference was not measured says so instead of a verdict.
   assert "no measured reference" in repro_methods.verdict(config, "lora", 8, stats)["verdict"]
   assert repro_methods.verdict(config, "none", 0, stats) is None
+  table = repro_methods.markdown_table(repro_methods.summarize(config, rows)).splitlines()
+  assert len(table) == 2 + 3
+  assert table[2].startswith("| loldu | r8 | 500 | 0.7150 ± 0.0000 (3) |")
+  assert table[2].endswith("200x fewer trainable params: reproduced |")

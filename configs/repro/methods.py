@@ -7,16 +7,18 @@ Command (CPU, float32)::
         --workdir /tmp/repro_methods
 
 `:runlocal` runs a seconds-long version (LoRA and the baseline on a tiny random-init MiniLM, one
-seed, a few steps, tiny eval) whose numbers mean nothing. The run writes `methods.csv` incrementally (one row per method,
-size and seed; rows already there are skipped, so an interrupted run resumes), then
+seed, a few steps, tiny eval) whose numbers mean nothing. The run writes `methods.csv`
+incrementally (one row per method, size and seed; rows already there are skipped, so an
+interrupted run resumes), then
 `summary.json` (per method and size: parameters, accuracy mean and std over seeds, median step
 time, and each paper's claim with its verdict) and `methods.png` (accuracy against trainable
 parameters, log x, mean and min-max over seeds) to the workdir.
 
-Scale (chosen to fit ~60 core-minutes on a shared 2-core CPU): the quickstart task
-(`configs/quickstart.py`: attention query and value kernels adapted, mean-pooled head trained,
-AdamW, cosine schedule with 10 warmup steps, gradient clipping 1.0) with `steps` = 100 steps of
-batch 32 x 32 tokens on the full train split, evaluated on the first 500 validation glosses.
+Scale (chosen for a 2-core CPU shared with other jobs): the quickstart task
+(`configs/quickstart.py`: pretrained all-MiniLM-L6-v2, attention query and value kernels adapted,
+mean-pooled linear head trained, AdamW, cosine schedule with 6 warmup steps, gradient clipping
+1.0) with `steps` = 60 steps of batch 32 x 16 tokens (the median gloss length; longer glosses are
+truncated) on the full train split (76,773 glosses), evaluated on the first 500 validation glosses.
 Each method runs at two values of its size knob (`ranks` = 2 and 8: LoRA-family rank, LoLDU
 pivots, SORSA triplets, NOLA basis counts 16·r, intrinsic dimension 64·r, FLoRA core rank,
 IncreLoRA / AdaLoRA average target rank); KronA (balanced factors) and DiffuseKronA (a1 = 64,
