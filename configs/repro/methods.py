@@ -39,7 +39,10 @@ accuracy points of the reference's mean over seeds.
 
 Measured: see `docs/results.md` ("Method comparison on WordNet supersenses").
 
-Args (after `:`): runlocal (bool), steps (int), seeds (int: how many, from 0).
+Args (after `:`): runlocal (bool), steps (int), seeds (int: how many), first_seed (int: the
+first of them, 0). Seeds can run in separate processes (`:first_seed=1,seeds=1` into another
+workdir); copying their CSV rows into one workdir and rerunning the full command (which then
+trains nothing) writes the joint summary and plot.
 
 >>> from configs.repro import methods
 >>> methods.get_config("runlocal").methods
@@ -106,11 +109,11 @@ def methods_to_run() -> tuple:
 
 def get_config(arg=None):
   """The reproduction's settings; `runlocal` shrinks it to seconds."""
-  a = common.parse_arg(arg, runlocal=False, steps=60, seeds=3)
+  a = common.parse_arg(arg, runlocal=False, steps=60, seeds=3, first_seed=0)
   c = ml_collections.ConfigDict()
   c.methods = methods_to_run()
   c.ranks = (2, 8)
-  c.seeds = tuple(range(a.seeds))
+  c.seeds = tuple(range(a.first_seed, a.first_seed + a.seeds))
   c.steps = a.steps
   c.model = "minilm"
   c.pretrained = True
