@@ -177,14 +177,17 @@ def evaluate(eval_step, state, base, data, batch_size: int) -> dict:
 # ---------------------------------------------------------------------------------------------
 
 def read_rows(path: str) -> list[dict]:
-  """Rows of `methods.csv` (numbers parsed), [] when absent."""
+  """Rows of `methods.csv` (numbers parsed, one per method, size and seed), [] when absent."""
   if not os.path.exists(path):
     return []
   with open(path, newline="") as f:
     rows = list(csv.DictReader(f))
   ints = ("size", "seed", "trainable_params", "adapter_params", "head_params")
-  return [{k: (v if k == "method" else int(v) if k in ints else float(v)) for k, v in r.items()}
-          for r in rows]
+  out = {}
+  for r in rows:   # the first row of a (method, size, seed) counts (merged CSVs may repeat one)
+    r = {k: (v if k == "method" else int(v) if k in ints else float(v)) for k, v in r.items()}
+    out.setdefault((r["method"], r["size"], r["seed"]), r)
+  return list(out.values())
 
 
 def append_row(path: str, row: dict):

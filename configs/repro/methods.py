@@ -41,7 +41,8 @@ Measured: see `docs/results.md` ("Method comparison on WordNet supersenses").
 
 Args (after `:`): runlocal (bool), steps (int), seeds (int: how many), first_seed (int: the
 first of them, 0). Seeds can run in separate processes (`:first_seed=1,seeds=1` into another
-workdir); copying their CSV rows into one workdir and rerunning the full command (which then
+workdir), or a second process can take the methods from the other end (`:reverse`); copying
+their CSV rows into one workdir and rerunning the full command (which then
 trains nothing) writes the joint summary and plot.
 
 >>> from configs.repro import methods
@@ -109,9 +110,9 @@ def methods_to_run() -> tuple:
 
 def get_config(arg=None):
   """The reproduction's settings; `runlocal` shrinks it to seconds."""
-  a = common.parse_arg(arg, runlocal=False, steps=60, seeds=3, first_seed=0)
+  a = common.parse_arg(arg, runlocal=False, steps=60, seeds=3, first_seed=0, reverse=False)
   c = ml_collections.ConfigDict()
-  c.methods = methods_to_run()
+  c.methods = methods_to_run()[::-1] if a.reverse else methods_to_run()
   c.ranks = (2, 8)
   c.seeds = tuple(range(a.first_seed, a.first_seed + a.seeds))
   c.steps = a.steps
