@@ -41,9 +41,9 @@ from lowrank_jax import train
 from lowrank_jax import tree as tree_lib
 
 CSV_NAME, SUMMARY_NAME, PNG_NAME = "methods.csv", "summary.json", "methods.png"
-FAILURES_NAME = "failures.json"
+FAILURES_NAME = "failures.jsonl"
 # What a failing point raises (bad arguments, missing data, a non-finite loss); it is recorded in
-# `failures.json` and the run goes on.
+# `failures.jsonl` and the run goes on.
 POINT_ERRORS = (ValueError, TypeError, FileNotFoundError, FloatingPointError,
                 np.linalg.LinAlgError)
 COLUMNS = ("method", "size", "seed", "accuracy", "eval_loss", "trainable_params",
@@ -296,24 +296,39 @@ def plot(path: str, stats: dict):
   plt.close(fig)
 
 
-def run(config, workdir: str, log=print) -> dict:
+def claim(workdir: str, method: str, size: int, seed: int) -> bool:
+  """Claims a point for this process (a file created exclusively in `workdir/claims`); False
+  when another worker already has it."""
+  path = os.path.join(workdir, "claims", f"{method}_{size}_{seed}")
+  os.makedirs(os.path.dirname(path), exist_ok=True)
+  try:
+    os.close(os.open(path, os.O_CREAT | os.O_EXCL | os.O_WRONLY))
+    return True
+  except FileExistsError:
+    return False
+
+
+def run(config, workdir: str, log=print, workers: bool = False) -> dict:
   """Runs every missing point into `workdir/methods.csv`, then writes the summary and the PNG.
-  Returns the summary."""
+  Returns the summary.
+
+  With `workers`, several processes may share `workdir`: each takes the next point no other has
+  claimed (`claim`), so they work through the grid in order together."""
   os.makedirs(workdir, exist_ok=True)
   csv_path = os.path.join(workdir, CSV_NAME)
-  done = {(r["method"], r["size"], r["seed"]) for r in read_rows(csv_path)}
-  cache, failures = {}, []
+  cache = {}
   for method, size, seed in points(config):
-    if (method, size, seed) in done:
+    done = {(r["method"], r["size"], r["seed"]) for r in read_rows(csv_path)}
+    if (method, size, seed) in done or (workers and not claim(workdir, method, size, seed)):
       continue
     t0 = time.perf_counter()
     try:
       row = run_point(config, method, size, seed, cache)
     except POINT_ERRORS as e:   # one failing method must not stop the others; reported at the end
-      failures.append({"method": method, "size": size, "seed": seed, "error": repr(e)[:500]})
       log(f"FAILED {method} size {size} seed {seed}: {e!r}")
-      with open(os.path.join(workdir, FAILURES_NAME), "w") as f:
-        json.dump(failures, f, indent=1)
+      with open(os.path.join(workdir, FAILURES_NAME), "a") as f:
+        f.write(json.dumps({"method": method, "size": size, "seed": seed,
+                            "error": repr(e)[:500]}) + "\n")
       continue
     append_row(csv_path, row)
     log(f"{method} size {size} seed {seed}: acc {row['accuracy']:.4f}, params "
@@ -359,7 +374,7 @@ def markdown_table(summary: dict) -> str:
 
 def main(argv):
   del argv
-  summary = run(flags.FLAGS.config, flags.FLAGS.workdir)
+  summary = run(flags.FLAGS.config, flags.FLAGS.workdir, workers=flags.FLAGS.workers)
   print(markdown_table(summary))
   print(f"{summary['runs']} of {summary['expected_runs']} runs in {flags.FLAGS.workdir}")
 
@@ -368,5 +383,7 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "configs/repro/methods.py[:arg]",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (CSV, JSON, PNG).")
+  flags.DEFINE_bool("workers", False, "Share the workdir with other processes started alike: "
+                    "each runs the next point no other has claimed.")
   flags.mark_flags_as_required(["config", "workdir"])
   app.run(main)
