@@ -207,7 +207,12 @@ def points(config) -> list[tuple[str, int, int]]:
 
 
 def aggregate(rows: list[dict]) -> dict:
-  """{(method, size): stats over its seeds}: params, acc mean / std / min / max, step times."""
+  """{(method, size): stats over its seeds}: params, acc mean / std / min / max, step times.
+
+  `tuned_params` are the trainable parameters besides the classification head (whose size is the
+  smallest `head_params` of the rows: full fine-tuning counts its whole model as head), the count
+  the papers' parameter claims are about."""
+  head_size = min((r["head_params"] for r in rows), default=0)
   groups = {}
   for r in rows:
     groups.setdefault((r["method"], r["size"]), []).append(r)
@@ -217,6 +222,7 @@ def aggregate(rows: list[dict]) -> dict:
     out[key] = {"method": key[0], "size": key[1], "seeds": len(rs),
                 "trainable_params": rs[0]["trainable_params"],
                 "adapter_params": rs[0]["adapter_params"],
+                "tuned_params": rs[0]["trainable_params"] - head_size,
                 "acc_mean": float(acc.mean()), "acc_std": float(acc.std(ddof=1)) if len(rs) > 1
                 else 0.0, "acc_min": float(acc.min()), "acc_max": float(acc.max()),
                 "step_ms": float(np.median([r["step_ms"] for r in rs])),
@@ -243,13 +249,13 @@ def verdict(config, method: str, size: int, stats: dict) -> Optional[dict]:
   if other is None:
     return {"claim": claim, "verdict": f"no measured reference ({ref})"}
   d_pts = 100 * (me["acc_mean"] - other["acc_mean"])
-  ratio = other["trainable_params"] / me["trainable_params"]
+  ratio = other["tuned_params"] / max(me["tuned_params"], 1)
   ref_name = f"{other['method']}" + (f" r{other['size']}" if other["size"] else "")
   ok = {"comparable_fewer": d_pts >= -config.comparable_pts and ratio > threshold,
         "beats": d_pts > 0,
         "comparable": d_pts >= -config.comparable_pts,
         "fraction": me["acc_mean"] >= threshold * other["acc_mean"]}[kind]
-  figure = (f"{d_pts:+.1f} pts vs {ref_name}, {ratio:.3g}x fewer trainable params"
+  figure = (f"{d_pts:+.1f} pts vs {ref_name}, {ratio:.3g}x fewer tuned params"
             if kind == "comparable_fewer" else
             f"{me['acc_mean'] / other['acc_mean']:.1%} of {ref_name}'s accuracy"
             if kind == "fraction" else f"{d_pts:+.1f} pts vs {ref_name}")
@@ -357,8 +363,9 @@ def size_label(method: str, size: int) -> str:
 def markdown_table(summary: dict) -> str:
   """The results table (method | size | params | acc | step ms | claim | verdict), rows by
   trainable parameters; a claim is written on its method's first row only."""
-  lines = ["| method | size | trainable params | accuracy mean ± std (seeds) | step ms (CPU ms) "
-           "| paper claim | our figure: verdict |", "|---|---|---:|---|---:|---|---|"]
+  lines = ["| method | size | trainable params (tuned besides the head) | accuracy mean ± std "
+           "(seeds) | step ms (CPU ms) | paper claim | our figure: verdict |",
+           "|---|---|---:|---|---:|---|---|"]
   seen = set()
   for p in summary["points"]:
     c = p["claim"] or {}
@@ -366,9 +373,9 @@ def markdown_table(summary: dict) -> str:
     seen.add(p["method"])
     result = f"{c['figure']}: {c['verdict']}" if "figure" in c else c.get("verdict", "")
     lines.append(f"| {p['method']} | {size_label(p['method'], p['size'])} | "
-                 f"{p['trainable_params']:,} | {p['acc_mean']:.4f} ± {p['acc_std']:.4f} "
-                 f"({p['seeds']}) | {p['step_ms']:.0f} ({p['step_cpu_ms']:.0f}) | {claim} | "
-                 f"{result} |")
+                 f"{p['trainable_params']:,} ({p['tuned_params']:,}) | "
+                 f"{p['acc_mean']:.4f} ± {p['acc_std']:.4f} ({p['seeds']}) | "
+                 f"{p['step_ms']:.0f} ({p['step_cpu_ms']:.0f}) | {claim} | {result} |")
   return "\n".join(lines)
 
 

@@ -70,17 +70,18 @@ def test_rerun_skips_finished_rows(local_run):
   assert calls == [] and open(path).read() == before
 
 
-def _row(method, size, seed, acc, params):
+def _row(method, size, seed, acc, params, head=0):
   return {"method": method, "size": size, "seed": seed, "accuracy": acc, "eval_loss": 1.0,
-          "trainable_params": params, "adapter_params": params, "head_params": 0,
+          "trainable_params": params + head, "adapter_params": params, "head_params": head,
           "step_ms": 1.0, "step_cpu_ms": 1.0, "train_s": 1.0, "lr": 1e-3}
 
 
 def test_verdicts_on_hand_made_rows():
   config = methods_cfg.get_config()
-  rows = [_row("lora", 8, s, a, 100_000) for s, a in enumerate((0.70, 0.72, 0.74))]
-  rows += [_row("loldu", 8, s, a, 500) for s, a in enumerate((0.715, 0.715, 0.715))]  # -0.5 pts
-  rows += [_row("pissa", 8, s, a, 100_000) for s, a in enumerate((0.71, 0.71, 0.71))]  # -1 pt
+  # Every row trains a 1,000-parameter head besides its adapter.
+  rows = [_row("lora", 8, s, a, 100_000, 1000) for s, a in enumerate((0.70, 0.72, 0.74))]
+  rows += [_row("loldu", 8, s, a, 500, 1000) for s, a in enumerate((0.715,) * 3)]  # -0.5 pts
+  rows += [_row("pissa", 8, s, a, 100_000, 1000) for s, a in enumerate((0.71,) * 3)]  # -1 pt
   stats = repro_methods.aggregate(rows)
   assert stats[("lora", 8)]["acc_mean"] == pytest.approx(0.72)
   assert stats[("lora", 8)]["acc_std"] == pytest.approx(np.std([0.70, 0.72, 0.74], ddof=1))
@@ -92,5 +93,5 @@ def test_verdicts_on_hand_made_rows():
   assert repro_methods.verdict(config, "none", 0, stats) is None
   table = repro_methods.markdown_table(repro_methods.summarize(config, rows)).splitlines()
   assert len(table) == 2 + 3
-  assert table[2].startswith("| loldu | r8 | 500 | 0.7150 ± 0.0000 (3) |")
-  assert table[2].endswith("200x fewer trainable params: reproduced |")
+  assert table[2].startswith("| loldu | r8 | 1,500 (500) | 0.7150 ± 0.0000 (3) |")
+  assert table[2].endswith("200x fewer tuned params: reproduced |")
