@@ -239,37 +239,61 @@ def _reference(stats: dict, ref: str, size: int) -> Optional[dict]:
   return stats.get((name, 0)) or stats.get((name, size))
 
 
-def verdict(config, method: str, size: int, stats: dict) -> Optional[dict]:
+def seed_std(stats: dict) -> Optional[float]:
+  """The pooled seed-to-seed standard deviation of accuracy (root mean variance over the points
+  with at least two seeds), or None when no point has two."""
+  var = [s["acc_std"] ** 2 for s in stats.values() if s["seeds"] > 1]
+  return float(np.sqrt(np.mean(var))) if var else None
+
+
+def verdict(config, method: str, size: int, stats: dict,
+            noise: Optional[float] = None) -> Optional[dict]:
   """The claim of `method` checked at `size` (`methods_cfg.CLAIMS`), or None without a claim or
-  a measured reference."""
+  a measured reference.
+
+  `noise` is the seed-to-seed accuracy std (`seed_std`); a difference within two standard errors
+  of the difference of the two means, 2·noise·sqrt(1/n + 1/n_ref), of the claim's line is
+  "inconclusive (within seed noise)" rather than a verdict either way."""
   if method not in methods_cfg.CLAIMS or (method, size) not in stats:
     return None
   claim, kind, ref, threshold = methods_cfg.CLAIMS[method]
   me, other = stats[(method, size)], _reference(stats, ref, size)
   if other is None:
     return {"claim": claim, "verdict": f"no measured reference ({ref})"}
+  margin = 0.0 if noise is None else 200 * noise * np.sqrt(1 / me["seeds"] + 1 / other["seeds"])
   d_pts = 100 * (me["acc_mean"] - other["acc_mean"])
   ratio = other["tuned_params"] / max(me["tuned_params"], 1)
   ref_name = f"{other['method']}" + (f" r{other['size']}" if other["size"] else "")
-  ok = {"comparable_fewer": d_pts >= -config.comparable_pts and ratio > threshold,
-        "beats": d_pts > 0,
-        "comparable": d_pts >= -config.comparable_pts,
-        "fraction": me["acc_mean"] >= threshold * other["acc_mean"]}[kind]
+  # How far the measured figure is past the claim's line (positive: on the claim's side), points.
+  past = {"beats": d_pts, "comparable": d_pts + config.comparable_pts,
+          "comparable_fewer": d_pts + config.comparable_pts,
+          "fraction": 100 * (me["acc_mean"] - threshold * other["acc_mean"])}[kind]
+  if kind == "comparable_fewer" and ratio <= threshold:
+    result = "not at this scale"
+  elif (past > margin) if kind == "beats" else (past >= 0):
+    result = "reproduced"
+  elif past < -margin:
+    result = "not at this scale"
+  else:
+    result = "inconclusive (within seed noise)"
   figure = (f"{d_pts:+.1f} pts vs {ref_name}, {ratio:.3g}x fewer tuned params"
             if kind == "comparable_fewer" else
             f"{me['acc_mean'] / other['acc_mean']:.1%} of {ref_name}'s accuracy"
             if kind == "fraction" else f"{d_pts:+.1f} pts vs {ref_name}")
-  return {"claim": claim, "reference": ref_name, "figure": figure,
-          "verdict": "reproduced" if ok else "not at this scale"}
+  if margin:
+    figure += f" (noise ±{margin:.1f} pts)"
+  return {"claim": claim, "reference": ref_name, "figure": figure, "verdict": result,
+          "margin_pts": margin}
 
 
 def summarize(config, rows: list[dict]) -> dict:
   """The summary JSON: per (method, size) stats with the claim's verdict, and the run's scale."""
   stats = aggregate(rows)
+  noise = seed_std(stats)
   entries = []
   for (method, size), s in sorted(stats.items(), key=lambda kv: (kv[1]["trainable_params"])):
-    entries.append({**s, "claim": verdict(config, method, size, stats)})
-  return {"points": entries, "excluded": dict(methods_cfg.EXCLUDED),
+    entries.append({**s, "claim": verdict(config, method, size, stats, noise)})
+  return {"points": entries, "seed_std": noise, "excluded": dict(methods_cfg.EXCLUDED),
           "runs": len(rows), "expected_runs": len(points(config))}
 
 

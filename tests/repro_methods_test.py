@@ -85,13 +85,23 @@ def test_verdicts_on_hand_made_rows():
   stats = repro_methods.aggregate(rows)
   assert stats[("lora", 8)]["acc_mean"] == pytest.approx(0.72)
   assert stats[("lora", 8)]["acc_std"] == pytest.approx(np.std([0.70, 0.72, 0.74], ddof=1))
-  loldu = repro_methods.verdict(config, "loldu", 8, stats)
+  rows += [_row("sorsa", 8, s, a, 100_000, 1000) for s, a in enumerate((0.60,) * 3)]  # -11 pts
+  stats = repro_methods.aggregate(rows)
+  noise = repro_methods.seed_std(stats)   # only lora has a spread: sqrt(0.02² / 4)
+  assert noise == pytest.approx(np.sqrt(0.02 ** 2 / 4))
+  margin = 200 * noise * np.sqrt(2 / 3)   # 2 standard errors of a difference of 3-seed means
+  loldu = repro_methods.verdict(config, "loldu", 8, stats, noise)
   assert loldu["verdict"] == "reproduced" and "200x fewer" in loldu["figure"]
+  assert loldu["margin_pts"] == pytest.approx(margin)
+  # pissa is 1 point below lora, inside the noise: no verdict either way.
+  assert repro_methods.verdict(config, "pissa", 8, stats, noise)["verdict"].startswith(
+      "inconclusive")
   assert repro_methods.verdict(config, "pissa", 8, stats)["verdict"] == "not at this scale"
+  assert repro_methods.verdict(config, "sorsa", 8, stats, noise)["verdict"] == "not at this scale"
   # A claim whose reference was not measured says so instead of a verdict.
   assert "no measured reference" in repro_methods.verdict(config, "lora", 8, stats)["verdict"]
   assert repro_methods.verdict(config, "none", 0, stats) is None
   table = repro_methods.markdown_table(repro_methods.summarize(config, rows)).splitlines()
-  assert len(table) == 2 + 3
+  assert len(table) == 2 + 4
   assert table[2].startswith("| loldu | r8 | 1,500 (500) | 0.7150 ± 0.0000 (3) |")
-  assert table[2].endswith("200x fewer tuned params: reproduced |")
+  assert table[2].endswith(f"200x fewer tuned params (noise ±{margin:.1f} pts): reproduced |")
