@@ -59,7 +59,7 @@ def get_config(arg=None):
                   "max_position_embeddings": 64}
   c.steps = arg.steps
   c.batch_size = 16
-  c.warmup_steps = 10
+  c.warmup_steps = max(1, arg.steps // 10)
   c.rank = 8
   c.head_lr = 5e-3
   c.seq_len = 32                  # gloss tokens
