@@ -248,6 +248,18 @@ def read_rows(path: str) -> list[dict]:
           for r in rows]
 
 
+def merge(rows: list[dict]) -> dict:
+  """The result of rows measured by separate runs of one setup (e.g. one process per seed);
+  the pretrained probe is read from the rows and must agree between them."""
+  if not rows:
+    raise ValueError("merge: no rows (pass --earlier_csv)")
+  pre = {(r["pretrained_gap"], r["pretrained_auc"]) for r in rows}
+  if len(pre) != 1:
+    raise ValueError(f"merge: the rows come from different setups (pretrained probes {pre})")
+  (gap, auc), = pre
+  return {"rows": rows, "summary": summarize(rows, {"gap": gap, "auc": auc})}
+
+
 def run(config, partial_csv: str | None = None, earlier: list[dict] | None = None) -> dict:
   """Every run of `config.runs` for every seed (seed by seed, so that an interrupted run has
   every method of its first seeds). Returns {"rows", "summary"}.
@@ -335,7 +347,10 @@ def main(argv):
   config = flags.FLAGS.config
   os.makedirs(flags.FLAGS.workdir, exist_ok=True)
   earlier = [r for p in flags.FLAGS.earlier_csv for r in read_rows(p)]
-  result = run(config, os.path.join(flags.FLAGS.workdir, "partial.csv"), earlier)
+  if flags.FLAGS.merge_only:
+    result = merge(earlier)
+  else:
+    result = run(config, os.path.join(flags.FLAGS.workdir, "partial.csv"), earlier)
   for path in write_outputs(flags.FLAGS.workdir, config, result):
     print("wrote", path)
   print(json.dumps(result["summary"], indent=1))
@@ -347,6 +362,8 @@ if __name__ == "__main__":
   config_flags.DEFINE_config_file("config", None, "configs/repro/forgetting.py[:arg]",
                                   lock_config=True)
   flags.DEFINE_string("workdir", None, "Output directory (CSV, JSON, PNG).")
+  flags.DEFINE_bool("merge_only", False, "Train nothing: write the outputs of --earlier_csv "
+                    "(runs of the same setup in separate processes, e.g. one per seed).")
   flags.DEFINE_list("earlier_csv", [], "forgetting.csv files of earlier runs of the same setup "
                     "(other learning rates) to include in the summary and plot.")
   flags.mark_flags_as_required(["config", "workdir"])

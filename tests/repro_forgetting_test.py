@@ -67,3 +67,15 @@ def test_runlocal_one_seed_end_to_end(tmp_path, minilm_wheel, fast_compile):
   summary = json.loads((tmp_path / "summary.json").read_text())
   assert set(summary["summary"]["runs"]) == {"lora@0.001", "corda_kpa@0.001", "full@0.001"}
   assert (tmp_path / "forgetting.png").stat().st_size > 0
+
+
+def test_merge_checks_the_rows_share_one_setup():
+  row = lambda seed, auc, pre: {"method": "lora", "lr": 1e-4, "seed": seed, "accuracy": 0.5,
+                                "gap": 0.2, "auc": auc, "delta_gap": -0.1,
+                                "delta_auc": auc - pre, "pretrained_gap": 0.3,
+                                "pretrained_auc": pre}
+  out = repro_forgetting.merge([row(0, 0.8, 0.9), row(1, 0.86, 0.9)])
+  assert out["summary"]["pretrained"] == {"gap": 0.3, "auc": 0.9}
+  assert out["summary"]["runs"]["lora@0.0001"]["auc"]["mean"] == pytest.approx(0.83)
+  with pytest.raises(ValueError, match="different setups"):
+    repro_forgetting.merge([row(0, 0.8, 0.9), row(1, 0.86, 0.7)])
