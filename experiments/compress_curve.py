@@ -21,7 +21,8 @@ random-pair ROC AUC of its sentence embeddings of single words (`data.semantic_p
 split pairs).
 
 Writes `out_dir/compress_curve.csv` (model, method, ratio, achieved_ratio, block_params, metric,
-value) and `out_dir/compress_curve.png`.
+value), `out_dir/compress_curve.png` and `out_dir/summary.json` (the curves, the ratios where
+MoDeGPT beats SVD, the forward times).
 
 Measured (defaults, seed 0, 2026-12-02, 2 CPU cores shared with other jobs at load ~15-20; the
 4-layer gloss decoder of ``configs/gloss_lm.py``, 1.57M block parameters; 500 validation glosses,
@@ -53,6 +54,7 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import json
 import os
 import pathlib
 import shutil
@@ -122,17 +124,25 @@ def decoder_curve(params, cfg, calib, evals, ratios) -> tuple[list[dict], dict]:
   return rows, models
 
 
-def encoder_curve(params, cfg, calib, probe, ratios) -> list[dict]:
-  """Rows of the probe AUC vs ratio (MoDeGPT) for the encoder; `probe(params, cfg) -> auc`."""
+def encoder_curve(params, cfg, calib, probe, ratios, svd: bool = False) -> list[dict]:
+  """Rows of the probe AUC vs ratio for the encoder, MoDeGPT (and, with `svd`, truncated SVD
+  at the same parameter count); `probe(params, cfg) -> auc`."""
   rows = []
+  base = compress.block_param_count(params, cfg)
   for r in ratios:
     small, small_cfg, rep = compress.modegpt(params, cfg, calib, compress.CompressConfig(ratio=r))
     auc = probe(small, small_cfg)
     rows.append(dict(model="minilm", method="modegpt", ratio=r,
                      achieved_ratio=rep["achieved_ratio"], block_params=rep["block_params"][1],
                      metric="synonym_probe_auc", value=auc))
-    print(f"minilm ratio {r:.2f}: probe AUC {auc:.4f} (achieved {rep['achieved_ratio']:.4f})",
-          flush=True)
+    line = f"minilm ratio {r:.2f}: probe AUC {auc:.4f} (achieved {rep['achieved_ratio']:.4f})"
+    if svd:
+      svd_params, count = compress.svd_baseline(params, cfg, r)
+      auc_svd = probe(svd_params, cfg)
+      rows.append(dict(model="minilm", method="svd", ratio=r, achieved_ratio=1 - count / base,
+                       block_params=count, metric="synonym_probe_auc", value=auc_svd))
+      line += f" | svd AUC {auc_svd:.4f} (achieved {1 - count / base:.4f})"
+    print(line, flush=True)
   return rows
 
 
@@ -148,12 +158,35 @@ def forward_seconds(params, cfg, batch, repeats: int = 10) -> float:
   return float(np.median(times))
 
 
-def write_outputs(rows: list[dict], workdir: str) -> None:
-  """`compress_curve.csv` and `compress_curve.png` (one panel per model/metric)."""
+def summarize(rows: list[dict]) -> dict:
+  """{model: {metric: {method: {ratio: value}}}}, and for every model/metric measured by both
+  MoDeGPT and SVD the ratios (above 0) where MoDeGPT is better (lower perplexity, higher AUC)."""
+  out: dict = {}
+  for r in rows:
+    out.setdefault(r["model"], {}).setdefault(r["metric"], {}).setdefault(
+        r["method"], {})[f"{float(r['ratio']):g}"] = float(r["value"])
+  better = {}
+  for model, metrics in out.items():
+    for metric, methods in metrics.items():
+      if "modegpt" in methods and "svd" in methods:
+        sign = -1.0 if "perplexity" in metric else 1.0
+        common = [k for k in methods["modegpt"] if k in methods["svd"] and float(k) > 0]
+        better[f"{model}/{metric}"] = {
+            "ratios": common,
+            "modegpt_better": [k for k in common
+                               if sign * (methods["modegpt"][k] - methods["svd"][k]) > 0]}
+  return {"curves": out, "modegpt_vs_svd": better}
+
+
+def write_outputs(rows: list[dict], workdir: str, extra: dict | None = None) -> None:
+  """`compress_curve.csv`, `compress_curve.png` (one panel per model/metric) and
+  `summary.json` (`summarize(rows)` with `extra` merged in)."""
   import matplotlib  # pylint: disable=g-import-not-at-top
   matplotlib.use("Agg")
   import matplotlib.pyplot as plt  # pylint: disable=g-import-not-at-top
   os.makedirs(workdir, exist_ok=True)
+  with open(os.path.join(workdir, "summary.json"), "w") as fh:
+    json.dump({**summarize(rows), **(extra or {})}, fh, indent=1)
   with open(os.path.join(workdir, "compress_curve.csv"), "w", newline="") as fh:
     w = csv.DictWriter(fh, FIELDS)
     w.writeheader()
@@ -174,29 +207,31 @@ def write_outputs(rows: list[dict], workdir: str) -> None:
   plt.close(fig)
 
 
-def _gloss_data(checkpoint: str):
-  """(params, cfg, calibration batches, eval batches) of the gloss decoder."""
+def gloss_data(checkpoint: str, num_calib: int, num_eval: int):
+  """(params, cfg, calibration batches, eval batches) of the gloss decoder: `num_calib` train and
+  `num_eval` validation glosses, packed as the runner packs them."""
   from configs import compress_recovery  # pylint: disable=g-import-not-at-top
   from lowrank_jax import train  # pylint: disable=g-import-not-at-top
   c = compress_recovery.get_config(f"checkpoint={checkpoint}")
   model, data = train.make_decoder_and_data(c, jax.random.key(0))
-  calib = data.fixed_batches(data.train_source, 16, _CALIB.value)
-  evals = data.fixed_batches(data.eval_source, 32, _EVAL.value)
+  calib = data.fixed_batches(data.train_source, 16, num_calib)
+  evals = data.fixed_batches(data.eval_source, 32, num_eval)
   return model.params, model.spec.config, calib, evals
 
 
-def _minilm_probe_setup():
-  """(params, cfg, calibration batches, probe(params, cfg) -> AUC)."""
+def minilm_probe_setup(num_calib: int, num_pairs: int, seed: int):
+  """(params, cfg, calibration batches, probe(params, cfg) -> AUC) of the pretrained MiniLM:
+  calibration on `num_calib` train glosses, the probe on `num_pairs` synonym and random pairs."""
   from lowrank_jax import data  # pylint: disable=g-import-not-at-top
   params, cfg = minilm.load_pretrained()
   cfg = dataclasses.replace(cfg, dropout_rate=0.0, attention_dropout_rate=0.0)
   tok = minilm.load_tokenizer(32)
-  src = data.load("wordnet_supersense", f"train[:{_CALIB.value}]")
+  src = data.load("wordnet_supersense", f"train[:{num_calib}]")
   texts = [str(src[i]["gloss"], "utf-8") if isinstance(src[i]["gloss"], bytes) else
            str(src[i]["gloss"]) for i in range(len(src))]
   enc = minilm.tokenize(tok, texts)
   calib = [{k: v[s:s + 32] for k, v in enc.items()} for s in range(0, len(texts) - 31, 32)]
-  syn, rnd = data.probe_pairs("test", num_pairs=_PAIRS.value, seed=_SEED.value)
+  syn, rnd = data.probe_pairs("test", num_pairs=num_pairs, seed=seed)
   word_tok = minilm.load_tokenizer(16)
 
   def probe(p, c):
@@ -225,7 +260,7 @@ def main(argv):
   t0 = time.perf_counter()
   workdir = _WORKDIR.value
   ratios = [float(r) for r in _RATIOS.value]
-  params, cfg, calib, evals = _gloss_data(_CKPT.value)
+  params, cfg, calib, evals = gloss_data(_CKPT.value, _CALIB.value, _EVAL.value)
   rows, models = decoder_curve(params, cfg, calib, evals, ratios)
   if RECOVERY_RATIO not in models:
     small, small_cfg, _ = compress.modegpt(params, cfg, calib,
@@ -254,10 +289,13 @@ def main(argv):
                   metric="val_perplexity_after_lora", value=v)
              for m, r, v in (("modegpt+lora", RECOVERY_RATIO, after), ("original+lora", 0.0, ref))]
   if _MINILM.value:
-    m_params, m_cfg, m_calib, probe = _minilm_probe_setup()
+    m_params, m_cfg, m_calib, probe = minilm_probe_setup(_CALIB.value, _PAIRS.value,
+                                                         _SEED.value)
     rows += encoder_curve(m_params, m_cfg, m_calib, probe, ratios)
-  write_outputs(rows, workdir)
-  print(f"wrote {workdir}/compress_curve.csv and .png ({time.perf_counter() - t0:.0f} s)")
+  write_outputs(rows, workdir, {"forward_ms": {"original": t_full * 1e3,
+                                                "compressed": t_small * 1e3,
+                                                "compressed_ratio": RECOVERY_RATIO}})
+  print(f"wrote {workdir}/compress_curve.csv, .png and summary.json ({time.perf_counter() - t0:.0f} s)")
 
 
 if __name__ == "__main__":

