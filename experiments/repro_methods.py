@@ -14,8 +14,8 @@ the first `timing_skip`, the step blocked on its metrics as in the trainer's loo
 `--workers`, several processes share the workdir and claim points from it.
 
 Measured (2026-12-02, shared 2-core AMD EPYC CPU, load 20-38; Python 3.11.7, jax 0.10.2, flax
-0.12.8, optax 0.2.8): 52 of the 72 runs (seed 2 only for the baseline, full fine-tuning and
-LoRA) in 80 min wall with 5 workers at nice 5; median step CPU time 170 ms (frozen baseline),
+0.12.8, optax 0.2.8): all 72 runs, 52 in 80 min wall with 5 workers at nice 5 and the last 20
+resumed in 19 min with 2; median step CPU time 170 ms (frozen baseline),
 ~380-430 ms (the other adapters), 597 ms (intrinsic, Fastfood), 687 ms (full fine-tuning).
 Accuracies and verdicts: `configs/repro/methods.py` and `docs/results.md`.
 """

@@ -30,23 +30,23 @@ are few scalars (LoLDU's diagonal, NOLA's coefficients, the intrinsic subspace);
 fine-tuning trains the encoder at 1e-4 and its head at the head rate. Nothing was tuned on this
 task.
 
-Not run: methods that need their own training loop (`lowrank_jax.stn`, self-tuning networks,
-which trains hyperparameters online; it is not an `Adapter` in the registry).
+Not run: methods that need their own training loop (the `stn` adapter: self-tuning networks
+train their hyperparameters online in `lowrank_jax.stn_train`'s alternating loop).
 
 Claims: each method's headline claim (from its paper's abstract) is written beside its row with
 a criterion measured at this scale (`CLAIMS`); "comparable" means within `comparable_pts`
 accuracy points of the reference's mean over seeds.
 
-Measured (2026-12-02, shared 2-core AMD EPYC CPU under load 20-38, jax 0.10.2; 52 of 72 runs:
-seeds 0 and 1 everywhere, seed 2 for the baseline, full fine-tuning and LoRA; 80 min wall with
-5 worker processes; the table is in `docs/results.md`, "Method comparison on WordNet
-supersenses"): validation accuracy (mean over seeds) 0.627 frozen baseline, 0.709 full
-fine-tuning, 0.680 / 0.686 LoRA r2 / r8, 0.706 PiSSA r8, 0.701 SORSA r8, 0.693 CorDA r8, 0.685 /
-0.690 NOLA r2 / r8 (768 / 3,072 tuned parameters), 0.633 / 0.661 intrinsic d = 128 / 512, 0.627
-/ 0.641 LoLDU r2 / r8 (24 / 96), 0.636 DiffuseKronA, 0.639 KronA, 0.638 / 0.666 FLoRA, 0.626 /
-0.629 AdaLoRA, 0.626 / 0.627 IncreLoRA. Pooled seed std 2.3 points, so 2-seed differences under
-±4.1 points are inconclusive. Reproduced: NOLA (comparable to LoRA r2 with 24x fewer tuned
-parameters), intrinsic dimension (d = 512 reaches 93% of full fine-tuning). Not at this scale:
+Measured (2026-12-02, shared 2-core AMD EPYC CPU under load 8-38, jax 0.10.2; all 72 runs, 3
+seeds at every point: 52 in 80 min wall with 5 worker processes, the last 20 resumed in 19 min
+with 2; the table is in `docs/results.md`, "Method comparison on WordNet supersenses"):
+validation accuracy (mean over 3 seeds) 0.627 frozen baseline, 0.709 full fine-tuning, 0.680 /
+0.686 LoRA r2 / r8, 0.686 / 0.705 PiSSA, 0.687 / 0.704 SORSA, 0.685 / 0.688 CorDA, 0.683 / 0.689
+NOLA (768 / 3,072 tuned parameters), 0.639 / 0.659 intrinsic d = 128 / 512, 0.631 / 0.647 LoLDU
+(24 / 96), 0.645 DiffuseKronA, 0.646 KronA, 0.640 / 0.669 FLoRA, 0.627 / 0.631 AdaLoRA, 0.627 /
+0.630 IncreLoRA. Pooled seed std 1.8 points, so 3-seed differences under ±3.0 points are
+inconclusive. Reproduced: NOLA (comparable to LoRA r2 with 24x fewer tuned parameters),
+intrinsic dimension (d = 128 / 512 reach 90.0% / 92.9% of full fine-tuning). Not at this scale:
 AdaLoRA, IncreLoRA (both sizes) and LoLDU r2 stay near the baseline in 60 steps. The rest are
 within the noise.
 
@@ -66,7 +66,7 @@ from configs import common
 from configs import quickstart
 from lowrank_jax import registry
 
-# Methods that need a special training loop and are not `Adapter` factories of the registry.
+# Methods that need their own training loop (not the plain train step this reproduction runs).
 EXCLUDED = {"stn": "self-tuning networks train hyperparameters online in their own loop"}
 # Methods whose config ignores the rank knob: one point each.
 NO_RANK = ("none", "krona", "diffusekrona")
