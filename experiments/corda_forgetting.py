@@ -70,6 +70,8 @@ from lowrank_jax import tasks
 from lowrank_jax.adapters.corda import corda, damping_used
 from lowrank_jax.models import minilm
 
+from experiments import repro_forgetting
+
 TARGETS = (r"encoder/layer_\d+/attention/(query|key|value|output)/kernel",
            r"encoder/layer_\d+/mlp/(intermediate|output)/kernel")
 METHODS = ("lora", "corda_kpa", "corda_ipa", "corda_kpa_balanced", "corda_ipa_balanced")
@@ -95,34 +97,6 @@ def _texts(src, key, n):
   for i in range(min(n, len(src))):
     v = src[i][key]
     out.append(v.decode("utf-8") if isinstance(v, bytes) else str(v))
-  return out
-
-
-def _lemma_texts(src, n):
-  """Distinct single-word lemmas of a split, in stored order (the KPA knowledge data)."""
-  seen, out = set(), []
-  for i in range(len(src)):
-    for w in src[i]["lemmas"]:
-      w = (w.decode("utf-8") if isinstance(w, bytes) else str(w)).lower()
-      if " " not in w and w not in seen:
-        seen.add(w)
-        out.append(w)
-        if len(out) >= n:
-          return out
-  return out
-
-
-def _batches(enc: dict, bs: int):
-  """Fixed-shape batches (last one padded with mask 0) of a tokenized dict."""
-  n = len(enc["input_ids"])
-  out = []
-  for s in range(0, n, bs):
-    b = {k: v[s:s + bs] for k, v in enc.items()}
-    m = len(b["input_ids"])
-    b["valid"] = np.ones((m,), np.float32)
-    if m < bs:
-      b = {k: np.concatenate([v, np.zeros((bs - m,) + v.shape[1:], v.dtype)]) for k, v in b.items()}
-    out.append(b)
   return out
 
 
@@ -152,7 +126,7 @@ def main(argv):
                               np.int32)
   ev = minilm.tokenize(tok, _texts(eval_src, "gloss", len(eval_src)))
   ev["label"] = np.asarray([int(eval_src[i]["label"]) for i in range(len(eval_src))], np.int32)
-  eval_batches = _batches(ev, 100)
+  eval_batches = repro_forgetting.fixed_batches(ev, 100)
   syn, rnd = data.probe_pairs("test", num_pairs=_PAIRS.value, seed=_SEED.value)
 
   @jax.jit
@@ -170,7 +144,7 @@ def main(argv):
   def probe(p):
     def embed_fn(words):
       enc = minilm.tokenize(word_tok, words)
-      bs = _batches(enc, 200)
+      bs = repro_forgetting.fixed_batches(enc, 200)
       return np.concatenate([np.asarray(embed(p, b)) for b in bs])[:len(words)]
     return data.semantic_probe_score(embed_fn, syn, rnd)
 
@@ -182,14 +156,14 @@ def main(argv):
   apply_enc = lambda p, b: minilm.encode(p, cfg, b["input_ids"], b["attention_mask"])
   stats = {}
   if any(m.startswith("corda_kpa") for m, _ in runs):
-    words = _lemma_texts(data.load("wordnet_supersense", "train"), _CALIB.value)
-    kb = _batches(minilm.tokenize(word_tok, words), 128)
+    words = repro_forgetting.lemma_texts(data.load("wordnet_supersense", "train"), _CALIB.value)
+    kb = repro_forgetting.fixed_batches(minilm.tokenize(word_tok, words), 128)
     stats["kpa"] = calibrate.collect(apply_enc, params, kb, list(TARGETS),
                                            mask_key="attention_mask", sample_scale="corda")
   if any(m.startswith("corda_ipa") for m, _ in runs):
-    stats["ipa"] = calibrate.collect(apply_enc, params, _batches(train, 128)[:8],
-                                           list(TARGETS), mask_key="attention_mask",
-                                           sample_scale="corda")
+    ipa_batches = repro_forgetting.fixed_batches(train, 128)[:8]
+    stats["ipa"] = calibrate.collect(apply_enc, params, ipa_batches, list(TARGETS),
+                                     mask_key="attention_mask", sample_scale="corda")
   print(f"setup {time.perf_counter() - t0:.0f}s", flush=True)
 
   # ---------------------------------------------------------------------------------------------
