@@ -119,7 +119,9 @@ def base_config() -> ml_collections.ConfigDict:
   c.log_every = 10
   c.ckpt_every = 50
   c.keep_ckpts = 2
-  c.model = ml_collections.ConfigDict({"name": "mlp_digits", "pretrained": False})
+  c.model = ml_collections.ConfigDict({"name": "mlp_digits", "pretrained": False,
+                                       # "int8" / "nf4": quantize the frozen base (see train.py)
+                                       "base_format": "float"})
   c.head = ""
   c.dataset = ml_collections.ConfigDict({
       "name": "digits", "train_split": "train", "eval_split": "test", "max_train_examples": 0,

@@ -117,3 +117,15 @@ def test_a_quantized_kernel_cannot_be_in_the_head():
   with pytest.raises(ValueError, match=r"config.head='lm_head/kernel' selects kernels that "
                      r"config.model.base_format='int8' quantizes: \['lm_head/kernel'\]"):
     train.check_config(c)
+
+
+def test_every_run_config_takes_the_base_format_from_the_command_line():
+  """`--config.model.base_format=...` works on a locked config (as `experiments.run` parses it):
+  the field exists in every config built on `common.base_config`, and a float base quantizes
+  nothing while int8 defaults to the adapter's targets."""
+  from configs import quickstart
+  c = quickstart.get_config("runlocal").lock()
+  assert train.quant_settings(c) is None
+  c.model.base_format = "int8"
+  s = train.quant_settings(c)
+  assert s["fmt"] == "int8" and list(s["targets"]) == list(c.adapter.targets)
