@@ -43,6 +43,7 @@ import json
 import logging
 import os
 import time
+import types
 from typing import Any, Optional
 
 import jax
@@ -195,6 +196,39 @@ def check_config(config: ml_collections.ConfigDict, model_spec, task_name: str):
   _number("hyper_lr", scfg.hyper_lr, 0.0, 10.0, low_open=True)
   _number("perturbation_std", scfg.perturbation_std, 0.0, low_open=True)
 
+
+
+def _example_ranges(dataset: str, spec: str) -> list[tuple[str, int, int]]:
+  """(split name, first, end) example ranges that the tfds split expression `spec` reads."""
+  import tensorflow_datasets as tfds  # pylint: disable=g-import-not-at-top
+  from lowrank_jax import data  # pylint: disable=g-import-not-at-top
+  names = {part.split("[")[0].strip() for part in spec.split("+")}
+  sizes = {n: types.SimpleNamespace(num_examples=len(data.load(dataset, n))) for n in names}
+  out = []
+  for ins in tfds.core.ReadInstruction.from_spec(spec).to_absolute(sizes):
+    n = sizes[ins.splitname].num_examples
+    out.append((ins.splitname, ins.from_ or 0, n if ins.to is None else ins.to))
+  return out
+
+
+def check_held_out(dcfg, val_split: str):
+  """Raises unless `val_split` reads no example that `dcfg.train_split` or `dcfg.eval_split`
+  reads (compared by example index, so "train" and "train[:80%]" overlap although the strings
+  differ).
+
+  Raises:
+    ValueError: naming the split field and the shared range.
+  """
+  val = _example_ranges(dcfg.name, val_split)
+  for field in ("train_split", "eval_split"):
+    for name, lo, hi in _example_ranges(dcfg.name, dcfg[field]):
+      for v_name, v_lo, v_hi in val:
+        if name == v_name and max(lo, v_lo) < min(hi, v_hi):
+          raise ValueError(
+              f"config.stn.val_split={val_split!r} shares examples {max(lo, v_lo)}.."
+              f"{min(hi, v_hi) - 1} of split {name!r} with dataset.{field}={dcfg[field]!r}; the "
+              f"hyper phase needs data the train phase does not see, and tuning on the eval "
+              f"split would leak it; hold out part of the train split")
 
 def stn_block(config) -> ml_collections.ConfigDict:
   """`config.stn` with the defaults of the fields it leaves out."""
@@ -361,6 +395,7 @@ def train_and_evaluate(config: ml_collections.ConfigDict, workdir: str, *,
   task = tasks.get_task(config.get("task", train.DEFAULT_TASK))
   k_model, k_adapter, rng_loop = train.run_keys(config.seed)
   model, data = train.make_classifier_and_data(config, k_model)
+  check_held_out(config.dataset, scfg.val_split)
   val_source = train.load_split(config.dataset, scfg.val_split, 0)
   val_batch_size = scfg.val_batch_size or config.batch_size
   val_iter = train.train_iterator(val_source, data.transform, val_batch_size,

@@ -8,6 +8,7 @@ import json
 import os
 
 import jax
+import ml_collections
 import numpy as np
 import pytest
 
@@ -141,3 +142,19 @@ def test_per_example_dropout_reaches_the_model():
   logp = np.asarray(jax.nn.log_softmax(np.asarray(clean, np.float64)))
   target = (1 - e) * np.eye(10)[labels] + e / 10
   assert float(loss) == pytest.approx(float(np.mean(-np.sum(target * logp, -1))), rel=1e-5)
+
+
+def test_a_validation_split_overlapping_the_train_split_is_refused_by_example_index():
+  """"train" and "train[:80%]" differ as strings but share the first 80% of the examples; the
+  complement "train[80%:]" shares none (tfds rounds a percent boundary to the closest index)."""
+  from lowrank_jax import data
+  boundary = round(0.8 * len(data.load("digits", "train")))
+  dcfg = ml_collections.ConfigDict({"name": "digits", "train_split": "train[:80%]",
+                                    "eval_split": "test"})
+  with pytest.raises(ValueError, match=rf"shares examples 0\.\.{boundary - 1} of split 'train' "
+                                       r"with dataset.train_split"):
+    stn_train.check_held_out(dcfg, "train")
+  with pytest.raises(ValueError, match=r"shares examples 5\.\.9 of split 'test' with "
+                                       r"dataset.eval_split"):
+    stn_train.check_held_out(dcfg, "train[80%:]+test[5:10]")
+  stn_train.check_held_out(dcfg, "train[80%:]")
