@@ -57,6 +57,7 @@ import numpy as np
 import optax
 
 import lowrank_jax as lj
+from lowrank_jax import host_memory
 from lowrank_jax import steps
 from lowrank_jax import tasks
 from lowrank_jax.models import minilm
@@ -289,13 +290,23 @@ def timing_parser(description: str, steps: int) -> argparse.ArgumentParser:
   ap.add_argument("--steps", type=int, default=steps, help="timed steps per mode per round")
   ap.add_argument("--model", default="all_minilm_l6_v2", choices=MODELS,
                   help="tiny = 2-layer, hidden-64 random-weight encoder, for smoke runs only")
+  ap.add_argument("--per_step_host_memory", action="store_true",
+                  help="skip lowrank_jax.host_memory.reuse_host_memory (XLA:CPU then maps and "
+                  "page-faults its scratch buffer on every step), to measure what it saves")
   return ap
+
+
+def setup_host_memory(args) -> bool:
+  """Applies `host_memory.reuse_host_memory` unless `--per_step_host_memory`; call before any JAX
+  computation. Returns whether the scratch memory is reused."""
+  return False if args.per_step_host_memory else host_memory.reuse_host_memory()
 
 
 def main(argv=None):
   ap = timing_parser(__doc__.splitlines()[0], steps=3)
   ap.add_argument("--only", default="", help="comma-separated subset of modes")
   args = ap.parse_args(argv)
+  reused = setup_host_memory(args)
 
   params, cfg, source = build_model(preset=args.model)
   batch = random_batch(cfg, args.batch, args.seq)
@@ -307,7 +318,8 @@ def main(argv=None):
   n, d, f = args.batch * args.seq, cfg.hidden_size, cfg.intermediate_size
   gemms = gemm_runs(((n, d, f), (n, f, d), (n, d, d)))
   print(json.dumps({"device": str(jax.devices()[0]), "backend": jax.default_backend(),
-                    "model": source, "batch": args.batch, "seq": args.seq, "rank": args.rank}))
+                    "model": source, "batch": args.batch, "seq": args.seq, "rank": args.rank,
+                    "host_memory_reused": reused}))
   runs = {**{k: run for k, (run, _) in gemms.items()}, **{k: run for k, (run, _) in modes.items()}}
   compile_s = {}
   for name, run in runs.items():

@@ -114,6 +114,7 @@ def main(argv=None):
   ap.add_argument("--fastfood_steps", type=int, default=1)
   ap.add_argument("--skip_timing", action="store_true", help="only the Fastfood memory part")
   args = ap.parse_args(argv)
+  bench.setup_host_memory(args)
 
   params, cfg, source = bench.build_model(preset=args.model)
   batch = bench.random_batch(cfg, args.batch, args.seq)

@@ -35,6 +35,9 @@ _CONFIG = config_flags.DEFINE_config_file("config", None, "Config file (configs/
 _WORKDIR = flags.DEFINE_string("workdir", None, "Run directory (checkpoints, metrics, adapter).")
 _OVERWRITE = flags.DEFINE_bool("overwrite", False,
                                "Delete a run of a different config found in --workdir.")
+_REUSE_HOST_MEMORY = flags.DEFINE_bool(
+    "reuse_host_memory", True, "Keep XLA:CPU's per-step scratch memory mapped between steps "
+    "(lowrank_jax.host_memory; resident memory then stays at its peak).")
 flags.DEFINE_bool("list", False, "Print the configs, their args and the registered methods, "
                   "models and datasets, then exit.")
 
@@ -212,6 +215,9 @@ def main(argv):
     if os.environ.get("LOWRANK_JAX_TRACEBACK"):
       raise
     fail(str(e))
+  if _REUSE_HOST_MEMORY.value:   # before JAX starts its CPU client
+    from lowrank_jax import host_memory  # pylint: disable=g-import-not-at-top
+    host_memory.reuse_host_memory()
   import jax  # pylint: disable=g-import-not-at-top
   from lowrank_jax import sharding  # pylint: disable=g-import-not-at-top
   try:   # a multi-process run (config.distributed or JAX_* variables) starts before JAX is used
