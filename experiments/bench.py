@@ -18,31 +18,43 @@ XLA threads; `pct_of_peak_cpu`). On a shared machine CPU time is the one to read
 stretch wall time but not this process's CPU time. `ratio_to_full_ft` and `paired_ratio` use wall
 time, `cpu_ratio_to_full_ft` CPU time.
 
-Measured 2026-12-02 on the shared 2-core AMD EPYC VM (load average 20-39 from other jobs, so wall
-times were 5-13× the CPU times and only the CPU-time figures mean anything), jax/jaxlib 0.10.2,
-`--rounds 3 --steps 2 --only forward,lora_all_factored,lora_qv_factored,head_only`, one run
-before and one after the change; GEMM peak 91.3 (before) and 96.0 (after) GFLOP per CPU-second
-(fastest of the three shapes, 1024×384 @ 384×1536 and 1024×1536 @ 1536×384):
+Host memory: the benchmark first calls `lowrank_jax.host_memory.reuse_host_memory` (as the runner
+does); `--per_step_host_memory` skips it. Without it XLA:CPU maps its scratch buffer afresh on every
+step (324 MB for the LoRA all-linear step, ~83,000 page faults per step, about a third of the
+step's CPU time in the kernel).
 
-  mode                   GFLOP   before: CPU ms  % peak  × full FT   after: CPU ms  % peak  × full FT
-  full fine-tuning       66.14         1251.8     57.9     1.000          1111.4     62.0     1.000
-  forward only           22.05          291.3     82.9     0.233           272.2     84.4     0.245
-  LoRA r8 all linear     46.43         1040.1     48.9     0.831           802.9     60.2     0.722
-  LoRA r8 query/value    44.85          872.2     56.3     0.697           673.4     69.4     0.606
-  head only              22.05          282.2     85.6     0.225           257.6     89.2     0.232
+Measured 2026-12-02 on the otherwise idle 2-core AMD EPYC VM, jax/jaxlib 0.10.2, `--rounds 5
+--steps 2 --only forward,lora_all_factored,lora_qv_factored,head_only`, four runs alternating
+reused / per-step host memory (figures: run 1 / run 2). GEMM peak by CPU time 177-210 GFLOP per
+CPU-second; by wall 299-406 GFLOP/s (wall time on this VM varies by up to 1.4x between runs, so
+read the CPU-time columns and the ratios):
 
-"Before" is the code without `models._layers.materialized_cotangent`; "after" puts it on the
-residual stream after every MiniLM block (`MiniLMConfig.materialize_cotangents`, default on). In
-the LoRA backward XLA:CPU otherwise recomputed every block's cotangent inside the consumer fusions
-of all blocks above (loop fusions of up to 486 element-wise ops, 34 of 556 over 100 ops); with it
-only the 6 GELU fusions (128 ops) are over 100. Measured alone (jit of the LoRA loss gradient, both
-versions compiled in one process, 8 rounds round-robin) the gradient took 0.879× the CPU time,
-with bit-identical gradients. Goal (LoRA all-linear >= 60% of peak and <= 0.6× full FT): the %
-of peak is met by CPU time (60.2%, barely; 48.9% before), the ratio is not (0.722×; 0.831×
-before). Tried and dropped (no gain in the whole gradient): a `lax.scan` over the layers (1.24×
-the CPU time, separate runs: the while loop's per-layer slicing and stacking), an optimization barrier on the
-cotangent (XLA:CPU removes it before fusion), and forming the adapter's dA as
-((gb.T @ x) · s).T, 3-11× faster as a lone product but 0.99× in the whole gradient.
+  mode                  GFLOP   reused: CPU ms    % peak       x full FT     per step: CPU ms   % peak
+  full fine-tuning      66.14   542.6 / 592.1   58.0 / 58.8   1.000           1006.7 / 909.9   33.4 / 41.0
+  forward only          22.05   124.5 / 133.8   84.2 / 86.7   0.229 / 0.226    230.8 / 173.3   48.6 / 71.8
+  LoRA r8 all linear    46.43   347.8 / 368.0   63.5 / 66.4   0.641 / 0.622    699.6 / 580.8   33.8 / 45.1
+  LoRA r8 query/value   44.85   288.1 / 308.3   74.1 / 76.6   0.531 / 0.521    596.1 / 460.9   38.3 / 54.9
+  head only             22.05   123.1 / 131.7   85.2 / 88.2   0.227 / 0.222    157.6 / 166.6   71.2 / 74.7
+
+By wall time with reuse: LoRA all linear 191.4 / 201.7 ms (59.7 / 64.9% of the wall peak), full
+fine-tuning 293.6 / 326.5 ms; per step: 384.0 / 315.2 and 537.6 / 512.5 ms.
+
+Goal (LoRA all-linear >= 60% of peak and <= 0.6x full fine-tuning): the % of peak is met (63.5 /
+66.4% by CPU time); the ratio is not (0.64 / 0.62). The factored step does 0.702x full
+fine-tuning's model FLOPs (46.43 / 66.14), so 0.6x needs it to run 1.17x as efficiently as full
+fine-tuning; it runs 1.09-1.13x.
+
+Earlier change, same goal: `models._layers.materialized_cotangent` on MiniLM's residual stream
+after every block (`MiniLMConfig.materialize_cotangents`, default on). Without it, in the LoRA
+backward XLA:CPU recomputed every block's cotangent inside the consumer fusions of all blocks
+above (loop fusions of up to 486 element-wise ops); measured alone (jit of the LoRA loss gradient,
+8 rounds round-robin) the gradient took 0.879x the CPU time with it, with bit-identical gradients.
+Tried and dropped (no gain in the whole step): a `lax.scan` over the layers (1.24x the CPU time),
+an optimization barrier on the cotangent (XLA:CPU removes it before fusion), the adapter's dA
+formed as ((b·gᵀ)·x·s)ᵀ (12x faster than xᵀ·(g·bᵀ·s) as a lone product at d_in = 1536, but
+1.04-1.14x the whole step's time, interleaved in one process), and exact GELU with a hand-written
+backward that keeps only its input (1.09x) or a custom JVP (slower too): XLA:CPU still splits the
+erfc into several passes.
 """
 from __future__ import annotations
 

@@ -13,7 +13,8 @@
 Submodules loaded on first use: `models`, `data`, `train`, `steps`, `tasks`, `optim`, `calibrate`,
 `implicit`, `bilevel`, `stn`, `adapter_io`, `checkpoint`, `registry`, `testing`, `metrics`,
 `multi` (per-example adapters), `arithmetic` (adapter combination), `interop` (stock linen / nnx
-models, factored), `rl` (policy-gradient fine-tuning of adapters), `compress` (MoDeGPT). Loaded
+models, factored), `rl` (policy-gradient fine-tuning of adapters), `compress` (MoDeGPT),
+`host_memory` (XLA:CPU's per-step scratch memory kept mapped; call first on CPU). Loaded
 with the package: `ops`, `quant` (quantized frozen bases), `targeting`, `tree`.
 """
 import importlib as _importlib
@@ -43,7 +44,7 @@ __version__ = "0.1.0"
 
 _LAZY = ("models", "data", "train", "steps", "tasks", "optim", "calibrate", "implicit", "bilevel",
          "stn", "adapter_io", "checkpoint", "registry", "testing", "metrics", "multi", "arithmetic",
-         "interop", "rl", "compress")
+         "interop", "rl", "compress", "host_memory")
 
 
 def __getattr__(name):

@@ -2,7 +2,7 @@
 
 JAX's default backward for the factored product lets XLA pick contraction orders and layouts that,
 composed in a whole model on CPU, cost more than a full weight gradient: LoRA r8 on every linear
-layer of MiniLM took 2.36x a full fine-tuning step with it, 0.76x with this kernel
+layer of MiniLM took 1.13x a full fine-tuning step with it, 0.60x with this kernel
 (`python -m experiments.bench`, the README's step-time table). The custom VJP states the backward
 as explicit skinny contractions:
   gb = g @ b.T            (T, r)
