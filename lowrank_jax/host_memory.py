@@ -8,8 +8,10 @@ made from one of XLA's worker threads, with a fresh `mmap` (a thread's arena can
 83,000 faults per step, a third of the step's CPU time spent in the kernel zeroing pages.
 
 `reuse_host_memory()` sets glibc's malloc to one arena, no `mmap` and no trimming: the freed
-buffer stays mapped and the next execution reuses it (0 faults per step; the same MiniLM LoRA
-step then took 0.50x and 0.63x the CPU time in two pairs of runs, `python -m experiments.bench`). The cost: the process's resident memory does not shrink back
+buffer stays mapped and the next execution reuses it. The median step then faults nothing (now
+and then one still does: XLA frees the buffer asynchronously, so the next step may allocate
+first and grow the heap), and the MiniLM LoRA step took 0.50x and 0.63x the CPU time in two pairs
+of runs (`python -m experiments.bench`). The cost: the process's resident memory does not shrink back
 after its peak. XLA's threads choose their arena on their first allocation, so the call only
 takes effect before JAX starts its CPU client: first thing in a program or a notebook, before any
 JAX computation. `python -m experiments.run` and the benchmarks call it at start. The same
