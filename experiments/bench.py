@@ -302,10 +302,15 @@ def timing_parser(description: str, steps: int) -> argparse.ArgumentParser:
   ap.add_argument("--steps", type=int, default=steps, help="timed steps per mode per round")
   ap.add_argument("--model", default="all_minilm_l6_v2", choices=MODELS,
                   help="tiny = 2-layer, hidden-64 random-weight encoder, for smoke runs only")
+  add_host_memory_flag(ap)
+  return ap
+
+
+def add_host_memory_flag(ap: argparse.ArgumentParser) -> None:
+  """Adds `--per_step_host_memory` (read by `setup_host_memory`)."""
   ap.add_argument("--per_step_host_memory", action="store_true",
                   help="skip lowrank_jax.host_memory.reuse_host_memory (XLA:CPU then maps and "
                   "page-faults its scratch buffer on every step), to measure what it saves")
-  return ap
 
 
 def setup_host_memory(args) -> bool:

@@ -116,7 +116,6 @@ import optax
 import lowrank_jax as lj
 from experiments import bench
 from lowrank_jax import calibrate
-from lowrank_jax import host_memory
 from lowrank_jax import quant
 from lowrank_jax import registry
 from lowrank_jax import steps
@@ -444,8 +443,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="comma-separated registry methods timed besides full, lora, lora_merged")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
-  ap.add_argument("--per_step_host_memory", action="store_true",
-                  help="skip lowrank_jax.host_memory.reuse_host_memory (CPU runs only)")
+  bench.add_host_memory_flag(ap)
   ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device")
   ap.add_argument("--plan", action="store_true",
                   help="print the memory plan instead of timing (batch 1 x seq 2048 by default)")
@@ -501,8 +499,7 @@ def main(argv=None):
   if args.plan:
     main_plan(args)
     return
-  if not args.per_step_host_memory:
-    host_memory.reuse_host_memory()
+  bench.setup_host_memory(args)
   cfg = llama.LlamaConfig.preset(args.preset)
   params = llama.init(jax.random.key(0), cfg, dtype=DTYPES[args.dtype])
   params_total = lj.tree.tree_size(params)
