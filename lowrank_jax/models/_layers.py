@@ -129,20 +129,7 @@ def cast_floats(params: Any, dtype) -> Any:
   return jax.tree.map(cast, params, is_leaf=quant.is_quantized)
 
 
-def _materialized_fwd(x):
-  return x, None
-
-
-def _materialized_bwd(_, g):
-  # The column sum over every axis but the features is a reduction over the major (token) axes;
-  # XLA:CPU never fuses its operand into it, so `g` is written to memory once and every consumer
-  # reads it. The select keeps `g` bit for bit (a NaN in a column, already a failed step, fills
-  # that column); unlike a plain identity or an optimization barrier, XLA cannot drop it.
-  colsum = jnp.sum(g.astype(jnp.float32), axis=tuple(range(g.ndim - 1)))
-  return (jnp.where(jnp.isnan(colsum), jnp.asarray(jnp.nan, g.dtype), g),)
-
-
-@jax.custom_vjp
+@jax.custom_jvp
 def materialized_cotangent(x: jax.Array) -> jax.Array:
   """The identity, whose backward writes the cotangent of `x` to memory once.
 
@@ -153,13 +140,23 @@ def materialized_cotangent(x: jax.Array) -> jax.Array:
   unmaterialized expression that every later consumer fusion recomputes from the matmul outputs of
   all blocks above it: work that grows with depth squared (MiniLM, LoRA on all linear layers:
   fusions of ~480 element-wise ops). A token-axis reduction of the cotangent is not fusible on
-  CPU, so with it the cotangent is computed once per block. The returned cotangent equals the
-  incoming one exactly for finite values; the forward is `x` itself.
+  CPU, so with it the cotangent is computed once per block.
+
+  The rule is a linear JVP, `t + 0 * colsum(t)` (the column sum over every axis but the features,
+  in float32, broadcast back), so forward mode (`jax.jvp`, `jax.jacfwd`) works and reverse mode is
+  its transpose, `g + 0 * colsum(g)`: XLA does not fold a float product with zero (it would be
+  wrong for inf and NaN), so the reduction stays in the backward. The returned cotangent equals
+  the incoming one for finite values (a -0.0 may come back as +0.0); a non-finite value in a
+  feature column, already a failed step, makes that column NaN. The forward is `x` itself.
   """
   return x
 
 
-materialized_cotangent.defvjp(_materialized_fwd, _materialized_bwd)
+@materialized_cotangent.defjvp
+def _materialized_jvp(primals, tangents):
+  (x,), (t,) = primals, tangents
+  colsum = jnp.sum(t.astype(jnp.float32), axis=tuple(range(t.ndim - 1)))
+  return x, t + (jnp.zeros((), jnp.float32) * colsum).astype(t.dtype)
 
 
 def split_heads(x: jax.Array, num_heads: int) -> jax.Array:

@@ -91,10 +91,9 @@ class MiniLMConfig:
   logits. None computes in the params' dtypes.
 
   `materialize_cotangents` puts `_layers.materialized_cotangent` (the identity, with a custom
-  VJP) on the residual stream after every block, so the backward forms each block's cotangent
-  once (the LoRA step on CPU is faster with it, the values are the same). Its custom VJP blocks
-  forward-mode autodiff (`jax.jvp`, `jax.jacfwd`) through the encoder; set it False for those
-  (reverse mode and forward-over-reverse work either way).
+  JVP) on the residual stream after every block, so the backward forms each block's cotangent
+  once (the LoRA step on CPU is faster with it, the values are the same). Forward and reverse
+  mode both work with it.
   """
   vocab_size: int = 30522
   hidden_size: int = 384

@@ -207,8 +207,8 @@ def test_lora_gradients_with_materialized_cotangents():
 
 
 def test_lora_gradients_against_float64_dense(fast_compile):
-  """The same loss and gradients against autodiff through the merged dense kernels in float64;
-  forward mode needs `materialize_cotangents=False`."""
+  """The same loss and gradients against autodiff through the merged dense kernels in float64,
+  and forward mode through the encoder against finite differences."""
   del fast_compile
   adapter, base, frozen, trainable, cfg, batch = _lora_problem()
   val, grads = jax.jit(jax.value_and_grad(_lora_loss(adapter, frozen, cfg, batch, merged=False)))(
@@ -222,14 +222,22 @@ def test_lora_gradients_against_float64_dense(fast_compile):
   scale = max(float(np.abs(g).max()) for g in jax.tree.leaves(grads64))
   jax.tree.map(lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-3, atol=1e-5 * scale),
                grads, grads64)
+  # Forward mode through the encoder: the same tangent with and without the materialized
+  # cotangents, both against central finite differences in float64.
   params, _ = _tiny()
   ids = batch["input_ids"]
-  with pytest.raises(TypeError, match="forward-mode"):
-    jax.jvp(lambda p: minilm.encode(p, cfg, ids), (params,), (params,))
   no_mat = dataclasses.replace(cfg, materialize_cotangents=False)
-  _, tangent = jax.jit(lambda p: jax.jvp(lambda q: minilm.encode(q, no_mat, ids), (p,), (p,)))(
-      params)
-  assert np.isfinite(np.asarray(tangent)).all()
+  with jax.enable_x64(True):
+    p64 = jax.tree.map(lambda x: jnp.asarray(x, jnp.float64), params)
+    enc = lambda c: jax.jit(lambda p: jax.jvp(lambda q: minilm.encode(q, c, ids), (p,), (p,)))
+    _, tangent = enc(cfg)(p64)
+    _, tangent_off = enc(no_mat)(p64)
+    # The norms run in float32 inside, so the step is large (truncation ~h^2, round-off ~1e-7/h).
+    step = 1e-2
+    shifted = lambda s: minilm.encode(jax.tree.map(lambda x: x * (1 + s), p64), cfg, ids)
+    fd = (np.asarray(shifted(step)) - np.asarray(shifted(-step))) / (2 * step)
+  np.testing.assert_allclose(np.asarray(tangent), np.asarray(tangent_off), rtol=1e-12, atol=1e-14)
+  np.testing.assert_allclose(np.asarray(tangent), fd, atol=1e-4 * np.abs(fd).max())
 
 
 def test_compute_dtype_bf16_against_fp32(fast_compile):
