@@ -13,6 +13,8 @@ lowrank_jax code. LoRA of rank r sits on every attention (query/key/value/out De
 Timed round-robin in one process and reported as medians and ratios to full fine-tuning (ratio of
 medians, and the median and range of the per-round ratio), as `experiments.bench` does. Printed
 lines are JSON.
+It first calls `lowrank_jax.host_memory.reuse_host_memory`, as the runner does
+(`--per_step_host_memory` skips it).
 """
 from __future__ import annotations
 
@@ -147,7 +149,9 @@ def main(argv=None):
   ap.add_argument("--rank", type=int, default=8)
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--steps", type=int, default=3, help="timed steps per mode per round")
+  bench.add_host_memory_flag(ap)
   args = ap.parse_args(argv)
+  bench.setup_host_memory(args)
 
   model, params, batch = build(args.preset, args.batch)
   opt = optax.adamw(1e-4, weight_decay=0.01)

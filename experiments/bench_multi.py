@@ -14,6 +14,8 @@ A step is the loss (next-token cross-entropy) and its gradient with respect to t
 process and reported as medians (wall and process CPU time, the steadier one on a shared machine)
 and as per-round paired ratios to the single-adapter mode of the same kind
 (`experiments.bench.paired_ratios`). Printed lines are JSON.
+It first calls `lowrank_jax.host_memory.reuse_host_memory`, as the runner does
+(`--per_step_host_memory` skips it).
 """
 from __future__ import annotations
 
@@ -83,11 +85,13 @@ def parse_args(argv=None):
   ap.add_argument("--rounds", type=int, default=5)
   ap.add_argument("--steps", type=int, default=3, help="timed calls per mode per round")
   ap.add_argument("--kinds", default="step,forward", help="comma-separated: step, forward")
+  bench.add_host_memory_flag(ap)
   return ap.parse_args(argv)
 
 
 def main(argv=None):
   args = parse_args(argv)
+  bench.setup_host_memory(args)
   cfg = llama.LlamaConfig.preset(args.preset)
   params = llama.init(jax.random.key(0), cfg)
   adapter = lj.lora(args.rank, targets=TARGETS[args.targets])
