@@ -14,7 +14,8 @@ in `--dtype`, adapter params fp32), and times one AdamW step (`steps.make_train_
                (`registry.configured_adapter`, the generic `--rank` knob) like a run builds it;
                calibration statistics for methods that need them come from the benchmark batch,
 
-all adapters on the q, k, v, o, gate, up and down projections of every layer. A mode that cannot
+all adapters on the q, k, v, o, gate, up and down projections of every layer, every layer under
+the `--remat` policy (`LlamaConfig.remat`; default none). A mode that cannot
 be built or run on the decoder prints a row with its `skipped` reason instead. The modes are timed
 round-robin in one process (machine noise hits them alike): medians, ratios to `full` (of medians,
 and the median and range over rounds of the per-round paired ratio, as `experiments.bench`).
@@ -91,6 +92,12 @@ base and remat one 24 GB device (8.9 GiB planned). Without remat a layer keeps 1
 (1.6 GiB at 1.1B), mostly attention scores. These are plans, not measurements on a GPU: its
 fusion can keep less than XLA:CPU's buffer assignment, and the formula leaves out what it does
 not trace (XLA's own scratch, cuDNN workspaces), which the 10% margin is for.
+
+At the PyTorch PEFT baseline's shape (`--plan --plan-presets tinyllama_1_1b --plan-bases bf16
+--batch 8 --seq 1024 --rank 16`; PEFT + torch.compile peaked at 20.2 GiB there), planned GiB per
+remat policy: none 91.44 (a layer's attention working set is 3.75 GiB), nothing_saveable 10.67,
+dots_with_no_batch_dims_saveable 32.41 (estimate 19.55), dots_saveable 55.46: only
+nothing_saveable fits under PEFT's peak, so the timed modes take `--remat` (default none).
 
     python -m experiments.bench_llm --plan                          # 1.1B and 7B at seq 2048
     python -m experiments.bench_llm --plan --plan-train 30          # + a short NF4 vs bf16 run
@@ -441,6 +448,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--rank", type=int, default=16, help="the generic size knob of every method")
   ap.add_argument("--methods", default=",".join(SEED_METHODS),
                   help="comma-separated registry methods timed besides full, lora, lora_merged")
+  ap.add_argument("--remat", default="none", choices=sorted(llama.REMAT_POLICIES),
+                  help="every decoder layer's remat policy in the timed steps (LlamaConfig.remat)")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
   bench.add_host_memory_flag(ap)
@@ -500,7 +509,7 @@ def main(argv=None):
     main_plan(args)
     return
   bench.setup_host_memory(args)
-  cfg = llama.LlamaConfig.preset(args.preset)
+  cfg = dataclasses.replace(llama.LlamaConfig.preset(args.preset), remat=args.remat)
   params = llama.init(jax.random.key(0), cfg, dtype=DTYPES[args.dtype])
   params_total = lj.tree.tree_size(params)
   batch = random_batch(cfg, args.batch, args.seq)
@@ -508,8 +517,8 @@ def main(argv=None):
   total_steps = 2 + args.rounds * args.steps
   device = jax.devices()[0]
   common = {"framework": "lowrank_jax", "preset": args.preset, "dtype": args.dtype,
-            "batch": args.batch, "seq": args.seq, "device": device.device_kind,
-            "jax": jax.__version__}
+            "remat": args.remat, "batch": args.batch, "seq": args.seq,
+            "device": device.device_kind, "jax": jax.__version__}
   print(json.dumps({**common, "backend": jax.default_backend(), "rank": args.rank,
                     "targets": TARGETS, "params_total": params_total}), flush=True)
 

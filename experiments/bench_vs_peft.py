@@ -6,7 +6,7 @@ runs these one after the other on the same machine (each in its own process, so 
 device memory while the other runs), echoing their JSON rows:
 
     python -m experiments.bench_llm --preset tinyllama_1_1b --dtype bf16 --batch 8 --seq 1024 \\
-        --rank 16 --rounds 3 --steps 5 --methods <the seed adapters>
+        --rank 16 --remat nothing_saveable --rounds 3 --steps 5 --methods <the seed adapters>
     python <peft_script> --preset llama1b --methods full,lora,lokr --batch 8 --seq 1024 \\
         --rank 16 --steps 10
     python <peft_script> --preset llama1b --methods lora --compile --batch 8 --seq 1024 \\
@@ -20,11 +20,14 @@ then one row per goal (`goals`) with both figures, their ratio, the target and w
     krona_vs_lora_tokens          our KronA tokens/s over our LoRA's                    >= 0.9
     <method>_vs_lora_step         each seed adapter's step time over our LoRA's         <= 1.3
 
-Our memory figure is `bench_llm`'s `peak_gib` (the compiled step's buffers: params, optimizer
-state, gradients, activations), PEFT's is torch's peak allocated memory. A goal whose row is
-missing or skipped prints `met: null` with the reason. The PEFT script needs CUDA, torch,
-transformers and peft; `--peft_python` is the interpreter that has them (default: this one).
-The exit status is nonzero, naming the command, when either benchmark fails.
+The remat policy defaults to nothing_saveable: at this shape it is the only one whose memory plan
+(`bench_llm --plan`) fits under PEFT's measured peak (10.7 GiB planned; 91.4 without remat, where
+XLA's attention keeps every head's score matrices). Our memory figure is `bench_llm`'s `peak_gib`
+(the compiled step's buffers: params, optimizer state, gradients, activations), PEFT's is torch's
+peak allocated memory. A goal whose row is missing or skipped prints `met: null` with the reason.
+The PEFT script needs CUDA, torch, transformers and peft; `--peft_python` is the interpreter that
+has them (default: this one). The exit status is nonzero, naming the command, when either
+benchmark fails.
 """
 from __future__ import annotations
 
@@ -118,7 +121,8 @@ def commands(args) -> list[list[str]]:
   """Our benchmark's command and the PEFT script's two (eager full/LoRA/LoKr, compiled LoRA)."""
   shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank)]
   ours = [sys.executable, "-m", "experiments.bench_llm", "--preset", args.preset, "--dtype",
-          args.dtype, *shape, "--rounds", str(args.rounds), "--steps", str(args.steps),
+          args.dtype, *shape, "--remat", args.remat, "--rounds", str(args.rounds), "--steps",
+          str(args.steps),
           "--methods", args.methods, "--peak-tflops", str(args.peak_tflops)]
   peft = [args.peft_python, args.peft_script, "--preset", args.peft_preset, *shape, "--steps",
           str(args.peft_steps), "--peak-tflops", str(args.peak_tflops)]
@@ -139,6 +143,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--rank", type=int, default=16)
   ap.add_argument("--methods", default=",".join(bench_llm.SEED_METHODS),
                   help="our methods timed besides full, lora, lora_merged")
+  ap.add_argument("--remat", default="nothing_saveable",
+                  choices=sorted(bench_llm.llama.REMAT_POLICIES))
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=5, help="our timed steps per mode per round")
   ap.add_argument("--peft_steps", type=int, default=10)

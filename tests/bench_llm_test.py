@@ -69,6 +69,19 @@ def test_figures(rows):
     assert lo <= r["paired_ratio"] <= hi, name
 
 
+def test_remat_changes_no_loss(rows):
+  """The same steps with every layer rematerialized: the losses of the run without remat."""
+  remat = _rows(["--preset", "tiny", "--batch", str(BATCH), "--seq", str(SEQ), "--rank",
+                 str(RANK), "--rounds", "2", "--steps", "1", "--methods", "", "--remat",
+                 "nothing_saveable"])
+  assert rows[0]["remat"] == "none" and remat[0]["remat"] == "nothing_saveable"
+  plain = {r["method"]: r["loss"] for r in rows[1:] if "loss" in r}
+  again = {r["method"]: r["loss"] for r in remat[1:]}
+  assert set(again) == {"full", "lora", "lora_merged"}
+  for name, loss in again.items():
+    np.testing.assert_allclose(loss, plain[name], rtol=1e-5, err_msg=name)
+
+
 def test_unknown_method_is_refused():
   with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
     bench_llm.parse_args(["--methods", "lora2"])

@@ -101,9 +101,11 @@ def test_the_whole_command_on_cpu(tmp_path):
   rows = [json.loads(line) for line in out.splitlines() if line.startswith("{")]
   running = [r["running"] for r in rows if "running" in r]
   assert len(running) == 3 and "experiments.bench_llm" in running[0]
+  assert "--remat nothing_saveable" in running[0]
   assert running[2].endswith("--methods lora --compile")
   ours = {r["method"]: r for r in rows if r.get("framework") == "lowrank_jax" and "method" in r}
   assert set(ours) == {"full", "lora", "lora_merged", "krona"}
+  assert {r["remat"] for r in ours.values()} == {"nothing_saveable"}
   goals = {r["goal"]: r for r in rows if "goal" in r}
   tokens = goals["lora_vs_peft_compiled_tokens"]
   assert tokens["theirs_value"] == 54893.0
