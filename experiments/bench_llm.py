@@ -14,11 +14,13 @@ in `--dtype`, adapter params fp32), and times one AdamW step (`steps.make_train_
                (`registry.configured_adapter`, the generic `--rank` knob) like a run builds it;
                calibration statistics for methods that need them come from the benchmark batch,
 
-all adapters on the q, k, v, o, gate, up and down projections of every layer, every layer under
-the `--remat` policy (`LlamaConfig.remat`; default none). A mode that cannot
-be built or run on the decoder prints a row with its `skipped` reason instead. The modes are timed
-round-robin in one process (machine noise hits them alike): medians, ratios to `full` (of medians,
-and the median and range over rounds of the per-round paired ratio, as `experiments.bench`).
+all adapters on the q, k, v, o, gate, up and down projections of every layer, every layer under the
+`--remat` policy (`LlamaConfig.remat`; default none), attention by `--attention`
+(`LlamaConfig.attention`: "xla", the default, or "cudnn", cuDNN's flash attention on a GPU). A mode
+that cannot be built or run on the decoder prints a row with its `skipped` reason instead. The
+modes are timed round-robin in one process (machine noise hits them alike): medians, ratios to
+`full` (of medians, and the median and range over rounds of the per-round paired ratio, as
+`experiments.bench`).
 
 Rows are JSON with the fields of the PyTorch PEFT baseline (`../shared/bench/peft_baseline.py`:
 method, preset, batch, seq, compile, ms_per_step, tokens_per_s, mfu, peak_gib, params_total,
@@ -450,6 +452,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="comma-separated registry methods timed besides full, lora, lora_merged")
   ap.add_argument("--remat", default="none", choices=sorted(llama.REMAT_POLICIES),
                   help="every decoder layer's remat policy in the timed steps (LlamaConfig.remat)")
+  ap.add_argument("--attention", default="xla", choices=llama.ATTENTION_IMPLS,
+                  help="LlamaConfig.attention of the timed steps (cudnn: CUDA GPUs, bf16)")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
   bench.add_host_memory_flag(ap)
@@ -509,7 +513,8 @@ def main(argv=None):
     main_plan(args)
     return
   bench.setup_host_memory(args)
-  cfg = dataclasses.replace(llama.LlamaConfig.preset(args.preset), remat=args.remat)
+  cfg = dataclasses.replace(llama.LlamaConfig.preset(args.preset), remat=args.remat,
+                            attention=args.attention)
   params = llama.init(jax.random.key(0), cfg, dtype=DTYPES[args.dtype])
   params_total = lj.tree.tree_size(params)
   batch = random_batch(cfg, args.batch, args.seq)
@@ -517,7 +522,7 @@ def main(argv=None):
   total_steps = 2 + args.rounds * args.steps
   device = jax.devices()[0]
   common = {"framework": "lowrank_jax", "preset": args.preset, "dtype": args.dtype,
-            "remat": args.remat, "batch": args.batch, "seq": args.seq,
+            "remat": args.remat, "attention": args.attention, "batch": args.batch, "seq": args.seq,
             "device": device.device_kind, "jax": jax.__version__}
   print(json.dumps({**common, "backend": jax.default_backend(), "rank": args.rank,
                     "targets": TARGETS, "params_total": params_total}), flush=True)

@@ -22,12 +22,13 @@ then one row per goal (`goals`) with both figures, their ratio, the target and w
 
 The remat policy defaults to nothing_saveable: at this shape it is the only one whose memory plan
 (`bench_llm --plan`) fits under PEFT's measured peak (10.7 GiB planned; 91.4 without remat, where
-XLA's attention keeps every head's score matrices). Our memory figure is `bench_llm`'s `peak_gib`
-(the compiled step's buffers: params, optimizer state, gradients, activations), PEFT's is torch's
-peak allocated memory. A goal whose row is missing or skipped prints `met: null` with the reason.
-The PEFT script needs CUDA, torch, transformers and peft; `--peft_python` is the interpreter that
-has them (default: this one). The exit status is nonzero, naming the command, when either
-benchmark fails.
+XLA's attention keeps every head's score matrices). `--attention cudnn --remat none` is the variant
+to try next to it on a GPU: cuDNN's flash attention stores no scores (not yet run here). Our memory
+figure is `bench_llm`'s `peak_gib` (the compiled step's buffers: params, optimizer state,
+gradients, activations), PEFT's is torch's peak allocated memory. A goal whose row is missing or
+skipped prints `met: null` with the reason. The PEFT script needs CUDA, torch, transformers and
+peft; `--peft_python` is the interpreter that has them (default: this one). The exit status is
+nonzero, naming the command, when either benchmark fails.
 """
 from __future__ import annotations
 
@@ -121,8 +122,8 @@ def commands(args) -> list[list[str]]:
   """Our benchmark's command and the PEFT script's two (eager full/LoRA/LoKr, compiled LoRA)."""
   shape = ["--batch", str(args.batch), "--seq", str(args.seq), "--rank", str(args.rank)]
   ours = [sys.executable, "-m", "experiments.bench_llm", "--preset", args.preset, "--dtype",
-          args.dtype, *shape, "--remat", args.remat, "--rounds", str(args.rounds), "--steps",
-          str(args.steps),
+          args.dtype, *shape, "--remat", args.remat, "--attention", args.attention, "--rounds",
+          str(args.rounds), "--steps", str(args.steps),
           "--methods", args.methods, "--peak-tflops", str(args.peak_tflops)]
   peft = [args.peft_python, args.peft_script, "--preset", args.peft_preset, *shape, "--steps",
           str(args.peft_steps), "--peak-tflops", str(args.peak_tflops)]
@@ -145,6 +146,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="our methods timed besides full, lora, lora_merged")
   ap.add_argument("--remat", default="nothing_saveable",
                   choices=sorted(bench_llm.llama.REMAT_POLICIES))
+  ap.add_argument("--attention", default="xla", choices=bench_llm.llama.ATTENTION_IMPLS)
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=5, help="our timed steps per mode per round")
   ap.add_argument("--peft_steps", type=int, default=10)

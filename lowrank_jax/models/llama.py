@@ -62,6 +62,7 @@ from lowrank_jax.models import monet
 
 ROPE_TYPES = ("linear", "llama3")
 FFNS = ("swiglu", "monet")
+ATTENTION_IMPLS = ("xla", "cudnn")
 # `lowrank_jax.sharding` rules (regex on the param path -> spec per dim): Megatron-style tensor
 # parallelism (column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding and
 # lm head), fsdp on each kernel's other dim; norms replicated.
@@ -231,6 +232,11 @@ class LlamaConfig:
       costs one copy of the layer params (as stored: codes for a quantized base) among the
       step's temporaries. Needs identical layers: no per-layer sizes, no `remat_layers`, ffn
       "swiglu". Decoding with a cache runs the loop.
+    attention: the implementation of `jax.nn.dot_product_attention` without a KV cache: "xla"
+      (its XLA formula: every head's (T, S) scores and probabilities are stored and, unless the
+      layer is rematerialized, kept for the backward) or "cudnn" (cuDNN's fused flash attention,
+      which stores no scores; JAX's limits: a CUDA GPU, bfloat16 or float16 activations). Decoding
+      with a KV cache uses the XLA formula (the same function). "cudnn" needs uncompressed heads.
     ffn: "swiglu" (the MLP) or "monet" (`models.monet`: params `moe`, and `router` every
       `monet.groups` layers, replace `mlp`; routing always uses batch statistics, in training and
       in eval alike, so the model stays a pure function of (params, batch)).
@@ -269,6 +275,7 @@ class LlamaConfig:
   remat: str = "none"
   remat_layers: tuple[int, ...] | None = None
   scan_layers: bool = False
+  attention: str = "xla"
   ffn: str = "swiglu"
   monet: monet.MonetConfig | None = None
   layer_intermediate_sizes: tuple[int, ...] | None = None
@@ -296,6 +303,11 @@ class LlamaConfig:
       raise TypeError(f"LlamaConfig.rope_scaling must be None, a RopeScaling or a mapping of its "
                       f"fields, got {type(self.rope_scaling).__name__}")
     L.check_choice("LlamaConfig.ffn", self.ffn, FFNS)
+    L.check_choice("LlamaConfig.attention", self.attention, ATTENTION_IMPLS)
+    if self.attention == "cudnn" and (self.layer_qk_freqs is not None
+                                      or self.layer_v_head_dims is not None):
+      raise ValueError("LlamaConfig.attention='cudnn' needs uncompressed heads; this config sets "
+                       "layer_qk_freqs or layer_v_head_dims; use attention='xla'")
     if self.ffn != "monet" and self.monet is not None:
       raise ValueError(f"LlamaConfig.monet is set but ffn={self.ffn!r}; set ffn='monet'")
     if self.ffn == "monet":
@@ -478,12 +490,26 @@ def _attention(p, x, positions, mask, cfg, kv=None, index=None, layer=0):
     kv = {"k": write(kv["k"], k), "v": write(kv["v"], v)}
     k, v = kv["k"].astype(q.dtype), kv["v"].astype(q.dtype)
   if qk == vd == hd:
-    o = jax.nn.dot_product_attention(q, k, v, mask=mask)   # GQA built in
+    impl = "xla" if kv is not None else cfg.attention
+    if impl == "cudnn":
+      _check_cudnn(q.dtype)
+    o = jax.nn.dot_product_attention(q, k, v, mask=mask, implementation=impl)   # GQA built in
   else:  # compressed head sizes: written out, at the original 1/sqrt(head_dim) scale
     group = cfg.num_heads // cfg.num_kv_heads
     k, v = jnp.repeat(k, group, axis=2), jnp.repeat(v, group, axis=2)
     o = L.attention(q, k, v, mask, scale=1.0 / math.sqrt(hd))
   return L.dense(p["o_proj"], o.reshape(b, t, cfg.num_heads * vd)), kv
+
+
+def _check_cudnn(dtype) -> None:
+  """Refuses `attention="cudnn"` where cuDNN attention cannot run, before JAX's deeper error."""
+  if jax.default_backend() != "gpu":
+    raise ValueError(f"LlamaConfig.attention='cudnn' runs on a CUDA GPU; the backend is "
+                     f"{jax.default_backend()!r}; use attention='xla'")
+  if jnp.dtype(dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+    raise ValueError(f"LlamaConfig.attention='cudnn' takes bfloat16 or float16 activations, got "
+                     f"{jnp.dtype(dtype).name}; set compute_dtype='bfloat16' or use "
+                     f"attention='xla'")
 
 
 def _attention_mask(q_segments, kv_segments, q_slots, kv_slots):

@@ -160,3 +160,30 @@ def test_structured_weight_on_q_proj():
   ids = jnp.arange(8, dtype=jnp.int32)[None]
   np.testing.assert_allclose(_apply(adapted, ids, CFG),
                              _apply(structured.merge(adapted), ids, CFG), atol=1e-4)
+
+
+def test_attention_implementation_is_checked_before_any_work():
+  with pytest.raises(ValueError, match=r"LlamaConfig.attention.*'flash'.*valid"):
+    dataclasses.replace(CFG, attention="flash")
+  with pytest.raises(ValueError, match="needs uncompressed heads"):
+    dataclasses.replace(CFG, attention="cudnn", layer_v_head_dims=(8, 8))
+  params = llama.init(jax.random.key(0), CFG)
+  ids = jnp.zeros((1, 4), jnp.int32)
+  if jax.default_backend() != "gpu":
+    with pytest.raises(ValueError, match="runs on a CUDA GPU"):
+      llama.apply(params, ids, dataclasses.replace(CFG, attention="cudnn"))
+  else:
+    with pytest.raises(ValueError, match="bfloat16 or float16"):
+      llama.apply(params, ids, dataclasses.replace(CFG, attention="cudnn"))
+
+
+def test_cudnn_config_decodes_with_the_xla_formula():
+  """With a KV cache the attention is XLA's whatever `attention` says: same logits as "xla"."""
+  params = llama.init(jax.random.key(0), CFG)
+  ids = jax.random.randint(jax.random.key(1), (1, 5), 0, CFG.vocab_size)
+  outs = []
+  for impl in ("xla", "cudnn"):
+    cfg = dataclasses.replace(CFG, attention=impl)
+    logits, _ = llama.apply(params, ids, cfg, cache=llama.init_cache(cfg, 1, 8))
+    outs.append(np.asarray(logits))
+  np.testing.assert_array_equal(outs[0], outs[1])
