@@ -19,15 +19,16 @@ separate argument that is neither donated nor differentiated; the step's key is
 Config fields (all numbers that change a result live in the config; see `configs/`):
 
   seed, total_steps, batch_size, eval_batch_size, eval_every, log_every, ckpt_every, keep_ckpts,
-  model.{name, pretrained, dropout_rate, attention_dropout_rate}, head (regex of params trained
-  fully), dataset.{name, train_split, eval_split, max_train_examples, max_eval_examples, seq_len,
-  shuffle_seed}, adapter.{method, factory kwargs...}, optimizer.{name, lr, head_lr, wd, b1, b2,
-  schedule, warmup_steps, grad_clip}, task (default "classification"), calib_batches, baseline,
-  save_adapter, export_peft, progress, overwrite, nonfinite ("stop": a NaN/Inf loss or gradient
-  stops the run; "skip": that update is skipped and counted), mesh.{data, fsdp, tensor} (device
-  mesh sizes, one may be -1: the rest; default: every device on `data`), distributed.{
-  coordinator_address, num_processes, process_id, auto} (multi-process runs; see
-  `sharding.initialize_distributed`).
+  model.{name, pretrained, dropout_rate, attention_dropout_rate, config (the model config's
+  fields; on pretrained weights or a checkpoint only its execution fields, e.g. compute_dtype and
+  remat)}, head (regex of params trained fully), dataset.{name, train_split, eval_split,
+  max_train_examples, max_eval_examples, seq_len, shuffle_seed}, adapter.{method, factory
+  kwargs...}, optimizer.{name, lr, head_lr, wd, b1, b2, schedule, warmup_steps, grad_clip}, task
+  (default "classification"), calib_batches, baseline, save_adapter, export_peft, progress,
+  overwrite, nonfinite ("stop": a NaN/Inf loss or gradient stops the run; "skip": that update is
+  skipped and counted), mesh.{data, fsdp, tensor} (device mesh sizes, one may be -1: the rest;
+  default: every device on `data`), distributed.{coordinator_address, num_processes, process_id,
+  auto} (multi-process runs; see `sharding.initialize_distributed`).
 
 Quantized frozen base (QLoRA-style; `lowrank_jax.quant`): model.base_format ("float", the default;
 "int8": per output channel; "nf4": 4-bit blocks), model.quant_targets (regex or list of regexes of
@@ -48,8 +49,9 @@ workdir's config, lock, metrics, adapter, exports and results.
 
 Task "causal_lm" (a decoder LM, `tasks.CausalLM`) reads, besides:
 
-  model.checkpoint (a Hugging Face checkpoint directory to start from; "" initializes randomly
-  with the `model.config` field overrides), model.tokenizer (a tokenizer.json; "" takes the
+  model.checkpoint (a Hugging Face checkpoint directory to start from, on which `model.config`
+  may set the model's execution fields, `ModelSpec.execution_fields`, e.g. compute_dtype and
+  remat; "" initializes randomly with any `model.config` field overrides), model.tokenizer (a tokenizer.json; "" takes the
   checkpoint's, else trains a byte-level BPE of the model's vocab size on the train texts),
   dataset.{prompt, response} (format strings over an example's fields, e.g. "{lemmas[0]}" or
   "{label_name}"; only the response is trained; an empty prompt makes plain-text pretraining),
@@ -218,12 +220,15 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
     raise ValueError(f"model {mcfg.name!r} is not a classifier; valid classifiers: "
                      f"{models.list_models(classifiers_only=True)}")
   k_init, k_head = jax.random.split(key)
+  pretrained = mcfg.get("pretrained", False)
+  fields = config_overrides(mcfg, spec, loaded=pretrained)
   override = dropout_overrides(mcfg, spec)
-  if mcfg.get("pretrained", False):
+  if pretrained:
     params, spec = spec.load_pretrained()
   else:
+    spec = spec.with_config(**fields)
     params = spec.init(k_init)
-  spec = spec.with_config(**override)
+  spec = spec.with_config(**fields, **override)
   params = spec.with_classifier(k_head, params, num_classes)
 
   def apply(p, batch, *, train, rng):
@@ -255,21 +260,40 @@ def decoder_spec(mcfg, key: jax.Array):
   `model.checkpoint` when set, else a random init with the `model.config` field overrides."""
   from lowrank_jax import models  # pylint: disable=g-import-not-at-top
   spec = models.get_model(mcfg.name)
-  fields = mcfg.get("config", None)
-  fields = fields.to_dict() if fields else {}
-  if mcfg.get("checkpoint", ""):
-    if fields:
-      raise ValueError(f"model.config {sorted(fields)} cannot change the shape of the checkpoint "
-                       f"model.checkpoint={mcfg.checkpoint!r}; drop one of them")
-    params, spec = spec.load_checkpoint(mcfg.checkpoint)
+  checkpoint = mcfg.get("checkpoint", "")
+  fields = config_overrides(mcfg, spec, loaded=bool(checkpoint))
+  if checkpoint:
+    params, spec = spec.load_checkpoint(checkpoint)
   else:
-    unknown = [k for k in fields if not hasattr(spec.config, k)]
-    if unknown:
-      raise ValueError(f"model.config.{unknown[0]} is not a field of model {mcfg.name!r}; its "
-                       f"fields: {[f.name for f in dataclasses.fields(spec.config)]}")
     spec = spec.with_config(**fields)
     params = spec.init(key)
-  return params, spec.with_config(**dropout_overrides(mcfg, spec))
+  return params, spec.with_config(**fields, **dropout_overrides(mcfg, spec))
+
+
+def config_overrides(mcfg, spec, loaded: bool) -> dict:
+  """`model.config` as {field: value}, checked against the model's config. With weights loaded
+  (a checkpoint or pretrained model: `loaded`) it may set only the model's execution fields
+  (`ModelSpec.execution_fields`: precision, remat, ...), which leave the loaded shapes and function
+  as they are; the other fields come from the checkpoint.
+
+  Raises:
+    ValueError: a field the model's config lacks, or with `loaded` one that is not an execution
+      field.
+  """
+  fields = mcfg.get("config", None)
+  fields = fields.to_dict() if fields else {}
+  names = [f.name for f in dataclasses.fields(spec.config)]
+  unknown = [k for k in fields if k not in names]
+  if unknown:
+    raise ValueError(f"model.config.{unknown[0]} is not a field of model {mcfg.name!r}; its "
+                     f"fields: {names}")
+  fixed = sorted(k for k in fields if k not in spec.execution_fields)
+  if loaded and fixed:
+    source = (f"model.checkpoint={mcfg.checkpoint!r}" if mcfg.get("checkpoint", "")
+              else "model.pretrained=True")
+    raise ValueError(f"model.config {fixed} would change the model loaded by {source}; on loaded "
+                     f"weights model.config sets only {list(spec.execution_fields)}")
+  return fields
 
 
 def lm_tokenizer(config, spec, texts: Callable[[], Any]):
@@ -448,6 +472,9 @@ def check_config(config: ml_collections.ConfigDict):
     if config[f] < 1:
       raise ValueError(f"config.{f} must be >= 1, got {config[f]}")
   check_ranges(config)
+  config_overrides(config.model, spec,
+                   loaded=bool(config.model.get("checkpoint", "") or config.model.get(
+                       "pretrained", False)))
   check_seq_len(config, spec)
   check_mesh(config)
   check_base_format(config, task.model_kind)

@@ -73,6 +73,12 @@ class ModelSpec(NamedTuple):
     """The Hugging Face checkpoint the model's weights come from (None: none)."""
     return getattr(self.module, "HF_HUB_NAME", None)
 
+  @property
+  def execution_fields(self) -> tuple:
+    """Config fields that change how the model computes, not its shapes or weights (precision,
+    remat, ...): the `model.config` fields a run may set on a checkpoint or pretrained model."""
+    return tuple(getattr(self.module, "EXECUTION_FIELDS", ()))
+
   def with_config(self, **fields) -> "ModelSpec":
     """This spec with config `fields` replaced (e.g. dropout rates)."""
     return self._replace(config=dataclasses.replace(self.config, **fields))

@@ -63,6 +63,9 @@ from lowrank_jax.models import monet
 ROPE_TYPES = ("linear", "llama3")
 FFNS = ("swiglu", "monet")
 ATTENTION_IMPLS = ("xla", "cudnn")
+# Config fields that choose how the same function is computed (precision, memory, kernels), not
+# its shapes or weights: a run may set them on a loaded checkpoint (`model.config`).
+EXECUTION_FIELDS = ("compute_dtype", "remat", "remat_layers", "scan_layers", "attention")
 # `lowrank_jax.sharding` rules (regex on the param path -> spec per dim): Megatron-style tensor
 # parallelism (column-parallel q/k/v/gate/up, row-parallel o/down, vocab-parallel embedding and
 # lm head), fsdp on each kernel's other dim; norms replicated.

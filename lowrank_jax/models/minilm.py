@@ -74,6 +74,10 @@ PARTITION_RULES = (
 )
 
 
+# Config fields that choose how the same function is computed, not its shapes or weights: a run
+# may set them on the pretrained model (`model.config`).
+EXECUTION_FIELDS = ("compute_dtype", "materialize_cotangents")
+
 @dataclasses.dataclass(frozen=True)
 class MiniLMConfig:
   """BERT encoder hyperparameters.
