@@ -45,7 +45,11 @@ def get_config(arg=None):
   c = gloss_lm.get_config(f"seed={a.seed},steps={a.steps},runlocal={a.runlocal}")
   c.log_every = 2 if a.runlocal else 25
   c.ckpt_every = 0 if a.runlocal else 50
-  del c.model.config                  # the checkpoint's config.json sets the shape
+  # The checkpoint's config.json sets the shape; `model.config` keeps only the execution fields a
+  # run may change, e.g. --config.model.config.remat=nothing_saveable.
+  c.model.config = ml_collections.ConfigDict({
+      "compute_dtype": ml_collections.config_dict.placeholder(str), "remat": "none",
+      "scan_layers": False, "attention": "xla"})
   c.model.checkpoint = a.checkpoint
   c.model.tokenizer = ""              # "": the checkpoint's tokenizer.json
   c.head = ""

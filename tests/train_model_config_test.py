@@ -61,3 +61,17 @@ def test_classifier_applies_model_config():
   b = half.apply(half.params, batch, train=False, rng=None)
   assert not np.array_equal(np.asarray(a), np.asarray(b))
   np.testing.assert_allclose(b, a, atol=0.05 * float(jnp.abs(a).max()) + 1e-3)
+
+
+def test_sft_config_exposes_the_execution_fields():
+  """The instruction-tuning config loads a checkpoint and still lets a run pick remat etc."""
+  from configs import gloss_sft  # pylint: disable=g-import-not-at-top
+  c = gloss_sft.get_config("runlocal")
+  assert set(c.model.config) <= set(llama.EXECUTION_FIELDS)
+  c.model.config.remat = "nothing_saveable"
+  c.model.config.compute_dtype = "bfloat16"
+  train.check_config(c)
+  c.model.config.num_layers = 1
+  with pytest.raises(ValueError, match=r"\['num_layers'\] would change the model loaded by "
+                     r"model.checkpoint='/tmp/gloss_lm/hf'"):
+    train.check_config(c)
