@@ -16,7 +16,8 @@ in `--dtype`, adapter params fp32), and times one AdamW step (`steps.make_train_
 
 all adapters on the q, k, v, o, gate, up and down projections of every layer, every layer under the
 `--remat` policy (`LlamaConfig.remat`; default none), attention by `--attention`
-(`LlamaConfig.attention`: "xla", the default, or "cudnn", cuDNN's flash attention on a GPU). A mode
+(`LlamaConfig.attention`: "xla", the default, or "cudnn", cuDNN's flash attention on a GPU), and
+the layers as one `lax.scan` with `--scan_layers` (compiles one layer instead of all). A mode
 that cannot be built or run on the decoder prints a row with its `skipped` reason instead. The
 modes are timed round-robin in one process (machine noise hits them alike): medians, ratios to
 `full` (of medians, and the median and range over rounds of the per-round paired ratio, as
@@ -454,6 +455,8 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="every decoder layer's remat policy in the timed steps (LlamaConfig.remat)")
   ap.add_argument("--attention", default="xla", choices=llama.ATTENTION_IMPLS,
                   help="LlamaConfig.attention of the timed steps (cudnn: CUDA GPUs, bf16)")
+  ap.add_argument("--scan_layers", action="store_true",
+                  help="LlamaConfig.scan_layers in the timed steps: one layer compiled, not all")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=2, help="timed steps per mode per round")
   bench.add_host_memory_flag(ap)
@@ -514,7 +517,7 @@ def main(argv=None):
     return
   bench.setup_host_memory(args)
   cfg = dataclasses.replace(llama.LlamaConfig.preset(args.preset), remat=args.remat,
-                            attention=args.attention)
+                            attention=args.attention, scan_layers=args.scan_layers)
   params = llama.init(jax.random.key(0), cfg, dtype=DTYPES[args.dtype])
   params_total = lj.tree.tree_size(params)
   batch = random_batch(cfg, args.batch, args.seq)
@@ -522,7 +525,8 @@ def main(argv=None):
   total_steps = 2 + args.rounds * args.steps
   device = jax.devices()[0]
   common = {"framework": "lowrank_jax", "preset": args.preset, "dtype": args.dtype,
-            "remat": args.remat, "attention": args.attention, "batch": args.batch, "seq": args.seq,
+            "remat": args.remat, "attention": args.attention, "scan_layers": args.scan_layers,
+            "batch": args.batch, "seq": args.seq,
             "device": device.device_kind, "jax": jax.__version__}
   print(json.dumps({**common, "backend": jax.default_backend(), "rank": args.rank,
                     "targets": TARGETS, "params_total": params_total}), flush=True)

@@ -124,6 +124,7 @@ def commands(args) -> list[list[str]]:
   ours = [sys.executable, "-m", "experiments.bench_llm", "--preset", args.preset, "--dtype",
           args.dtype, *shape, "--remat", args.remat, "--attention", args.attention, "--rounds",
           str(args.rounds), "--steps", str(args.steps),
+          *(["--scan_layers"] if args.scan_layers else []),
           "--methods", args.methods, "--peak-tflops", str(args.peak_tflops)]
   peft = [args.peft_python, args.peft_script, "--preset", args.peft_preset, *shape, "--steps",
           str(args.peft_steps), "--peak-tflops", str(args.peak_tflops)]
@@ -147,6 +148,8 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--remat", default="nothing_saveable",
                   choices=sorted(bench_llm.llama.REMAT_POLICIES))
   ap.add_argument("--attention", default="xla", choices=bench_llm.llama.ATTENTION_IMPLS)
+  ap.add_argument("--scan_layers", action="store_true",
+                  help="our layers as one lax.scan (compiles one layer instead of 22)")
   ap.add_argument("--rounds", type=int, default=3)
   ap.add_argument("--steps", type=int, default=5, help="our timed steps per mode per round")
   ap.add_argument("--peft_steps", type=int, default=10)

@@ -69,12 +69,14 @@ def test_figures(rows):
     assert lo <= r["paired_ratio"] <= hi, name
 
 
-def test_remat_changes_no_loss(rows):
-  """The same steps with every layer rematerialized: the losses of the run without remat."""
+def test_remat_and_scan_change_no_loss(rows):
+  """The same steps with every layer rematerialized, the layers scanned: the losses of the run
+  without."""
   remat = _rows(["--preset", "tiny", "--batch", str(BATCH), "--seq", str(SEQ), "--rank",
                  str(RANK), "--rounds", "2", "--steps", "1", "--methods", "", "--remat",
-                 "nothing_saveable"])
-  assert rows[0]["remat"] == "none" and remat[0]["remat"] == "nothing_saveable"
+                 "nothing_saveable", "--scan_layers"])
+  assert (rows[0]["remat"], rows[0]["scan_layers"]) == ("none", False)
+  assert (remat[0]["remat"], remat[0]["scan_layers"]) == ("nothing_saveable", True)
   plain = {r["method"]: r["loss"] for r in rows[1:] if "loss" in r}
   again = {r["method"]: r["loss"] for r in remat[1:]}
   assert set(again) == {"full", "lora", "lora_merged"}
