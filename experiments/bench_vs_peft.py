@@ -20,6 +20,12 @@ then one row per goal (`goals`) with both figures, their ratio, the target and w
     krona_vs_lora_tokens          our KronA tokens/s over our LoRA's                    >= 0.9
     <method>_vs_lora_step         each seed adapter's step time over our LoRA's         <= 1.3
 
+One seed adapter cannot meet its step goal by construction: `intrinsic` (a d-dimensional subspace
+of every adapted kernel) trains θ through the gradient Pᵀ·vec(∂L/∂W), so its step forms the dense
+weight gradient of every adapted kernel, as full fine-tuning does, plus the Fastfood transforms
+(`python -m experiments.bench_llm --preset small --batch 8 --seq 128` on the 2-core CPU: 1.30x
+the full fine-tuning step, 2.25x LoRA's; the other seed adapters 0.92-1.17x LoRA's).
+
 The remat policy defaults to nothing_saveable: at this shape it is the only one whose memory plan
 (`bench_llm --plan`) fits under PEFT's measured peak (10.7 GiB planned; 91.4 without remat, where
 XLA's attention keeps every head's score matrices). `--attention cudnn --remat none` is the variant
