@@ -33,8 +33,8 @@ to try next to it on a GPU: cuDNN's flash attention stores no scores (not yet ru
 figure is `bench_llm`'s `peak_gib` (the compiled step's buffers: params, optimizer state,
 gradients, activations), PEFT's is torch's peak allocated memory. A goal whose row is missing or
 skipped prints `met: null` with the reason. The PEFT script needs CUDA, torch, transformers and
-peft; `--peft_python` is the interpreter that has them (default: this one). The exit status is
-nonzero, naming the command, when either benchmark fails.
+peft; `--peft_python` is the interpreter that has them (default: this one; checked before anything
+runs). The exit status is nonzero, naming the command, when either benchmark fails.
 """
 from __future__ import annotations
 
@@ -172,8 +172,23 @@ def parse_args(argv=None) -> argparse.Namespace:
   return args
 
 
+PEFT_MODULES = ("torch", "transformers", "peft")
+
+
+def check_peft_python(python: str) -> None:
+  """Raises RuntimeError unless `python` imports the PEFT script's packages (checked first, so a
+  missing one does not surface only after our benchmark has run)."""
+  proc = subprocess.run([python, "-c", f"import {', '.join(PEFT_MODULES)}"], capture_output=True,
+                        text=True, check=False)
+  if proc.returncode != 0:
+    last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+    raise RuntimeError(f"--peft_python {python} cannot import {', '.join(PEFT_MODULES)} ({last}); "
+                       f"point --peft_python at an interpreter that has them")
+
+
 def main(argv=None) -> None:
   args = parse_args(argv)
+  check_peft_python(args.peft_python)
   ours, *peft_cmds = commands(args)
   ours_rows = run_rows(ours)
   peft_rows = [row for cmd in peft_cmds for row in run_rows(cmd)]

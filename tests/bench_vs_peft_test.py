@@ -90,11 +90,31 @@ FAKE_PEFT = textwrap.dedent("""
 """)
 
 
+def test_an_interpreter_without_the_peft_packages_is_refused_first(monkeypatch):
+  monkeypatch.setattr(bench_vs_peft, "PEFT_MODULES", ("no_such_module_for_peft",))
+  with pytest.raises(RuntimeError, match=r"--peft_python .* cannot import "
+                     r"no_such_module_for_peft \(ModuleNotFoundError"):
+    bench_vs_peft.check_peft_python(sys.executable)
+
+
+def _stand_in_python(tmp_path) -> str:
+  """An interpreter that imports (empty) torch, transformers and peft modules."""
+  site = tmp_path / "site"
+  site.mkdir()
+  for name in bench_vs_peft.PEFT_MODULES:
+    (site / f"{name}.py").write_text("")
+  python = tmp_path / "python"
+  python.write_text(f'#!/bin/sh\nPYTHONPATH={site} exec {sys.executable} "$@"\n')
+  python.chmod(0o755)
+  return str(python)
+
+
 def test_the_whole_command_on_cpu(tmp_path):
   script = tmp_path / "peft_stand_in.py"
   script.write_text(FAKE_PEFT)
   out = subprocess.run(
       [sys.executable, "-m", "experiments.bench_vs_peft", "--peft_script", str(script),
+       "--peft_python", _stand_in_python(tmp_path),
        "--preset", "tiny", "--peft_preset", "llama1b", "--dtype", "f32", "--batch", "2", "--seq",
        "8", "--rank", "2", "--methods", "krona", "--rounds", "1", "--steps", "1"],
       capture_output=True, text=True, check=True, cwd=bench_vs_peft.REPO).stdout
