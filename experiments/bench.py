@@ -54,7 +54,12 @@ an optimization barrier on the cotangent (XLA:CPU removes it before fusion), the
 formed as ((b·gᵀ)·x·s)ᵀ (12x faster than xᵀ·(g·bᵀ·s) as a lone product at d_in = 1536, but
 1.04-1.14x the whole step's time, interleaved in one process), and exact GELU with a hand-written
 backward that keeps only its input (1.09x) or a custom JVP (slower too): XLA:CPU still splits the
-erfc into several passes.
+erfc into several passes. Also no gain (ms per step, A/B in one process): the base product and the
+rank-r branch as one GEMM, [x, s·h]·[W; B] forward and [g, s·g·bᵀ]·[W, a]ᵀ backward (165-169 vs
+167.5: the concatenations cost what the saved passes save); a materialized Wᵀ for the backward's
+dx (175.4 vs 162.0; g·Wᵀ is as fast as g·W alone); explicit transposes of the (T, r) operands of
+dA and dB (153.4-154.5 vs 153.0); one q/k/v GEMM, with LoRA's B block-diagonal (160.3-160.8 vs
+159.0); XLA:CPU's scheduler flags.
 """
 from __future__ import annotations
 
