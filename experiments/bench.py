@@ -311,6 +311,14 @@ def timing_parser(description: str, steps: int) -> argparse.ArgumentParser:
   return ap
 
 
+def check_positive(ap: argparse.ArgumentParser, args, *names: str) -> None:
+  """An argparse error naming the first of the integer flags `names` that is below 1."""
+  for name in names:
+    value = getattr(args, name)
+    if value is not None and value < 1:
+      ap.error(f"--{name} must be >= 1, got {value}")
+
+
 def add_host_memory_flag(ap: argparse.ArgumentParser) -> None:
   """Adds `--per_step_host_memory` (read by `setup_host_memory`)."""
   ap.add_argument("--per_step_host_memory", action="store_true",

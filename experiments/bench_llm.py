@@ -478,6 +478,7 @@ def parse_args(argv=None) -> argparse.Namespace:
                   help="also train LoRA this many steps on a bf16 and an NF4 base")
   ap.add_argument("--plan-train-preset", default="tiny", choices=sorted(llama.PRESETS))
   args = ap.parse_args(argv)
+  bench.check_positive(ap, args, "batch", "seq", "rank", "rounds", "steps")
   if args.plan:
     _parse_plan_args(ap, args)
     return args

@@ -44,6 +44,7 @@ import os
 import subprocess
 import sys
 
+from experiments import bench
 from experiments import bench_llm
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -161,6 +162,7 @@ def parse_args(argv=None) -> argparse.Namespace:
   ap.add_argument("--peft_steps", type=int, default=10)
   ap.add_argument("--peak-tflops", type=float, default=989.0, help="dense bf16 peak of the device")
   args = ap.parse_args(argv)
+  bench.check_positive(ap, args, "batch", "seq", "rank", "rounds", "steps", "peft_steps")
   if not os.path.isfile(args.peft_script):
     ap.error(f"--peft_script: no file {args.peft_script!r}")
   args.peft_script = os.path.abspath(args.peft_script)

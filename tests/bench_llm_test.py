@@ -88,6 +88,9 @@ def test_unknown_method_is_refused():
   with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
     bench_llm.parse_args(["--methods", "lora2"])
   assert "--methods: unknown ['lora2']" in err.getvalue()
+  with contextlib.redirect_stderr(io.StringIO()) as err, pytest.raises(SystemExit):
+    bench_llm.parse_args(["--batch", "0"])   # used to time empty batches (loss 0, 0 tokens/s)
+  assert "--batch must be >= 1, got 0" in err.getvalue()
 
 
 

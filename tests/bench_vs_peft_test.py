@@ -70,6 +70,9 @@ def test_bad_arguments_are_refused_before_any_work(tmp_path, capsys):
   with pytest.raises(SystemExit):
     bench_vs_peft.parse_args(["--peft_script", str(script), "--preset", "small"])
   assert "has no PEFT preset of its shape" in capsys.readouterr().err
+  with pytest.raises(SystemExit):
+    bench_vs_peft.parse_args(["--peft_script", str(script), "--peft_steps", "0"])
+  assert "--peft_steps must be >= 1, got 0" in capsys.readouterr().err
 
 
 # Prints rows with the PEFT script's fields for the methods it is asked for; eager LoRA is slower
