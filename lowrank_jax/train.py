@@ -293,6 +293,7 @@ def config_overrides(mcfg, spec, loaded: bool) -> dict:
               else "model.pretrained=True")
     raise ValueError(f"model.config {fixed} would change the model loaded by {source}; on loaded "
                      f"weights model.config sets only {list(spec.execution_fields)}")
+  spec.with_config(**fields)   # the config's own checks of the values (a bad remat policy, ...)
   return fields
 
 

@@ -71,6 +71,10 @@ def test_sft_config_exposes_the_execution_fields():
   c.model.config.remat = "nothing_saveable"
   c.model.config.compute_dtype = "bfloat16"
   train.check_config(c)
+  c.model.config.remat = "fast"
+  with pytest.raises(ValueError, match=r"LlamaConfig.remat.*'fast'"):
+    train.check_config(c)
+  c.model.config.remat = "nothing_saveable"
   c.model.config.num_layers = 1
   with pytest.raises(ValueError, match=r"\['num_layers'\] would change the model loaded by "
                      r"model.checkpoint='/tmp/gloss_lm/hf'"):
