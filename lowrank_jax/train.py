@@ -51,8 +51,9 @@ Task "causal_lm" (a decoder LM, `tasks.CausalLM`) reads, besides:
 
   model.checkpoint (a Hugging Face checkpoint directory to start from, on which `model.config`
   may set the model's execution fields, `ModelSpec.execution_fields`, e.g. compute_dtype and
-  remat; "" initializes randomly with any `model.config` field overrides), model.tokenizer (a tokenizer.json; "" takes the
-  checkpoint's, else trains a byte-level BPE of the model's vocab size on the train texts),
+  remat; "" initializes randomly with any `model.config` field overrides), model.tokenizer (a
+  tokenizer.json; "" takes the checkpoint's, else trains a byte-level BPE of the model's vocab
+  size on the train texts),
   dataset.{prompt, response} (format strings over an example's fields, e.g. "{lemmas[0]}" or
   "{label_name}"; only the response is trained; an empty prompt makes plain-text pretraining),
   dataset.template (the instruction template, with a `{prompt}` field), dataset.seq_len (the
@@ -220,15 +221,13 @@ def make_model(mcfg, num_classes: int, key: jax.Array, seq_len: int = 0) -> Mode
     raise ValueError(f"model {mcfg.name!r} is not a classifier; valid classifiers: "
                      f"{models.list_models(classifiers_only=True)}")
   k_init, k_head = jax.random.split(key)
-  pretrained = mcfg.get("pretrained", False)
-  fields = config_overrides(mcfg, spec, loaded=pretrained)
-  override = dropout_overrides(mcfg, spec)
-  if pretrained:
+  fields = {**config_overrides(mcfg, spec), **dropout_overrides(mcfg, spec)}
+  if mcfg.get("pretrained", False):
     params, spec = spec.load_pretrained()
+    spec = spec.with_config(**fields)
   else:
     spec = spec.with_config(**fields)
     params = spec.init(k_init)
-  spec = spec.with_config(**fields, **override)
   params = spec.with_classifier(k_head, params, num_classes)
 
   def apply(p, batch, *, train, rng):
@@ -260,25 +259,25 @@ def decoder_spec(mcfg, key: jax.Array):
   `model.checkpoint` when set, else a random init with the `model.config` field overrides."""
   from lowrank_jax import models  # pylint: disable=g-import-not-at-top
   spec = models.get_model(mcfg.name)
-  checkpoint = mcfg.get("checkpoint", "")
-  fields = config_overrides(mcfg, spec, loaded=bool(checkpoint))
-  if checkpoint:
-    params, spec = spec.load_checkpoint(checkpoint)
+  fields = {**config_overrides(mcfg, spec), **dropout_overrides(mcfg, spec)}
+  if mcfg.get("checkpoint", ""):
+    params, spec = spec.load_checkpoint(mcfg.checkpoint)
+    spec = spec.with_config(**fields)
   else:
     spec = spec.with_config(**fields)
     params = spec.init(key)
-  return params, spec.with_config(**fields, **dropout_overrides(mcfg, spec))
+  return params, spec
 
 
-def config_overrides(mcfg, spec, loaded: bool) -> dict:
+def config_overrides(mcfg, spec) -> dict:
   """`model.config` as {field: value}, checked against the model's config. With weights loaded
-  (a checkpoint or pretrained model: `loaded`) it may set only the model's execution fields
+  (`model.checkpoint` or `model.pretrained`) it may set only the model's execution fields
   (`ModelSpec.execution_fields`: precision, remat, ...), which leave the loaded shapes and function
   as they are; the other fields come from the checkpoint.
 
   Raises:
-    ValueError: a field the model's config lacks, or with `loaded` one that is not an execution
-      field.
+    ValueError: a field the model's config lacks, a value the config refuses, or on loaded
+      weights one that is not an execution field.
   """
   fields = mcfg.get("config", None)
   fields = fields.to_dict() if fields else {}
@@ -288,9 +287,9 @@ def config_overrides(mcfg, spec, loaded: bool) -> dict:
     raise ValueError(f"model.config.{unknown[0]} is not a field of model {mcfg.name!r}; its "
                      f"fields: {names}")
   fixed = sorted(k for k in fields if k not in spec.execution_fields)
-  if loaded and fixed:
-    source = (f"model.checkpoint={mcfg.checkpoint!r}" if mcfg.get("checkpoint", "")
-              else "model.pretrained=True")
+  source = (f"model.checkpoint={mcfg.checkpoint!r}" if mcfg.get("checkpoint", "")
+            else "model.pretrained=True" if mcfg.get("pretrained", False) else None)
+  if source and fixed:
     raise ValueError(f"model.config {fixed} would change the model loaded by {source}; on loaded "
                      f"weights model.config sets only {list(spec.execution_fields)}")
   spec.with_config(**fields)   # the config's own checks of the values (a bad remat policy, ...)
@@ -473,9 +472,7 @@ def check_config(config: ml_collections.ConfigDict):
     if config[f] < 1:
       raise ValueError(f"config.{f} must be >= 1, got {config[f]}")
   check_ranges(config)
-  config_overrides(config.model, spec,
-                   loaded=bool(config.model.get("checkpoint", "") or config.model.get(
-                       "pretrained", False)))
+  config_overrides(config.model, spec)
   check_seq_len(config, spec)
   check_mesh(config)
   check_base_format(config, task.model_kind)

@@ -78,6 +78,7 @@ PARTITION_RULES = (
 # may set them on the pretrained model (`model.config`).
 EXECUTION_FIELDS = ("compute_dtype", "materialize_cotangents")
 
+
 @dataclasses.dataclass(frozen=True)
 class MiniLMConfig:
   """BERT encoder hyperparameters.
