@@ -98,9 +98,10 @@ not trace (XLA's own scratch, cuDNN workspaces), which the 10% margin is for.
 
 At the PyTorch PEFT baseline's shape (`--plan --plan-presets tinyllama_1_1b --plan-bases bf16
 --batch 8 --seq 1024 --rank 16`; PEFT + torch.compile peaked at 20.2 GiB there), planned GiB per
-remat policy: none 91.44 (a layer's attention working set is 3.75 GiB), nothing_saveable 10.67,
-dots_with_no_batch_dims_saveable 32.41 (estimate 19.55), dots_saveable 55.46: only
-nothing_saveable fits under PEFT's peak, so the timed modes take `--remat` (default none).
+remat policy: none 91.44 (a layer keeps 3.75 GiB for its backward, 2.75 of it attention scores and
+probabilities), nothing_saveable 10.67, dots_with_no_batch_dims_saveable 32.41 (estimate 19.55),
+dots_saveable 55.46: only nothing_saveable fits under PEFT's peak, so the timed modes take
+`--remat` (default none).
 
     python -m experiments.bench_llm --plan                          # 1.1B and 7B at seq 2048
     python -m experiments.bench_llm --plan --plan-train 30          # + a short NF4 vs bf16 run
